@@ -1,0 +1,437 @@
+"""SQLite storage for users, models, jobs and generations (through sqlite-utils).
+
+The row is the source of truth: a job is written here before anyone is told it is queued, and the
+queue rebuilds itself from these rows after a restart. One process writes (the bot, or the CLI when
+the bot is not running); WAL and a busy timeout let the other read meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlite_utils
+
+DATABASE_FILE = "dreambot.sqlite3"
+# Discord ids are never 0: the CLI acts as user 0 in "guild" 0.
+LOCAL_USER_ID = 0
+LOCAL_GUILD_ID = 0
+
+JobKind = Literal["train", "generate"]
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+ModelState = Literal["queued", "training", "ready", "failed"]
+ACTIVE_JOB_STATES = ("queued", "running")
+
+
+@dataclass
+class ModelRow:
+    id: int
+    guild_id: int
+    owner_id: int
+    token: str
+    class_word: str
+    state: ModelState
+    shared: bool
+    adapter_path: str | None
+    samples: list[str]
+    metadata: dict[str, Any]
+    error: str | None
+    created_at: float
+
+
+@dataclass
+class JobRow:
+    id: str
+    kind: JobKind
+    user_id: int
+    guild_id: int
+    channel_id: int
+    state: JobState
+    # The protocol job (engine.protocol.encode output) the engine will receive.
+    payload: str
+    model_id: int | None
+    attempts: int
+    error: str | None
+    # The message kept up to date with progress, and the interaction that started the job.
+    progress_message_id: int | None
+    # What the bot needs to finish the job (e.g. the generation's parent, the photos folder).
+    context: dict[str, Any]
+    result: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass
+class GenerationRow:
+    id: int
+    job_id: str
+    guild_id: int
+    user_id: int
+    channel_id: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    tokens: list[str]
+    files: list[str]
+    kind: Literal["txt2img", "variation", "upscale"]
+    parent_id: int | None
+    message_id: int | None
+    gallery_message_id: int | None
+    stars: int
+    created_at: float
+    parameters: list[str] = field(default_factory=list)
+
+
+_JSON_FIELDS = {"samples", "metadata", "context", "result", "tokens", "files", "parameters"}
+_BOOL_FIELDS = {"shared"}
+
+
+def _row(cls: type, raw: dict[str, Any]) -> Any:
+    values = {}
+    for name in cls.__dataclass_fields__:
+        value = raw.get(name)
+        if name in _JSON_FIELDS:
+            value = (
+                json.loads(value)
+                if value
+                else ([] if name in ("samples", "tokens", "files", "parameters") else {})
+            )
+        elif name in _BOOL_FIELDS:
+            value = bool(value)
+        values[name] = value
+    return cls(**values)
+
+
+# Each entry moves the schema one version forward; never edit one that has shipped, add another.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        guild_id INTEGER NOT NULL,
+        owner_id INTEGER NOT NULL REFERENCES users(id),
+        token TEXT NOT NULL,
+        class_word TEXT NOT NULL,
+        state TEXT NOT NULL,
+        shared INTEGER NOT NULL DEFAULT 0,
+        adapter_path TEXT,
+        samples TEXT,
+        metadata TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        UNIQUE (guild_id, token)
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        guild_id INTEGER NOT NULL,
+        channel_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        progress_message_id INTEGER,
+        context TEXT,
+        result TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_by_state ON jobs (state, created_at);
+    CREATE TABLE generations (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        guild_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        channel_id INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        negative_prompt TEXT NOT NULL DEFAULT '',
+        seed INTEGER NOT NULL,
+        steps INTEGER NOT NULL,
+        guidance REAL NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        tokens TEXT,
+        files TEXT,
+        parameters TEXT,
+        kind TEXT NOT NULL,
+        parent_id INTEGER REFERENCES generations(id) ON DELETE SET NULL,
+        message_id INTEGER,
+        gallery_message_id INTEGER,
+        stars INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX generations_by_guild ON generations (guild_id, created_at);
+    CREATE VIRTUAL TABLE generations_fts USING fts5 (prompt, content='generations', content_rowid='id');
+    CREATE TRIGGER generations_ai AFTER INSERT ON generations BEGIN
+        INSERT INTO generations_fts (rowid, prompt) VALUES (new.id, new.prompt);
+    END;
+    CREATE TRIGGER generations_ad AFTER DELETE ON generations BEGIN
+        INSERT INTO generations_fts (generations_fts, rowid, prompt) VALUES ('delete', old.id, old.prompt);
+    END;
+    CREATE TABLE settings (
+        guild_id INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (guild_id, key)
+    );
+    """,
+]
+
+
+class Database:
+    """The bot's tables. Methods are synchronous: SQLite on local disk answers in microseconds."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # The queue's dispatcher and the cogs share this connection on the event loop's thread.
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db = sqlite_utils.Database(connection)
+        self.db.execute("PRAGMA busy_timeout = 10000")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.enable_wal()
+        self._migrate()
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path) -> Database:
+        return cls(data_dir / DATABASE_FILE)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if self.schema_version < version:
+                with self.db.conn:
+                    self.db.conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {version}; COMMIT;")
+
+    # -- users -------------------------------------------------------------------------------
+
+    def ensure_user(self, user_id: int, name: str) -> None:
+        self.db["users"].upsert(
+            {"id": user_id, "name": name, "created_at": time.time()}, pk="id", alter=False
+        )
+
+    # -- models ------------------------------------------------------------------------------
+
+    def add_model(self, *, guild_id: int, owner_id: int, token: str, class_word: str) -> ModelRow:
+        model_id = (
+            self.db["models"]
+            .insert(
+                {
+                    "guild_id": guild_id,
+                    "owner_id": owner_id,
+                    "token": token,
+                    "class_word": class_word,
+                    "state": "queued",
+                    "shared": 0,
+                    "created_at": time.time(),
+                }
+            )
+            .last_pk
+        )
+        return self.model(model_id)
+
+    def model(self, model_id: int) -> ModelRow:
+        return _row(ModelRow, self.db["models"].get(model_id))
+
+    def model_by_token(self, guild_id: int, token: str) -> ModelRow | None:
+        rows = list(self.db["models"].rows_where("guild_id = ? AND token = ?", [guild_id, token]))
+        return _row(ModelRow, rows[0]) if rows else None
+
+    def models_of(self, owner_id: int, guild_id: int | None = None) -> list[ModelRow]:
+        where, args = "owner_id = ?", [owner_id]
+        if guild_id is not None:
+            where, args = where + " AND guild_id = ?", [*args, guild_id]
+        return [
+            _row(ModelRow, raw) for raw in self.db["models"].rows_where(where, args, order_by="created_at")
+        ]
+
+    def ready_models(self, guild_id: int) -> list[ModelRow]:
+        rows = self.db["models"].rows_where("guild_id = ? AND state = 'ready'", [guild_id], order_by="token")
+        return [_row(ModelRow, raw) for raw in rows]
+
+    def update_model(self, model_id: int, **changes: Any) -> ModelRow:
+        self.db["models"].update(model_id, _encode(changes))
+        return self.model(model_id)
+
+    def delete_model(self, model_id: int) -> None:
+        self.db["models"].delete(model_id)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def add_job(
+        self,
+        *,
+        kind: JobKind,
+        user_id: int,
+        guild_id: int,
+        channel_id: int,
+        payload: str,
+        model_id: int | None = None,
+        context: dict[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> JobRow:
+        job_id = job_id or new_job_id()
+        self.db["jobs"].insert(
+            {
+                "id": job_id,
+                "kind": kind,
+                "user_id": user_id,
+                "guild_id": guild_id,
+                "channel_id": channel_id,
+                "state": "queued",
+                "payload": payload,
+                "model_id": model_id,
+                "attempts": 0,
+                "context": json.dumps(context or {}),
+                "created_at": time.time(),
+            }
+        )
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> JobRow:
+        return _row(JobRow, self.db["jobs"].get(job_id))
+
+    def find_job(self, job_id: str) -> JobRow | None:
+        rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
+        return _row(JobRow, rows[0]) if rows else None
+
+    def update_job(self, job_id: str, **changes: Any) -> JobRow:
+        self.db["jobs"].update(job_id, _encode(changes))
+        return self.job(job_id)
+
+    def active_jobs(self, user_id: int | None = None) -> list[JobRow]:
+        """Queued and running jobs, oldest first (optionally one member's)."""
+        where = "state IN ('queued', 'running')"
+        args: list[Any] = []
+        if user_id is not None:
+            where, args = where + " AND user_id = ?", [user_id]
+        return [
+            _row(JobRow, raw) for raw in self.db["jobs"].rows_where(where, args, order_by="created_at, rowid")
+        ]
+
+    def count_active_jobs(self, user_id: int) -> int:
+        return self.db["jobs"].count_where("state IN ('queued', 'running') AND user_id = ?", [user_id])
+
+    # -- generations -------------------------------------------------------------------------
+
+    def add_generation(self, **values: Any) -> GenerationRow:
+        values.setdefault("created_at", time.time())
+        generation_id = self.db["generations"].insert(_encode(values)).last_pk
+        return self.generation(generation_id)
+
+    def generation(self, generation_id: int) -> GenerationRow:
+        return _row(GenerationRow, self.db["generations"].get(generation_id))
+
+    def find_generation(self, generation_id: int) -> GenerationRow | None:
+        rows = list(self.db["generations"].rows_where("id = ?", [generation_id]))
+        return _row(GenerationRow, rows[0]) if rows else None
+
+    def generation_by_gallery_message(self, message_id: int) -> GenerationRow | None:
+        rows = list(self.db["generations"].rows_where("gallery_message_id = ?", [message_id]))
+        return _row(GenerationRow, rows[0]) if rows else None
+
+    def update_generation(self, generation_id: int, **changes: Any) -> GenerationRow:
+        self.db["generations"].update(generation_id, _encode(changes))
+        return self.generation(generation_id)
+
+    def delete_generation(self, generation_id: int) -> None:
+        self.db["generations"].delete(generation_id)
+
+    def search_generations(
+        self,
+        guild_id: int,
+        *,
+        user_id: int | None = None,
+        token: str | None = None,
+        search: str | None = None,
+        sort: Literal["newest", "top"] = "newest",
+        offset: int = 0,
+        limit: int = 1,
+    ) -> tuple[list[GenerationRow], int]:
+        """A page of a server's generations and the total that match, for /gallery."""
+        where = ["g.guild_id = ?"]
+        args: list[Any] = [guild_id]
+        if user_id is not None:
+            where.append("g.user_id = ?")
+            args.append(user_id)
+        if token is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(g.tokens) WHERE json_each.value = ?)")
+            args.append(token)
+        if search:
+            where.append("g.id IN (SELECT rowid FROM generations_fts WHERE generations_fts MATCH ?)")
+            args.append(fts_query(search))
+        order = "g.stars DESC, g.created_at DESC" if sort == "top" else "g.created_at DESC"
+        condition = " AND ".join(where)
+        total = self.db.execute(f"SELECT count(*) FROM generations g WHERE {condition}", args).fetchone()[0]
+        cursor = self.db.execute(
+            f"SELECT g.* FROM generations g WHERE {condition} ORDER BY {order}, g.id DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        columns = [c[0] for c in cursor.description]
+        return [_row(GenerationRow, dict(zip(columns, raw, strict=True))) for raw in cursor.fetchall()], total
+
+    # -- settings (admin-set limits per server) ---------------------------------------------
+
+    def setting(self, guild_id: int, key: str, default: int) -> int:
+        rows = list(self.db["settings"].rows_where("guild_id = ? AND key = ?", [guild_id, key]))
+        return int(rows[0]["value"]) if rows else default
+
+    def set_setting(self, guild_id: int, key: str, value: int) -> None:
+        self.db["settings"].upsert(
+            {"guild_id": guild_id, "key": key, "value": str(value)}, pk=("guild_id", "key")
+        )
+
+    # -- forgetting a member ----------------------------------------------------------------
+
+    def forget_user(self, user_id: int) -> list[str]:
+        """Delete every row of a member and return the files those rows pointed to."""
+        files: list[str] = []
+        for model in self.models_of(user_id):
+            files.extend(model.samples)
+            if model.adapter_path:
+                files.append(model.adapter_path)
+        for raw in self.db["generations"].rows_where("user_id = ?", [user_id]):
+            files.extend(json.loads(raw["files"] or "[]"))
+        with self.db.conn:
+            self.db.execute("DELETE FROM generations WHERE user_id = ?", [user_id])
+            self.db.execute("DELETE FROM jobs WHERE user_id = ?", [user_id])
+            self.db.execute("DELETE FROM models WHERE owner_id = ?", [user_id])
+            self.db.execute("DELETE FROM users WHERE id = ?", [user_id])
+        return files
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(6)
+
+
+def fts_query(search: str) -> str:
+    """Quote each word so that user text is never read as FTS5 syntax; all words must match."""
+    words = [word.replace('"', '""') for word in search.split()]
+    return " ".join(f'"{word}"' for word in words) or '""'
+
+
+def _encode(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in values.items()}

@@ -1,0 +1,235 @@
+"""The one configuration schema, read from TOML by the bot, the engine worker and the CLI alike.
+
+Plain data only (no torch, no discord), so every process can import it. Every key has a default, so
+no file at all is a valid configuration; a key that is unknown or of the wrong type stops start-up
+with one line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("config.toml")
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line that names the key."""
+
+
+@dataclass(frozen=True)
+class DiscordSection:
+    # Guilds to sync commands to at start-up (instant); empty means a global sync (up to an hour).
+    guild_ids: list[int] = field(default_factory=list)
+    # Channel id or name; empty means /imagine works anywhere and nothing is mirrored.
+    prompts_channel: str = ""
+    gallery_channel: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    # A Hub id, a local diffusers folder, a single-file .safetensors checkpoint, or "tiny".
+    base: str = DEFAULT_BASE_MODEL
+    # "auto" (CUDA, then MPS, then CPU), or an explicit torch device. A list starts one engine
+    # worker per device.
+    device: str | list[str] = "auto"
+    # Use xformers' memory-efficient attention when it is installed; PyTorch SDPA otherwise.
+    xformers: bool = True
+    # Run the base model's safety checker when it ships one.
+    safety_checker: bool = True
+
+    @property
+    def devices(self) -> list[str]:
+        return [self.device] if isinstance(self.device, str) else list(self.device)
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    data_dir: str = "data"
+    # Keep the prepared training photos after the model is trained (default: delete them).
+    keep_photos: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    resolution: int = 512
+    steps_per_photo: int = 100
+    # The notebooks' rule of thumb: small sets need a little more.
+    extra_steps_under_10_photos: int = 100
+    max_steps: int = 2000
+    rank: int = 16
+    alpha: int = 16
+    learning_rate: float = 1e-4
+    train_text_encoder: bool = False
+    prior_preservation: bool = True
+    class_images: int = 100
+    prior_loss_weight: float = 1.0
+    checkpoint_every: int = 250
+    gradient_checkpointing: bool = True
+    sample_count: int = 4
+    sample_prompt: str = "portrait photo of {token} {class}, detailed, soft light"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationSection:
+    steps: int = 25
+    guidance: float = 7.5
+    # Adapters kept loaded on the pipeline at once (least recently used is unloaded first).
+    adapter_cache: int = 8
+    variation_strength: float = 0.6
+    upscale_strength: float = 0.35
+
+
+@dataclass(frozen=True)
+class IntakeSection:
+    min_photos: int = 5
+    max_photos: int = 20
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 80_000_000
+    warn_below_side: int = 720
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_queued_jobs_per_user: int = 3
+    max_models_per_user: int = 3
+
+
+@dataclass(frozen=True)
+class SafetySection:
+    blocked_words: list[str] = field(default_factory=list)
+    default_negative_prompt: str = "lowres, blurry, deformed, bad anatomy, watermark, text"
+    # NSFW-leaning prompts are refused everywhere unless this is on, and then only in
+    # age-restricted channels.
+    allow_nsfw: bool = False
+    nsfw_words: list[str] = field(
+        default_factory=lambda: ["nsfw", "nude", "naked", "topless", "explicit", "porn", "sex", "lingerie"]
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    discord: DiscordSection = field(default_factory=DiscordSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    intake: IntakeSection = field(default_factory=IntakeSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    safety: SafetySection = field(default_factory=SafetySection)
+    # The file this was read from (None for built-in defaults); workers are started with it.
+    source: Path | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir).expanduser()
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read `path`, or `config.toml` in the working directory, or fall back to the built-in defaults.
+
+    A path that was named explicitly must exist; the default file may be absent.
+    """
+    if path is None:
+        if not DEFAULT_CONFIG_FILE.exists():
+            return Config()
+        path = DEFAULT_CONFIG_FILE
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return config_from_dict(raw, source=path.resolve())
+
+
+def config_from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
+    sections: dict[str, Any] = {}
+    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    for name, values in raw.items():
+        if name not in section_types:
+            raise ConfigError(f"[{name}]: unknown section (expected one of {', '.join(section_types)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}]: expected a table of keys, got {values!r}")
+        section_class = _resolve(Config, name)
+        sections[name] = _build_section(name, section_class, values)
+    config = Config(**sections, source=source)
+    _check_values(config)
+    return config
+
+
+def _resolve(owner: type, field_name: str) -> Any:
+    return typing.get_type_hints(owner)[field_name]
+
+
+def _build_section(section: str, section_class: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(section_class)
+    known = {f.name for f in dataclasses.fields(section_class)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"[{section}] {key}: unknown key (expected one of {', '.join(sorted(known))})")
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"[{section}] {key}: expected {_describe(hints[key])}, got {value!r}")
+    # TOML integers are fine where a float is expected.
+    coerced = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    return section_class(**coerced)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(expected))
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_matches(item, item_type) for item in value)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(expected)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[expected]
+
+
+def _check_values(config: Config) -> None:
+    """Range checks that a type alone does not express."""
+    positive = {
+        "[training] resolution": config.training.resolution,
+        "[training] max_steps": config.training.max_steps,
+        "[training] rank": config.training.rank,
+        "[training] checkpoint_every": config.training.checkpoint_every,
+        "[generation] steps": config.generation.steps,
+        "[generation] adapter_cache": config.generation.adapter_cache,
+        "[intake] min_photos": config.intake.min_photos,
+        "[intake] max_bytes": config.intake.max_bytes,
+        "[limits] max_queued_jobs_per_user": config.limits.max_queued_jobs_per_user,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    if config.training.resolution % 8:
+        raise ConfigError(
+            f"[training] resolution: expected a multiple of 8, got {config.training.resolution!r}"
+        )
+    if config.intake.max_photos < config.intake.min_photos:
+        raise ConfigError(
+            f"[intake] max_photos: expected at least min_photos ({config.intake.min_photos}), "
+            f"got {config.intake.max_photos!r}"
+        )
+    if not config.model.devices:
+        raise ConfigError("[model] device: expected a device name or a non-empty list, got []")

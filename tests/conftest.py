@@ -1,0 +1,39 @@
+"""Shared fixtures: the real photos beside the project, and a tiny random SD model on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network: the tiny model is built locally, nothing is fetched from the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PHOTOS_DIR = PROJECT_ROOT.parent / "shared" / "photos"
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    if not PHOTOS_DIR.is_dir():
+        pytest.fail(f"the test photos are missing: expected them in {PHOTOS_DIR}")
+    return PHOTOS_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding the tiny SD and tiny SDXL diffusers folders, built once per run."""
+    from engine.model import ensure_tiny_model
+
+    data_dir = tmp_path_factory.mktemp("data")
+    ensure_tiny_model(data_dir)
+    ensure_tiny_model(data_dir, sdxl=True)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_data_dir: Path) -> Path:
+    """The tiny SD 1.x model as a diffusers folder: load it with engine.model.load_base_model."""
+    return tiny_data_dir / "models" / "tiny"
