@@ -25,7 +25,9 @@ def image_file(path: Path, filename: str, size_limit: int = DEFAULT_UPLOAD_LIMIT
     if len(data) <= size_limit:
         return discord.File(io.BytesIO(data), filename=filename)
     with Image.open(path) as image:
-        parameters = image.info.get("parameters", "") if isinstance(image, PngImagePlugin.PngImageFile) else ""
+        parameters = (
+            image.info.get("parameters", "") if isinstance(image, PngImagePlugin.PngImageFile) else ""
+        )
         image = image.convert("RGB")
         while True:
             for quality in (92, 85, 75):

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config, ConfigError, config_from_dict, load_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def test_example_documents_every_key_with_its_default() -> None:
+    raw = tomllib.loads(EXAMPLE.read_text())
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        expected = {f.name for f in dataclasses.fields(getattr(defaults, section.name))}
+        assert set(raw[section.name]) == expected, section.name
+    example = load_config(EXAMPLE)
+    assert dataclasses.replace(example, source=None) == defaults
+
+
+def test_no_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config() == Config()
+
+
+def test_a_named_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[model]\nbase = "tiny"\ndevice = ["cpu", "cpu"]\n[training]\nresolution = 64\nlearning_rate = 1\n'
+        '[discord]\nguild_ids = [123]\nprompts_channel = "prompts"\n'
+    )
+    config = load_config(path)
+    assert config.model.base == "tiny"
+    assert config.model.devices == ["cpu", "cpu"]
+    assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
+    assert config.discord.guild_ids == [123]
+    assert config.source == path.resolve()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"modle": {}}, r"\[modle\]: unknown section"),
+        ({"model": {"bsae": "x"}}, r"\[model\] bsae: unknown key"),
+        ({"training": {"resolution": "512"}}, r"\[training\] resolution: expected an integer, got '512'"),
+        ({"training": {"resolution": True}}, r"\[training\] resolution: expected an integer, got True"),
+        ({"discord": {"guild_ids": ["1"]}}, r"\[discord\] guild_ids: expected a list of an integer"),
+        ({"training": {"resolution": 500}}, r"\[training\] resolution: expected a multiple of 8, got 500"),
+        ({"training": {"max_steps": 0}}, r"\[training\] max_steps: expected a positive number, got 0"),
+        ({"intake": {"min_photos": 5, "max_photos": 2}}, r"\[intake\] max_photos: expected at least"),
+        ({"model": {"device": []}}, r"\[model\] device"),
+    ],
+)
+def test_a_bad_key_is_named_in_one_line(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        config_from_dict(raw)
+    assert "\n" not in str(caught.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot.db import MIGRATIONS, Database, fts_query
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    database = Database.in_data_dir(tmp_path)
+    database.ensure_user(1, "alice")
+    database.ensure_user(2, "bob")
+    return database
+
+
+def _generation(db: Database, user_id: int, prompt: str, tokens: list[str], **extra: object) -> int:
+    return db.add_generation(
+        job_id="j",
+        guild_id=10,
+        user_id=user_id,
+        channel_id=5,
+        prompt=prompt,
+        seed=1,
+        steps=2,
+        guidance=7.5,
+        width=64,
+        height=64,
+        tokens=tokens,
+        files=[f"/data/generations/{prompt}.png"],
+        kind="txt2img",
+        **extra,
+    ).id
+
+
+def test_migrations_run_once_and_wal_is_on(tmp_path: Path) -> None:
+    first = Database.in_data_dir(tmp_path)
+    assert first.schema_version == len(MIGRATIONS)
+    first.ensure_user(1, "alice")
+    first.add_model(guild_id=1, owner_id=1, token="abraza", class_word="person")
+    first.close()
+    again = Database.in_data_dir(tmp_path)
+    assert again.schema_version == len(MIGRATIONS)
+    assert again.model_by_token(1, "abraza") is not None
+    assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_tokens_are_unique_per_server(db: Database) -> None:
+    db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
+    db.add_model(guild_id=11, owner_id=2, token="abraza", class_word="dog")
+    with pytest.raises(sqlite3.IntegrityError):
+        db.add_model(guild_id=10, owner_id=2, token="abraza", class_word="person")
+
+
+def test_jobs_keep_their_state_and_order(db: Database) -> None:
+    first = db.add_job(kind="train", user_id=1, guild_id=10, channel_id=5, payload="{}", context={"a": 1})
+    second = db.add_job(kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}")
+    assert [job.id for job in db.active_jobs()] == [first.id, second.id]
+    db.update_job(first.id, state="done", result={"files": ["x.png"]})
+    assert db.job(first.id).result == {"files": ["x.png"]}
+    assert db.job(first.id).context == {"a": 1}
+    assert [job.id for job in db.active_jobs()] == [second.id]
+    assert db.count_active_jobs(2) == 1 and db.count_active_jobs(1) == 0
+    assert db.find_job("nope") is None
+
+
+def test_gallery_search_filters_and_sorts(db: Database) -> None:
+    thor = _generation(db, 1, "abraza as thor, epic", ["abraza"])
+    viking = _generation(db, 2, "sabafry as a viking", ["sabafry"])
+    both = _generation(db, 1, "abraza and sabafry as superheroes", ["abraza", "sabafry"])
+    db.update_generation(viking, stars=5)
+
+    rows, total = db.search_generations(10, limit=10)
+    assert total == 3 and [r.id for r in rows] == [both, viking, thor]
+    assert [r.id for r in db.search_generations(10, user_id=1, limit=10)[0]] == [both, thor]
+    assert [r.id for r in db.search_generations(10, token="sabafry", limit=10)[0]] == [both, viking]
+    assert [r.id for r in db.search_generations(10, search="thor", limit=10)[0]] == [thor]
+    assert db.search_generations(10, sort="top", limit=1)[0][0].id == viking
+    page, total = db.search_generations(10, offset=1, limit=1)
+    assert total == 3 and [r.id for r in page] == [viking]
+    # Member text is never FTS5 syntax.
+    assert db.search_generations(10, search='thor" OR "viking', limit=10)[1] == 0
+    assert db.search_generations(11, limit=10)[1] == 0
+
+
+def test_fts_query_quotes_every_word() -> None:
+    assert fts_query('thor "NEAR" -x') == '"thor" """NEAR""" "-x"'
+
+
+def test_deleted_generations_leave_the_search_index(db: Database) -> None:
+    thor = _generation(db, 1, "abraza as thor", ["abraza"])
+    db.delete_generation(thor)
+    assert db.search_generations(10, search="thor")[1] == 0
+
+
+def test_forget_user_removes_every_row_and_returns_files(db: Database) -> None:
+    model = db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
+    db.update_model(
+        model.id, adapter_path="/data/adapters/10/abraza/adapter.safetensors", samples=["/s/0.png"]
+    )
+    db.add_job(kind="train", user_id=1, guild_id=10, channel_id=5, payload="{}", model_id=model.id)
+    _generation(db, 1, "abraza as thor", ["abraza"])
+    bobs = _generation(db, 2, "a cat", [])
+
+    files = db.forget_user(1)
+
+    assert sorted(files) == sorted(
+        ["/data/adapters/10/abraza/adapter.safetensors", "/s/0.png", "/data/generations/abraza as thor.png"]
+    )
+    for table, column in [
+        ("models", "owner_id"),
+        ("jobs", "user_id"),
+        ("generations", "user_id"),
+        ("users", "id"),
+    ]:
+        assert db.db[table].count_where(f"{column} = ?", [1]) == 0
+    assert db.search_generations(10, search="thor")[1] == 0
+    assert db.find_generation(bobs) is not None
+
+
+def test_settings_default_and_override(db: Database) -> None:
+    assert db.setting(10, "max_models_per_user", 3) == 3
+    db.set_setting(10, "max_models_per_user", 5)
+    db.set_setting(10, "max_models_per_user", 6)
+    assert db.setting(10, "max_models_per_user", 3) == 6
+    assert db.setting(11, "max_models_per_user", 3) == 3
