@@ -1,0 +1,627 @@
+"""Image generation: text-to-image, variations and 2x upscales, with per-user LoRA adapters.
+
+One `Generator` wraps the loaded base model. Its text-to-image and image-to-image pipelines are
+built with `from_pipe`, so they share the base pipeline's modules (one UNet in memory) and only
+swap in their own DPM++ 2M scheduler: the base pipeline's scheduler, which training may use, is
+never touched. Nothing here assumes SD 1.x: SDXL bases go through the same code.
+
+Users' adapters are LoRA files loaded by name onto the base pipeline and kept in an LRU
+(`AdapterCache`), so switching between members' models costs a `set_adapters` call, not a reload.
+
+Between two training steps the trainer's own adapter sits on the same UNet. `generate` deactivates
+every adapter it did not ask for and, when it returns, puts back what it found: which adapters
+were active or disabled on each LoRA layer, their `requires_grad` flags and every module's
+train/eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DPMSolverMultistepScheduler
+from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL.PngImagePlugin import PngInfo
+
+from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
+from engine.protocol import AdapterRef
+
+log = logging.getLogger(__name__)
+
+SAMPLER_NAME = "DPM++ 2M"
+MAX_IMAGES = 4
+MAX_STEPS = 150
+MIN_SIDE, MAX_SIDE = 64, 2048
+DEFAULT_VARIATION_STRENGTH = 0.6
+DEFAULT_UPSCALE_STRENGTH = 0.35
+UPSCALE_FACTOR = 2
+
+
+class AdapterLoadError(RuntimeError):
+    """A user's adapter file could not be used; the message names the file and is fit to show a user."""
+
+
+class GenerationCancelled(Exception):
+    """`should_stop` asked for the generation to stop."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and results
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    width: int = 512
+    height: int = 512
+    # Images made in ONE batched pipeline call, with seeds seed, seed + 1, ...
+    count: int = 1
+    adapters: tuple[AdapterRef, ...] = ()
+    # A variation (img2img at `strength`, resized to width x height) or, with upscale, the image to
+    # upscale 2x (width and height are then ignored).
+    init_image: Path | None = None
+    # None: DEFAULT_VARIATION_STRENGTH or DEFAULT_UPSCALE_STRENGTH. Ignored without an init image.
+    strength: float | None = None
+    upscale: bool = False
+
+    def __post_init__(self) -> None:
+        # The protocol hands lists and strings over; normalise so the request is hashable and typed.
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        if self.init_image is not None:
+            object.__setattr__(self, "init_image", Path(self.init_image))
+
+        if not self.prompt or not self.prompt.strip():
+            raise ValueError(f"`prompt` has to be a non-empty string but is {self.prompt!r}")
+        if not 1 <= self.count <= MAX_IMAGES:
+            raise ValueError(f"`count` has to be between 1 and {MAX_IMAGES} but is {self.count}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"`steps` has to be between 1 and {MAX_STEPS} but is {self.steps}")
+        # torch seeds are unsigned 64-bit; every image of the batch needs its own.
+        if not 0 <= self.seed <= 2**64 - self.count:
+            raise ValueError(f"`seed` has to be between 0 and 2**64 - count but is {self.seed}")
+        for name, side in (("width", self.width), ("height", self.height)):
+            if side % 8 or not MIN_SIDE <= side <= MAX_SIDE:
+                raise ValueError(
+                    f"`{name}` has to be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} but is {side}"
+                )
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise ValueError(f"`strength` has to be in (0, 1] but is {self.strength}")
+        tokens = [adapter.token for adapter in self.adapters]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"`adapters` has to name each token once but names {tokens}")
+        for token in tokens:
+            # Tokens become peft adapter names, which are torch ModuleDict keys.
+            if not token or "." in token or any(c.isspace() for c in token):
+                raise ValueError(f"adapter token {token!r} has to be a non-empty word without dots")
+
+        if self.upscale and self.init_image is None:
+            raise ValueError("`upscale` needs an `init_image` but `init_image` is None")
+        if self.init_image is None:
+            return
+        if not self.init_image.is_file():
+            raise ValueError(f"`init_image` has to be an existing file but is {str(self.init_image)!r}")
+        init_width, init_height = _image_size(self.init_image)
+        if self.upscale:
+            width, height = self.output_size(init_width, init_height)
+            if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+                raise ValueError(
+                    f"`init_image` {str(self.init_image)!r} is {init_width}x{init_height}: upscaled "
+                    f"{UPSCALE_FACTOR}x it would be {width}x{height}, outside {MIN_SIDE}..{MAX_SIDE}"
+                )
+        # img2img runs int(steps * strength) of the steps (as A1111 does); zero would be an error.
+        if int(self.steps * self.effective_strength) < 1:
+            raise ValueError(
+                f"`steps`={self.steps} at `strength`={self.effective_strength} leaves no denoising step "
+                f"(steps x strength has to be at least 1)"
+            )
+
+    @property
+    def effective_strength(self) -> float | None:
+        """The img2img strength used; None for text-to-image."""
+        if self.init_image is None:
+            return None
+        if self.strength is not None:
+            return self.strength
+        return DEFAULT_UPSCALE_STRENGTH if self.upscale else DEFAULT_VARIATION_STRENGTH
+
+    def output_size(self, init_width: int, init_height: int) -> tuple[int, int]:
+        """(width, height) of the images made from an init image of the given size."""
+        if not self.upscale:
+            return self.width, self.height
+        # Latents need multiples of 8: round the 2x size down.
+        return (init_width * UPSCALE_FACTOR) // 8 * 8, (init_height * UPSCALE_FACTOR) // 8 * 8
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with PIL.Image.open(path) as image:
+            return image.size
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"`init_image` {str(path)!r} is not a readable image: {error}") from None
+
+
+@dataclass
+class GenerationResult:
+    images: list[PIL.Image.Image]
+    # Image i is reproducible alone with seeds[i].
+    seeds: list[int]
+    # The A1111 "parameters" text of each image.
+    parameters: list[str]
+    # PNGs written, in order (empty without an output_dir).
+    files: list[Path]
+    seconds: float
+    # Per image: the base's safety checker flagged it. Flagged images are kept and written as they
+    # are; the caller decides what to do with them. All False when the base has no checker.
+    nsfw: list[bool] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and A1111 parameters
+
+
+def expand_tokens(prompt: str, adapters: Sequence[AdapterRef]) -> str:
+    """Write each adapter's token as "{token} {class_word}", the phrase the adapter was trained on.
+
+    Whole words only, case-insensitive; a token already followed by its class word is left alone.
+    """
+    for adapter in adapters:
+        if not adapter.class_word:
+            continue
+        token = re.escape(adapter.token)
+        class_word = re.escape(adapter.class_word)
+        pattern = rf"(?<!\w){token}(?!\w)(?!\s+{class_word}(?!\w))"
+        prompt = re.sub(
+            pattern, lambda m, c=adapter.class_word: f"{m.group(0)} {c}", prompt, flags=re.IGNORECASE
+        )
+    return prompt
+
+
+# AUTOMATIC1111's `re_param` (modules/infotext_utils.py): "key: value" pairs, values maybe JSON-quoted.
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _quote(value: str) -> str:
+    """A1111's `quote`: JSON-quote values that would break the "key: value, ..." line."""
+    if "," not in value and "\n" not in value and ":" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_name: str,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """The "parameters" text AUTOMATIC1111 writes into its PNGs (its `create_infotext` layout)."""
+    params = {
+        "Steps": str(steps),
+        "Sampler": sampler,
+        "CFG scale": f"{guidance:g}",
+        "Seed": str(seed),
+        "Size": f"{width}x{height}",
+        "Model": model_name,
+        **(extra or {}),
+    }
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items())
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}"
+
+
+def read_parameters(png: Path) -> dict[str, str]:
+    """Parse a PNG's A1111 "parameters" text back (A1111's `parse_generation_parameters`).
+
+    Keys: "prompt", "negative_prompt" and each "Key: value" of the last line ("Steps", "Seed", ...).
+    """
+    with PIL.Image.open(png) as image:
+        text = image.text.get("parameters") if hasattr(image, "text") else None
+    if text is None:
+        raise ValueError(f"{str(png)!r} has no 'parameters' text chunk")
+    *lines, last = text.strip().split("\n")
+    # As A1111: a last line with fewer than 3 "key: value" pairs is part of the prompt.
+    if len(_PARAM_RE.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            negative.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            (negative if negative else prompt).append(line)
+    result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in _PARAM_RE.findall(last):
+        result[key] = _unquote(value)
+    return result
+
+
+def model_display_name(base: str) -> str:
+    """The name A1111 would show for a base: the checkpoint's file or folder name, or a Hub id's name."""
+    name = PurePosixPath(base.replace("\\", "/").rstrip("/")).name or base
+    for suffix in SINGLE_FILE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    # A1111 strips these so the value never needs quoting.
+    return name.replace(",", "").replace(":", "")
+
+
+def lora_shorthash(path: Path) -> str:
+    """A1111's LoRA hash: the first 12 hex digits of the sha256 of the tensor data (header skipped)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        file.seek(header_length + 8)
+        for chunk in iter(lambda: file.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+# What identifies an adapter file's content: a retrained model rewrites the file (new mtime, size).
+_FileKey = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class _AdapterEntry:
+    key: _FileKey
+    shorthash: str
+
+
+class AdapterCache:
+    """LRU of LoRA adapters loaded on ONE pipeline by name; switching never reloads base weights."""
+
+    def __init__(self, pipeline: Any, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"adapter cache capacity has to be at least 1 but is {capacity}")
+        self.pipeline = pipeline
+        self.capacity = capacity
+        # How many times an adapter file was actually loaded (cache hits do not count).
+        self.loads = 0
+        self._entries: OrderedDict[str, _AdapterEntry] = OrderedDict()
+
+    @property
+    def loaded(self) -> list[str]:
+        """Adapter names currently loaded, least recently used first."""
+        return list(self._entries)
+
+    def shorthash(self, token: str) -> str:
+        """A1111's hash of a loaded adapter's file (see lora_shorthash)."""
+        return self._entries[token].shorthash
+
+    def activate(self, adapters: Sequence[AdapterRef]) -> None:
+        """Make exactly `adapters` active (weight 1.0 each); with none, no LoRA affects the output.
+
+        Any other adapter on the pipeline, the cache's or not (a training adapter), is deactivated.
+        """
+        wanted = [adapter.token for adapter in adapters]
+        keys = {adapter.token: _file_key(adapter) for adapter in adapters}
+        missing = [adapter for adapter in adapters if adapter.token not in self._entries]
+        for adapter in adapters:
+            if adapter.token in self._entries and self._entries[adapter.token].key != keys[adapter.token]:
+                # Retrained (or moved) since it was loaded: the old weights must go.
+                self.forget(adapter.token)
+                missing.append(adapter)
+        self._evict(keep=set(wanted), room_for=len(missing))
+        for adapter in missing:
+            self._load(adapter, keys[adapter.token])
+        for token in wanted:
+            self._entries.move_to_end(token)
+
+        if wanted:
+            # set_adapters alone does not undo an earlier disable_lora: the layers would stay bypassed.
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters(wanted, adapter_weights=[1.0] * len(wanted))
+        else:
+            self.pipeline.disable_lora()
+
+    def forget(self, token: str) -> None:
+        """Unload `token`'s adapter if it is loaded (its model was deleted or retrained)."""
+        if self._entries.pop(token, None) is not None:
+            self.pipeline.delete_adapters([token])
+            log.info("adapter %r unloaded", token)
+
+    def _evict(self, keep: set[str], room_for: int) -> None:
+        """Unload least recently used adapters until `room_for` more fit (never one in `keep`)."""
+        for token in list(self._entries):
+            if len(self._entries) + room_for <= self.capacity:
+                return
+            if token not in keep:
+                self.forget(token)
+
+    def _load(self, adapter: AdapterRef, key: _FileKey) -> None:
+        token, path = adapter.token, key[0]
+        if token in self._present_adapters():
+            raise AdapterLoadError(
+                f"adapter {token!r}: the name is taken on this pipeline by an adapter that was not loaded "
+                f"from {path!r}"
+            )
+        _check_lora_file(token, Path(path))
+        try:
+            with warnings.catch_warnings():
+                # peft warns whenever a model gets a second adapter: several are the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipeline.load_lora_weights(path, adapter_name=token)
+            if token not in self._present_adapters():
+                raise ValueError("none of its layers exist in this base model")
+        except Exception as error:
+            # No half-loaded adapter may stay behind: diffusers only cleans up the component that failed.
+            self.pipeline.delete_adapters([token])
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            # Whatever else stops a user's file from loading is that file's problem, not the engine's.
+            log.warning("adapter %r from %s could not be loaded: %s", token, path, error)
+            raise AdapterLoadError(
+                f"adapter {token!r}: {path!r} does not fit this base model (trained on another one?): "
+                f"{_brief(error)}"
+            ) from error
+        self.loads += 1
+        self._entries[token] = _AdapterEntry(key, lora_shorthash(Path(path)))
+        log.info("adapter %r loaded from %s", token, path)
+
+    def _present_adapters(self) -> set[str]:
+        return {name for names in self.pipeline.get_list_adapters().values() for name in names}
+
+
+def _file_key(adapter: AdapterRef) -> _FileKey:
+    path = Path(adapter.path).expanduser()
+    try:
+        stat = path.stat()
+    except OSError:
+        raise AdapterLoadError(f"adapter {adapter.token!r}: file {str(path)!r} does not exist") from None
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _check_lora_file(token: str, path: Path) -> None:
+    """Read the safetensors header only: a corrupt file is reported as such, not as a misfit."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except Exception as error:
+        raise AdapterLoadError(
+            f"adapter {token!r}: {str(path)!r} is not a readable safetensors file (corrupt or truncated?): "
+            f"{_brief(error)}"
+        ) from error
+    if not keys or not all("lora" in key for key in keys):
+        raise AdapterLoadError(f"adapter {token!r}: {str(path)!r} holds no LoRA weights")
+
+
+def _brief(error: Exception, limit: int = 300) -> str:
+    """Enough of an error for a chat message (a state-dict mismatch lists every layer)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = " ".join(lines[:2]) + (f" (+{len(lines) - 2} more)" if len(lines) > 2 else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+class Generator:
+    def __init__(self, model: LoadedModel, adapter_cache_size: int = 8) -> None:
+        self.model = model
+        base = model.pipeline
+        # DPM++ 2M as A1111 names it; our own instance, so the base pipeline's scheduler is untouched.
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            base.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False
+        )
+        overrides: dict[str, Any] = {"scheduler": scheduler}
+        if "safety_checker" in base.components:
+            # The checker runs separately (see _nsfw_flags) so that flagged images are not blacked out.
+            overrides["safety_checker"] = None
+            if "requires_safety_checker" in base.config:
+                overrides["requires_safety_checker"] = False
+        # from_pipe shares every module with the base pipeline: no second UNet in memory.
+        self._text2image = AutoPipelineForText2Image.from_pipe(base, **overrides)
+        self._image2image = AutoPipelineForImage2Image.from_pipe(base, **overrides)
+        for pipeline in (self._text2image, self._image2image):
+            pipeline.set_progress_bar_config(disable=True)
+        self.adapters = AdapterCache(base, adapter_cache_size)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        output_dir: Path | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Make `request.count` images in one batched call; write them to output_dir as {i}.png."""
+        started = time.perf_counter()
+        stop = should_stop or (lambda: False)
+        if stop():
+            raise GenerationCancelled("generation cancelled before it started")
+
+        prompt = expand_tokens(request.prompt, request.adapters)
+        seeds = [request.seed + index for index in range(request.count)]
+        kwargs: dict[str, Any] = dict(
+            prompt=prompt,
+            # None, not "": SDXL then uses zero embeddings for "no negative prompt", as it was trained.
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            num_images_per_prompt=request.count,
+            # CPU generators: the same seed gives the same noise on any device.
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            callback_on_step_end=_step_callback(on_step, stop),
+            output_type="pil",
+        )
+        extra: dict[str, str] = {}
+        if request.init_image is None:
+            pipeline = self._text2image
+            width, height = request.width, request.height
+            kwargs.update(width=width, height=height)
+        else:
+            pipeline = self._image2image
+            with PIL.Image.open(request.init_image) as opened:
+                init = opened.convert("RGB")
+            width, height = request.output_size(*init.size)
+            # Lanczos: the hires-fix resize; img2img then redraws detail at the new size.
+            kwargs.update(
+                image=init.resize((width, height), PIL.Image.LANCZOS), strength=request.effective_strength
+            )
+            extra["Denoising strength"] = f"{request.effective_strength:g}"
+            if request.upscale:
+                extra["Postprocess upscale by"] = str(UPSCALE_FACTOR)
+                extra["Postprocess upscaler"] = "Lanczos"
+
+        with _inference_state(self.model.pipeline):
+            self.adapters.activate(request.adapters)
+            for component in _modules(self.model.pipeline):
+                component.eval()
+            images = pipeline(**kwargs).images
+            nsfw = self._nsfw_flags(images)
+
+        if request.adapters:
+            extra["Lora hashes"] = ", ".join(
+                f"{adapter.token}: {self.adapters.shorthash(adapter.token)}" for adapter in request.adapters
+            )
+        model_name = model_display_name(self.model.base)
+        parameters = [
+            a1111_parameters(
+                prompt,
+                request.negative_prompt,
+                request.steps,
+                SAMPLER_NAME,
+                request.guidance,
+                seed,
+                width,
+                height,
+                model_name,
+                extra,
+            )
+            for seed in seeds
+        ]
+        files = _write_pngs(images, parameters, output_dir) if output_dir is not None else []
+        return GenerationResult(
+            images=images,
+            seeds=seeds,
+            parameters=parameters,
+            files=files,
+            seconds=time.perf_counter() - started,
+            nsfw=nsfw,
+        )
+
+    def _nsfw_flags(self, images: list[PIL.Image.Image]) -> list[bool]:
+        base = self.model.pipeline
+        checker = getattr(base, "safety_checker", None)
+        extractor = getattr(base, "feature_extractor", None)
+        if checker is None or extractor is None:
+            return [False] * len(images)
+        clip_input = extractor(images, return_tensors="pt").pixel_values.to(
+            self.model.device, self.model.dtype
+        )
+        # The checker blacks out flagged images in the array it is given: hand it a copy.
+        pixels = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+        _, flags = checker(images=pixels, clip_input=clip_input)
+        return [bool(flag) for flag in flags]
+
+
+def _step_callback(
+    on_step: Callable[[int, int], None] | None, stop: Callable[[], bool]
+) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    def callback(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Raising (rather than pipeline._interrupt) stops at once: no VAE decode of a dropped image.
+        if stop():
+            raise GenerationCancelled(f"generation cancelled after step {step + 1}")
+        if on_step is not None:
+            on_step(step + 1, pipeline.num_timesteps)
+        return {}
+
+    return callback
+
+
+def _write_pngs(images: list[PIL.Image.Image], parameters: list[str], output_dir: Path) -> list[Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, (image, text) in enumerate(zip(images, parameters, strict=True)):
+        info = PngInfo()
+        # add_text falls back to an iTXt chunk for text Latin-1 cannot hold (emoji, CJK prompts).
+        info.add_text("parameters", text)
+        path = output_dir / f"{index}.png"
+        image.save(path, pnginfo=info)
+        files.append(path)
+    return files
+
+
+def _modules(pipeline: Any) -> list[torch.nn.Module]:
+    return [component for component in pipeline.components.values() if isinstance(component, torch.nn.Module)]
+
+
+@contextmanager
+def _inference_state(pipeline: Any) -> Iterator[None]:
+    """No gradients inside; on the way out, the pipeline's modules are as they were found.
+
+    Restored: each module's train/eval mode, and on each LoRA layer that existed before, its active
+    and disabled adapters and the requires_grad flags that set_adapters/disable_lora change. LoRA
+    layers created inside (a newly loaded adapter) are left with no adapter active, so the cache's
+    adapters never affect the model outside `generate`.
+    """
+    modules = _modules(pipeline)
+    # Keyed by id, holding the module so that no id is reused by a module created inside.
+    modes = {id(module): (module, module.training) for component in modules for module in component.modules()}
+    layers = {
+        id(layer): (layer, list(layer.active_adapters), layer.disable_adapters)
+        for component in modules
+        for layer in component.modules()
+        if isinstance(layer, BaseTunerLayer)
+    }
+    # Every parameter, not only the adapters': injecting a new adapter freezes all non-LoRA weights.
+    grads = [(param, param.requires_grad) for component in modules for param in component.parameters()]
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for component in modules:
+            for layer in component.modules():
+                if isinstance(layer, BaseTunerLayer) and id(layer) not in layers:
+                    layer.set_adapter([], inference_mode=True)
+        for layer, active, disabled in layers.values():
+            layer.set_adapter(active)
+            layer.enable_adapters(not disabled)
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+        for component in modules:
+            restored: dict[str, bool] = {}
+            for name, module in component.named_modules():
+                # Modules created inside (a newly loaded adapter's layers) take their parent's mode.
+                parent = restored.get(name.rpartition(".")[0])
+                training = modes[id(module)][1] if id(module) in modes else parent
+                # Not .train(): that recurses and would flatten mixed modes.
+                module.training = restored[name] = training

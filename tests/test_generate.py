@@ -1,0 +1,519 @@
+"""engine.generate on the tiny random models: CPU, 64 px, a few steps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from PIL.PngImagePlugin import PngInfo
+
+from engine.generate import (
+    AdapterLoadError,
+    GenerationCancelled,
+    GenerationRequest,
+    Generator,
+    a1111_parameters,
+    expand_tokens,
+    read_parameters,
+)
+from engine.model import LoadedModel, load_base_model
+from engine.protocol import AdapterRef
+
+TRAINING_ADAPTER = "dreambot_training"  # engine.train's name; not imported, as in engine.generate
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Batching reorders float sums: a pixel can move by 1/255, even on one CPU thread.
+BATCH_TOLERANCE = 2
+
+
+def request(**overrides: object) -> GenerationRequest:
+    values: dict[str, object] = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=7)
+    values.update(overrides)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def pixels(image: PIL.Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_diff(a: PIL.Image.Image, b: PIL.Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights="gaussian")
+
+
+def randomize_lora_b(module: torch.nn.Module, seed: int) -> None:
+    """Gaussian init leaves lora_B at zero (no effect): give the adapter a visible one."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread() -> Iterator[None]:
+    """The tiny models gain nothing from threads, and on a busy machine spinning OpenMP threads
+    make every call several times slower (2-4 s instead of 0.3 s per generation seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_data_dir: Path) -> LoadedModel:
+    return load_base_model("tiny", "cpu", tiny_data_dir)
+
+
+@pytest.fixture(scope="module")
+def generator(model: LoadedModel) -> Generator:
+    return Generator(model)
+
+
+@pytest.fixture
+def fresh_model(tiny_data_dir: Path) -> LoadedModel:
+    """A model of its own, for tests that leave something on the pipeline."""
+    return load_base_model("tiny", "cpu", tiny_data_dir)
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three LoRA files written without engine.train, on a separately loaded copy of the base.
+
+    "bravo" also adapts the text encoder, so loading, switching and unloading cover that component.
+    """
+    folder = tmp_path_factory.mktemp("adapters")
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    files = {}
+    for seed, name in enumerate(("alfa", "bravo", "charlie"), start=1):
+        pipeline.unet.add_adapter(lora_config(), adapter_name=name)
+        randomize_lora_b(pipeline.unet, seed)
+        layers = {"unet_lora_layers": get_peft_model_state_dict(pipeline.unet, adapter_name=name)}
+        if name == "bravo":
+            text_config = LoraConfig(
+                r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"
+            )
+            pipeline.text_encoder.add_adapter(text_config, adapter_name=name)
+            randomize_lora_b(pipeline.text_encoder, seed)
+            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(
+                pipeline.text_encoder, adapter_name=name
+            )
+        StableDiffusionPipeline.save_lora_weights(
+            folder / name, weight_name="adapter.safetensors", safe_serialization=True, **layers
+        )
+        pipeline.unet.delete_adapters(name)
+        files[name] = folder / name / "adapter.safetensors"
+    return files
+
+
+def ref(files: dict[str, Path], name: str, class_word: str = "person") -> AdapterRef:
+    return AdapterRef(token=name, class_word=class_word, path=str(files[name]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text to image, seeds, parameters
+
+
+def test_pipelines_share_the_base_modules(generator: Generator, model: LoadedModel) -> None:
+    base = model.pipeline
+    for pipeline in (generator._text2image, generator._image2image):
+        for name in ("unet", "vae", "text_encoder", "tokenizer"):
+            assert getattr(pipeline, name) is getattr(base, name)
+        assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    # The base pipeline keeps its own scheduler (training uses it).
+    assert type(base.scheduler).__name__ == "DDPMScheduler"
+
+
+def test_text_to_image_makes_count_images_in_one_call(generator: Generator) -> None:
+    steps: list[tuple[int, int]] = []
+    result = generator.generate(
+        request(count=3, steps=3, width=64, height=96), on_step=lambda *s: steps.append(s)
+    )
+    assert len(result.images) == 3
+    assert all(image.size == (64, 96) for image in result.images)
+    assert result.seeds == [7, 8, 9]
+    assert result.files == []
+    assert result.nsfw == [False, False, False]
+    # One batched call: each denoising step is reported once, not once per image.
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert result.seconds > 0
+
+
+def test_same_seed_same_pixels_other_seed_differs(generator: Generator) -> None:
+    first = generator.generate(request(seed=11)).images[0]
+    again = generator.generate(request(seed=11)).images[0]
+    other = generator.generate(request(seed=12)).images[0]
+    assert max_diff(first, again) == 0
+    assert max_diff(first, other) > 10
+
+
+def test_batch_image_matches_single_run(generator: Generator) -> None:
+    batch = generator.generate(request(count=3, seed=100))
+    for index, seed in enumerate(batch.seeds):
+        alone = generator.generate(request(count=1, seed=seed)).images[0]
+        # Same initial noise (one CPU generator per image); the batched UNet/VAE only reorder
+        # float sums, which can move a pixel by 1/255 on CPU.
+        assert max_diff(batch.images[index], alone) <= BATCH_TOLERANCE
+
+
+def test_png_parameters_round_trip(generator: Generator, tmp_path: Path) -> None:
+    prompt = "a portrait, oil painting, by someone: 'famous' ✨"
+    negative = "blurry, lowres"
+    result = generator.generate(
+        request(prompt=prompt, negative_prompt=negative, count=2, guidance=6.5), output_dir=tmp_path / "out"
+    )
+    assert result.files == [tmp_path / "out" / "0.png", tmp_path / "out" / "1.png"]
+    for path, seed, text in zip(result.files, result.seeds, result.parameters, strict=True):
+        assert PIL.Image.open(path).text["parameters"] == text
+        parsed = read_parameters(path)
+        assert parsed["prompt"] == prompt
+        assert parsed["negative_prompt"] == negative
+        assert parsed["Steps"] == "2"
+        assert parsed["Sampler"] == "DPM++ 2M"
+        assert parsed["CFG scale"] == "6.5"
+        assert parsed["Seed"] == str(seed)
+        assert parsed["Size"] == "64x64"
+        assert parsed["Model"] == "tiny"
+        assert (
+            pixels(PIL.Image.open(path).convert("RGB")).tolist() == pixels(result.images[seed - 7]).tolist()
+        )
+
+
+def test_a1111_parameters_layout() -> None:
+    text = a1111_parameters("a cat", "ugly", 25, "DPM++ 2M", 7.5, 123, 512, 768, "stable-diffusion-v1-5")
+    assert text == (
+        "a cat\nNegative prompt: ugly\n"
+        "Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 123, Size: 512x768, Model: stable-diffusion-v1-5"
+    )
+    text = a1111_parameters("a cat", "", 20, "DPM++ 2M", 7.0, 1, 512, 512, "m", {"Lora hashes": "x: 1, y: 2"})
+    # No negative line when empty; values with commas or colons are JSON-quoted as A1111 does.
+    assert (
+        text
+        == 'a cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 512x512, Model: m, Lora hashes: "x: 1, y: 2"'
+    )
+
+
+def test_read_parameters_multiline_prompt_and_quoted_values(tmp_path: Path) -> None:
+    text = a1111_parameters(
+        "line one,\nline two", "neg one\nneg two", 5, "DPM++ 2M", 7, 3, 64, 64, "m", {"Key": "a, b"}
+    )
+    path = tmp_path / "p.png"
+    info = PngInfo()
+    info.add_text("parameters", text)
+    PIL.Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    parsed = read_parameters(path)
+    assert parsed["prompt"] == "line one,\nline two"
+    assert parsed["negative_prompt"] == "neg one\nneg two"
+    assert parsed["Key"] == "a, b"
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
+    with pytest.raises(ValueError, match=r"bare\.png"):
+        read_parameters(tmp_path / "bare.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Variations and upscales
+
+
+def test_variation_and_upscale(generator: Generator, tmp_path: Path) -> None:
+    source = generator.generate(request(seed=5), output_dir=tmp_path / "source")
+    init = source.files[0]
+
+    variation = generator.generate(request(init_image=init, strength=0.6, count=2, steps=4, seed=5))
+    assert [image.size for image in variation.images] == [(64, 64), (64, 64)]
+    assert max_diff(variation.images[0], source.images[0]) > 10
+    assert max_diff(variation.images[0], variation.images[1]) > 0
+    assert "Denoising strength: 0.6" in variation.parameters[0]
+
+    upscale = generator.generate(
+        request(init_image=str(init), upscale=True, steps=6), output_dir=tmp_path / "up"
+    )
+    assert upscale.images[0].size == (128, 128)
+    resized = source.images[0].resize((128, 128), PIL.Image.LANCZOS)
+    assert max_diff(upscale.images[0], resized) > 10
+    parsed = read_parameters(upscale.files[0])
+    assert parsed["Size"] == "128x128"
+    assert parsed["Denoising strength"] == "0.35"
+    assert parsed["Postprocess upscale by"] == "2"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and helpers
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"prompt": "  "}, "'  '"),
+        ({"count": 5}, "but is 5"),
+        ({"count": 0}, "but is 0"),
+        ({"steps": 151}, "but is 151"),
+        ({"steps": 0}, "but is 0"),
+        ({"width": 100}, "`width`.*but is 100"),
+        ({"height": 4096}, "`height`.*but is 4096"),
+        ({"width": 56}, "but is 56"),
+        ({"strength": 1.5}, "but is 1.5"),
+        ({"strength": 0}, "but is 0"),
+        ({"upscale": True}, "`init_image` is None"),
+        ({"init_image": "/nonexistent/x.png"}, "/nonexistent/x.png"),
+        ({"seed": -1}, "but is -1"),
+    ],
+)
+def test_request_validation_names_the_bad_value(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        request(**overrides)
+
+
+def test_request_validation_of_init_images(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    PIL.Image.new("RGB", (1200, 800)).save(big)
+    with pytest.raises(ValueError, match=r"1200x800: upscaled 2x it would be 2400x1600"):
+        request(init_image=big, upscale=True)
+    with pytest.raises(ValueError, match=r"`steps`=2 at `strength`=0.3"):
+        request(init_image=big, strength=0.3, steps=2)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    with pytest.raises(ValueError, match=r"notes\.png"):
+        request(init_image=not_image)
+    duplicate = AdapterRef("abraza", "person", "x")
+    with pytest.raises(ValueError, match="abraza"):
+        request(adapters=[duplicate, duplicate])
+
+
+def test_expand_tokens() -> None:
+    abraza = AdapterRef("abraza", "person", "a")
+    sabafry = AdapterRef("sabafry", "woman", "s")
+    both = [abraza, sabafry]
+    assert (
+        expand_tokens("abraza and sabafry as superheroes", both)
+        == "abraza person and sabafry woman as superheroes"
+    )
+    # Already followed by the class word: left alone (any case).
+    assert expand_tokens("abraza person on a beach", both) == "abraza person on a beach"
+    assert expand_tokens("Abraza Person, Abraza", both) == "Abraza Person, Abraza person"
+    # Whole words only.
+    assert expand_tokens("abrazadera, xabraza", both) == "abrazadera, xabraza"
+    assert expand_tokens("(abraza:1.2) in paris", both) == "(abraza person:1.2) in paris"
+    assert expand_tokens("a dog", both) == "a dog"
+
+
+def test_cancel_within_a_step(generator: Generator) -> None:
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(GenerationCancelled):
+        generator.generate(
+            request(steps=5), on_step=lambda *s: seen.append(s), should_stop=lambda: len(seen) >= 2
+        )
+    assert seen == [(1, 5), (2, 5)]
+    with pytest.raises(GenerationCancelled):
+        generator.generate(request(), should_stop=lambda: True)
+    # Still usable afterwards.
+    assert len(generator.generate(request()).images) == 1
+
+
+def test_safety_checker_flags_are_reported_and_images_kept(fresh_model: LoadedModel) -> None:
+    from transformers import CLIPImageProcessor
+
+    class FlagFirst:
+        """Stands in for StableDiffusionSafetyChecker: blacks out and flags the first image."""
+
+        def __call__(self, images: np.ndarray, clip_input: torch.Tensor) -> tuple[np.ndarray, list[bool]]:
+            assert clip_input.shape[0] == len(images)
+            images[0] = 0.0
+            return images, [index == 0 for index in range(len(images))]
+
+    fresh_model.pipeline.feature_extractor = CLIPImageProcessor()
+    fresh_model.pipeline.safety_checker = FlagFirst()
+    result = Generator(fresh_model).generate(request(count=2))
+    assert result.nsfw == [True, False]
+    assert pixels(result.images[0]).max() > 0  # written as generated; the caller decides
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+def test_adapter_changes_output_and_switching_never_reloads(
+    generator: Generator, adapter_files: dict[str, Path], tiny_data_dir: Path
+) -> None:
+    cache = generator.adapters
+    for token in list(cache.loaded):
+        cache.forget(token)
+    unet = generator.model.pipeline.unet
+    weight = unet.conv_in.weight
+    loads = cache.loads
+
+    base = generator.generate(request()).images[0]
+    with_a = generator.generate(request(prompt="a photo of alfa", adapters=(ref(adapter_files, "alfa"),)))
+    with_b = generator.generate(request(prompt="a photo of bravo", adapters=(ref(adapter_files, "bravo"),)))
+    with_a_again = generator.generate(
+        request(prompt="a photo of alfa", adapters=(ref(adapter_files, "alfa"),))
+    )
+    plain_again = generator.generate(request()).images[0]
+
+    assert max_diff(with_a.images[0], base) > 10
+    assert max_diff(with_a.images[0], with_a_again.images[0]) == 0
+    assert max_diff(plain_again, base) == 0
+    assert cache.loads == loads + 2  # each file read once
+    assert cache.loaded == ["bravo", "alfa"]
+    assert generator.model.pipeline.unet is unet and unet.conv_in.weight is weight
+    assert with_a.parameters[0].splitlines()[0] == "a photo of alfa person"
+    assert f'Lora hashes: "alfa: {cache.shorthash("alfa")}"' in with_a.parameters[0]
+
+    # A fresh pipeline with only that adapter gives the same pixels.
+    for name, switched in (("alfa", with_a_again), ("bravo", with_b)):
+        alone = Generator(load_base_model("tiny", "cpu", tiny_data_dir))
+        fresh = alone.generate(request(prompt=f"a photo of {name}", adapters=(ref(adapter_files, name),)))
+        assert max_diff(fresh.images[0], switched.images[0]) == 0
+
+
+def test_two_adapters_at_once(generator: Generator, adapter_files: dict[str, Path]) -> None:
+    a, b = ref(adapter_files, "alfa"), ref(adapter_files, "bravo")
+    only_a = generator.generate(request(prompt="alfa and bravo", adapters=(a,))).images[0]
+    only_b = generator.generate(request(prompt="alfa and bravo", adapters=(b,))).images[0]
+    both = generator.generate(request(prompt="alfa and bravo", adapters=(a, b)))
+    assert both.parameters[0].startswith("alfa person and bravo person\n")
+    assert max_diff(both.images[0], only_a) > 10
+    assert max_diff(both.images[0], only_b) > 10
+
+
+def test_capacity_one_evicts(fresh_model: LoadedModel, adapter_files: dict[str, Path]) -> None:
+    generator = Generator(fresh_model, adapter_cache_size=1)
+    a_first = generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0]
+    generator.generate(request(adapters=(ref(adapter_files, "bravo"),)))
+    assert generator.adapters.loaded == ["bravo"]
+    assert "alfa" not in {n for names in fresh_model.pipeline.get_list_adapters().values() for n in names}
+    a_again = generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0]
+    assert generator.adapters.loads == 3
+    assert generator.adapters.loaded == ["alfa"]
+    assert max_diff(a_first, a_again) == 0
+    # Two requested at once stay loaded together, even over capacity.
+    generator.generate(request(adapters=(ref(adapter_files, "alfa"), ref(adapter_files, "bravo"))))
+    assert sorted(generator.adapters.loaded) == ["alfa", "bravo"]
+
+
+def test_retrained_adapter_is_reloaded(
+    fresh_model: LoadedModel, adapter_files: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "adapter.safetensors"
+    path.write_bytes(adapter_files["alfa"].read_bytes())
+    adapter = AdapterRef("me", "person", str(path))
+    generator = Generator(fresh_model)
+    before = generator.generate(request(adapters=(adapter,))).images[0]
+    generator.generate(request(adapters=(adapter,)))
+    assert generator.adapters.loads == 1
+
+    path.write_bytes(adapter_files["charlie"].read_bytes())  # same size: only the mtime tells
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = generator.generate(request(adapters=(adapter,))).images[0]
+    assert generator.adapters.loads == 2
+    assert max_diff(before, after) > 10
+
+    generator.adapters.forget("me")
+    assert generator.adapters.loaded == []
+    assert not any(fresh_model.pipeline.get_list_adapters().values())
+
+
+def test_bad_adapter_files_raise_and_leave_the_pipeline_usable(
+    generator: Generator, adapter_files: dict[str, Path], tmp_path: Path
+) -> None:
+    a = ref(adapter_files, "alfa")
+    with_a = generator.generate(request(adapters=(a,))).images[0]
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(adapter_files["alfa"].read_bytes()[:-100])
+    missing = tmp_path / "gone.safetensors"
+
+    for path in (corrupt, truncated, missing):
+        bad = AdapterRef("bad", "person", str(path))
+        with pytest.raises(AdapterLoadError, match=path.name):
+            generator.generate(request(adapters=(a, bad)))
+        present = {n for names in generator.model.pipeline.get_list_adapters().values() for n in names}
+        assert "bad" not in present and "bad" not in generator.adapters.loaded
+
+    assert max_diff(generator.generate(request(adapters=(a,))).images[0], with_a) == 0
+
+
+def test_adapter_for_another_base_is_refused(tiny_data_dir: Path, adapter_files: dict[str, Path]) -> None:
+    sdxl = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir))
+    with pytest.raises(AdapterLoadError, match="does not fit this base model"):
+        sdxl.generate(request(adapters=(ref(adapter_files, "alfa"),)))
+    assert not any(sdxl.model.pipeline.get_list_adapters().values())
+    assert len(sdxl.generate(request()).images) == 1
+
+
+def test_training_adapter_is_ignored_and_restored(
+    fresh_model: LoadedModel, adapter_files: dict[str, Path]
+) -> None:
+    """An adapter the cache did not load (the trainer's) never shows in a generation, and the
+    trainer finds it as it left it: active, trainable, in training mode."""
+    generator = Generator(fresh_model)
+    base = generator.generate(request()).images[0]
+    with_alfa = generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0]
+    generator.adapters.forget("alfa")
+
+    # What a trainer does between two steps: frozen base, its own adapter on UNet and text encoder.
+    pipeline = fresh_model.pipeline
+    text_config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"
+    )
+    for module, config in ((pipeline.unet, lora_config()), (pipeline.text_encoder, text_config)):
+        module.requires_grad_(False)
+        module.add_adapter(config, adapter_name=TRAINING_ADAPTER)
+        randomize_lora_b(module, 99)
+        module.train()
+    modules = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+    grads = {(key, n): p.requires_grad for key, m in modules.items() for n, p in m.named_parameters()}
+    assert sum(grads.values()) > 0
+
+    assert max_diff(generator.generate(request()).images[0], base) == 0
+    # Loading a new adapter while the training one is there, then using it.
+    assert (
+        max_diff(generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0], with_alfa)
+        == 0
+    )
+    assert max_diff(generator.generate(request()).images[0], base) == 0
+
+    for key, module in modules.items():
+        assert module.training and all(sub.training for sub in module.modules())
+        for name, param in module.named_parameters():
+            # The cache's own adapter weights (new names) stay frozen.
+            assert param.requires_grad == grads.get((key, name), False), name
+        for layer in module.modules():
+            if isinstance(layer, BaseTunerLayer):
+                assert layer.active_adapters == (
+                    [TRAINING_ADAPTER] if TRAINING_ADAPTER in layer.lora_A else []
+                )
+                assert not layer.disable_adapters
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL
+
+
+def test_sdxl_text_to_image_and_variation(tiny_data_dir: Path, tmp_path: Path) -> None:
+    generator = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir))
+    result = generator.generate(request(count=2, width=64, height=96), output_dir=tmp_path)
+    assert [image.size for image in result.images] == [(64, 96), (64, 96)]
+    assert (
+        max_diff(result.images[0], generator.generate(request(width=64, height=96)).images[0])
+        <= BATCH_TOLERANCE
+    )
+    assert read_parameters(result.files[0])["Model"] == "tiny-sdxl"
+
+    variation = generator.generate(request(init_image=result.files[0], strength=0.5, width=64, height=96))
+    assert variation.images[0].size == (64, 96)
+    assert max_diff(variation.images[0], result.images[0]) > 10
+    upscale = generator.generate(request(init_image=result.files[0], upscale=True, steps=3))
+    assert upscale.images[0].size == (128, 192)
