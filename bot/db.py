@@ -256,6 +256,11 @@ class Database:
     def model(self, model_id: int) -> ModelRow:
         return _row(ModelRow, self.db["models"].get(model_id))
 
+    def find_model(self, model_id: int | None) -> ModelRow | None:
+        """The model, or None when it was deleted (or a job has none)."""
+        rows = list(self.db["models"].rows_where("id = ?", [model_id]))
+        return _row(ModelRow, rows[0]) if rows else None
+
     def model_by_token(self, guild_id: int, token: str) -> ModelRow | None:
         rows = list(self.db["models"].rows_where("guild_id = ? AND token = ?", [guild_id, token]))
         return _row(ModelRow, rows[0]) if rows else None
@@ -332,8 +337,16 @@ class Database:
             _row(JobRow, raw) for raw in self.db["jobs"].rows_where(where, args, order_by="created_at, rowid")
         ]
 
-    def count_active_jobs(self, user_id: int) -> int:
-        return self.db["jobs"].count_where("state IN ('queued', 'running') AND user_id = ?", [user_id])
+    def count_active_jobs(self, user_id: int, guild_id: int) -> int:
+        """A member's queued and running jobs in one server (limits are set per server)."""
+        return self.db["jobs"].count_where(
+            "state IN ('queued', 'running') AND user_id = ? AND guild_id = ?", [user_id, guild_id]
+        )
+
+    def jobs_of(self, user_id: int) -> list[JobRow]:
+        """Every job of a member, finished ones included, oldest first."""
+        rows = self.db["jobs"].rows_where("user_id = ?", [user_id], order_by="created_at, rowid")
+        return [_row(JobRow, raw) for raw in rows]
 
     # -- generations -------------------------------------------------------------------------
 
@@ -356,6 +369,9 @@ class Database:
     def update_generation(self, generation_id: int, **changes: Any) -> GenerationRow:
         self.db["generations"].update(generation_id, _encode(changes))
         return self.generation(generation_id)
+
+    def count_generations(self, user_id: int) -> int:
+        return self.db["generations"].count_where("user_id = ?", [user_id])
 
     def delete_generation(self, generation_id: int) -> None:
         self.db["generations"].delete(generation_id)

@@ -129,7 +129,8 @@ class Config:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.storage.data_dir).expanduser()
+        # Absolute, so the bot, its workers and the CLI agree on every path whatever their directory.
+        return Path(self.storage.data_dir).expanduser().resolve()
 
 
 def load_config(path: str | Path | None = None) -> Config:

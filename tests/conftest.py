@@ -10,6 +10,9 @@ import pytest
 # Tests never reach the network: the tiny model is built locally, nothing is fetched from the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test process and the engine workers it starts share a few cores: one thread each avoids
+# oversubscription, which made a 64 px generation 20x slower on a busy 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS_DIR = PROJECT_ROOT.parent / "shared" / "photos"

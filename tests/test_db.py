@@ -62,7 +62,9 @@ def test_jobs_keep_their_state_and_order(db: Database) -> None:
     assert db.job(first.id).result == {"files": ["x.png"]}
     assert db.job(first.id).context == {"a": 1}
     assert [job.id for job in db.active_jobs()] == [second.id]
-    assert db.count_active_jobs(2) == 1 and db.count_active_jobs(1) == 0
+    assert db.count_active_jobs(2, 10) == 1 and db.count_active_jobs(1, 10) == 0
+    assert db.count_active_jobs(2, 11) == 0
+    assert [job.id for job in db.jobs_of(1)] == [first.id]
     assert db.find_job("nope") is None
 
 
@@ -118,6 +120,8 @@ def test_forget_user_removes_every_row_and_returns_files(db: Database) -> None:
         assert db.db[table].count_where(f"{column} = ?", [1]) == 0
     assert db.search_generations(10, search="thor")[1] == 0
     assert db.find_generation(bobs) is not None
+    assert db.count_generations(1) == 0 and db.count_generations(2) == 1
+    assert db.find_model(model.id) is None
 
 
 def test_settings_default_and_override(db: Database) -> None:
