@@ -1,0 +1,451 @@
+"""The engine worker: one process per device, jobs in on stdin, events out on stdout (engine.protocol).
+
+The base model is loaded once. An asyncio loop reads job lines while all GPU work runs in one
+thread, so a cancel or a generation arriving mid-training is seen at once. Generations go before
+trainings, and a training runs waiting generations between two of its optimizer steps on the same
+loaded pipeline, so /imagine never waits for a training to end.
+
+A job is answered with Accepted when it starts on the GPU thread (a second training waits for the
+first one without a word); a job refused on arrival (bad paths, bad values) gets only an Error.
+
+Shutdown (a `shutdown` job, or EOF on stdin) stops the running job at its next step and exits 0.
+The interrupted job gets NO event: its row stays 'running' on the bot side and is re-run at the next
+start, a training from its newest checkpoint. Jobs still waiting in the worker are dropped silently
+for the same reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from engine.config import Config, ConfigError, load_config
+from engine.generate import (
+    AdapterLoadError,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+)
+from engine.model import LoadedModel, ModelLoadError, load_base_model
+from engine.protocol import (
+    Accepted,
+    CancelJob,
+    Error,
+    Event,
+    GenerateJob,
+    Progress,
+    ProtocolError,
+    Ready,
+    Result,
+    ShutdownJob,
+    TrainJob,
+    decode,
+    encode,
+)
+from engine.train import TrainingCancelled, TrainingProgress, TrainingRequest, TrainingResult, train_lora
+
+log = logging.getLogger("engine.worker")
+
+EXIT_BAD_MODEL = 3
+EXIT_BAD_CONFIG = 2
+# A job line is small (paths, a prompt); this only bounds a runaway writer.
+MAX_LINE_BYTES = 1024 * 1024
+# Progress events are for a Discord message edited a few times a minute: more is only pipe noise.
+TRAINING_PROGRESS_INTERVAL = 0.5
+GENERATION_PROGRESS_INTERVAL = 0.2
+OUT_OF_MEMORY_MESSAGE = "the GPU ran out of memory: try fewer images or a smaller size"
+
+
+class Emitter:
+    """Writes events to the protocol channel; safe to call from the loop and the GPU thread."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        line = encode(event) + "\n"
+        with self._lock:
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                # The reader is gone (the bot died); EOF on stdin ends this worker soon.
+                log.warning("dropped %s event: the protocol pipe is closed", event.type)
+
+
+def claim_stdout() -> TextIO:
+    """Keep the real stdout for protocol lines and send everything else written to it to stderr.
+
+    fd 1 itself is re-pointed, so prints from C extensions and libraries holding a reference to the
+    original sys.stdout cannot corrupt the pipe either.
+    """
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return protocol
+
+
+@dataclass
+class _Throttle:
+    interval: float
+    _last: float = float("-inf")
+    _phase: str = ""
+
+    def due(self, phase: str, final: bool) -> bool:
+        now = time.monotonic()
+        if final or phase != self._phase or now - self._last >= self.interval:
+            self._last, self._phase = now, phase
+            return True
+        return False
+
+
+@dataclass
+class _Task:
+    job: TrainJob | GenerateJob
+    request: TrainingRequest | GenerationRequest
+    # Set by a cancel or a shutdown; the job's should_stop reads it once a step.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+
+class Worker:
+    """Holds the loaded model and schedules jobs onto the single GPU thread."""
+
+    def __init__(self, config: Config, model: LoadedModel, generator: Generator, emit: Emitter) -> None:
+        self.config = config
+        self.model = model
+        self.generator = generator
+        self.emit = emit
+        self.data_dir = config.data_dir.resolve()
+        # Everything below is shared with the GPU thread and guarded by this condition.
+        self._state = threading.Condition()
+        self._generations: deque[_Task] = deque()
+        self._trainings: deque[_Task] = deque()
+        self._running: dict[str, _Task] = {}
+        self._closing = False
+
+    # -- the asyncio side ----------------------------------------------------------------------
+
+    async def serve(self, stdin: TextIO) -> None:
+        """Read jobs until a shutdown job or EOF, then stop the GPU thread and return."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu") as executor:
+            gpu = loop.run_in_executor(executor, self.run_gpu)
+            try:
+                while True:
+                    try:
+                        line = await reader.readline()
+                    except ValueError:
+                        self.emit(Error(None, "a job line was too long and was ignored", "bad_request"))
+                        continue
+                    if not line:
+                        log.info("stdin closed: shutting down")
+                        break
+                    if line.strip() and not self.handle_line(line.decode("utf-8", errors="replace")):
+                        break
+            finally:
+                self.close()
+                await gpu
+
+    def handle_line(self, line: str) -> bool:
+        """Act on one job line; False once it was a shutdown."""
+        try:
+            job = decode(line)
+        except ProtocolError as error:
+            self.emit(Error(None, f"could not read the job: {error}", "bad_request"))
+            return True
+        if isinstance(job, ShutdownJob):
+            log.info("shutdown requested")
+            return False
+        if isinstance(job, CancelJob):
+            self.cancel(job.job_id)
+        elif isinstance(job, TrainJob | GenerateJob):
+            try:
+                task = self.prepare(job)
+            except (TypeError, ValueError) as error:
+                # decode() checks field names, not types: a "steps": "many" fails here.
+                self.emit(Error(job.job_id, f"refused: {error}", "bad_request"))
+            else:
+                self.submit(task)
+        else:
+            self.emit(Error(None, f"a worker does not take {job.type!r} messages", "bad_request"))
+        return True
+
+    def prepare(self, job: TrainJob | GenerateJob) -> _Task:
+        """The engine request for a job; ValueError says why it is refused."""
+        if isinstance(job, TrainJob):
+            self._check_paths("photos", job.photos)
+            self._check_paths("output_dir", [job.output_dir])
+            request: TrainingRequest | GenerationRequest = TrainingRequest(
+                token=job.token,
+                class_word=job.class_word,
+                photos=tuple(Path(photo) for photo in job.photos),
+                output_dir=Path(job.output_dir),
+                steps=job.steps,
+                resume=job.resume,
+            )
+        else:
+            self._check_paths("output_dir", [job.output_dir])
+            self._check_paths("adapter path", [adapter.path for adapter in job.adapters])
+            if job.init_image is not None:
+                self._check_paths("init_image", [job.init_image])
+            request = GenerationRequest(
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                seed=job.seed,
+                steps=job.steps,
+                guidance=job.guidance,
+                width=job.width,
+                height=job.height,
+                count=job.count,
+                adapters=tuple(job.adapters),
+                init_image=Path(job.init_image) if job.init_image is not None else None,
+                strength=job.strength,
+                upscale=job.upscale,
+            )
+        return _Task(job, request)
+
+    def _check_paths(self, what: str, paths: list[str]) -> None:
+        # Paths come from the bot, which builds them from ids; a path escaping the data directory
+        # means a bug or a crafted line, and the engine must never read or write there.
+        for path in paths:
+            if not Path(path).expanduser().resolve().is_relative_to(self.data_dir):
+                raise ValueError(f"the {what} is outside the data directory")
+
+    def submit(self, task: _Task) -> None:
+        with self._state:
+            if isinstance(task.job, TrainJob):
+                self._trainings.append(task)
+            else:
+                self._generations.append(task)
+            self._state.notify_all()
+
+    def cancel(self, job_id: str) -> None:
+        with self._state:
+            running = self._running.get(job_id)
+            if running is not None:
+                log.info("cancelling running job %s", job_id)
+                running.stop.set()
+                return
+            found = None
+            for waiting in (self._generations, self._trainings):
+                found = next((task for task in waiting if task.job_id == job_id), None)
+                if found is not None:
+                    waiting.remove(found)
+                    break
+        if found is None:
+            log.info("cancel for unknown or finished job %s ignored", job_id)
+        else:
+            log.info("cancelled waiting job %s", job_id)
+            self.emit(Error(job_id, "cancelled", "cancelled"))
+
+    def close(self) -> None:
+        """Stop the running jobs at their next step and drop the waiting ones (see module docstring)."""
+        with self._state:
+            self._closing = True
+            dropped = [task.job_id for task in (*self._generations, *self._trainings)]
+            self._generations.clear()
+            self._trainings.clear()
+            for task in self._running.values():
+                task.stop.set()
+            self._state.notify_all()
+        if dropped:
+            log.info("shutdown: dropped waiting jobs %s", ", ".join(dropped))
+
+    # -- the GPU thread ------------------------------------------------------------------------
+
+    def run_gpu(self) -> None:
+        """The GPU thread: run jobs one at a time, generations first, until closed."""
+        while True:
+            with self._state:
+                while not (self._closing or self._generations or self._trainings):
+                    self._state.wait()
+                if self._closing:
+                    return
+                task = (self._generations or self._trainings).popleft()
+                self._running[task.job_id] = task
+            self._execute(task)
+
+    def _take_generation(self) -> _Task | None:
+        with self._state:
+            if self._closing or not self._generations:
+                return None
+            task = self._generations.popleft()
+            self._running[task.job_id] = task
+            return task
+
+    def _between_steps(self) -> bool:
+        """Run the generations that arrived during a training, between two of its steps."""
+        ran = False
+        while (task := self._take_generation()) is not None:
+            self._execute(task)
+            ran = True
+        return ran
+
+    def _execute(self, task: _Task) -> None:
+        """Run one job to its Result or Error event; never raises."""
+        self.emit(Accepted(task.job_id))
+        try:
+            if isinstance(task.request, TrainingRequest):
+                self._train(task, task.request)
+            else:
+                assert isinstance(task.request, GenerationRequest)
+                self._generate(task, task.request)
+        except (TrainingCancelled, GenerationCancelled):
+            with self._state:
+                closing = self._closing
+            if closing:
+                log.info("job %s interrupted by shutdown: no event, it is re-run later", task.job_id)
+            else:
+                self.emit(Error(task.job_id, "cancelled", "cancelled"))
+        except torch.cuda.OutOfMemoryError:
+            log.warning("job %s ran out of memory", task.job_id)
+            torch.cuda.empty_cache()
+            self.emit(Error(task.job_id, OUT_OF_MEMORY_MESSAGE, "out_of_memory"))
+        except AdapterLoadError as error:
+            self.emit(Error(task.job_id, str(error), "bad_adapter"))
+        except ValueError as error:
+            self.emit(Error(task.job_id, str(error), "bad_request"))
+        except Exception as error:
+            log.error("job %s failed:\n%s", task.job_id, traceback.format_exc())
+            message = f"the engine hit an unexpected error ({type(error).__name__}); it has been logged"
+            self.emit(Error(task.job_id, message, "internal"))
+        finally:
+            with self._state:
+                del self._running[task.job_id]
+
+    def _train(self, task: _Task, request: TrainingRequest) -> None:
+        throttle = _Throttle(TRAINING_PROGRESS_INTERVAL)
+
+        def on_progress(progress: TrainingProgress) -> None:
+            if throttle.due(progress.phase, progress.step >= progress.total):
+                self.emit(
+                    Progress(
+                        task.job_id,
+                        progress.phase,
+                        progress.step,
+                        progress.total,
+                        progress.loss,
+                        progress.eta_seconds,
+                    )
+                )
+
+        try:
+            result: TrainingResult = train_lora(
+                self.model,
+                request,
+                self.config.training,
+                self.config.data_dir / "class_images",
+                on_progress=on_progress,
+                should_stop=task.stop.is_set,
+                between_steps=self._between_steps,
+            )
+        finally:
+            # A retrained token must not be served from the adapter cache's old weights.
+            self.generator.adapters.forget(request.token)
+        self.emit(
+            Result(
+                task.job_id,
+                [str(path) for path in result.samples],
+                {
+                    "adapter_path": str(result.adapter_path),
+                    "metadata_path": str(result.metadata_path),
+                    "metadata": result.metadata,
+                    "steps": result.steps,
+                    "seconds": result.seconds,
+                },
+            )
+        )
+
+    def _generate(self, task: _Task, request: GenerationRequest) -> None:
+        job = task.job
+        assert isinstance(job, GenerateJob)
+        throttle = _Throttle(GENERATION_PROGRESS_INTERVAL)
+
+        def on_step(step: int, total: int) -> None:
+            if throttle.due("generating", step >= total):
+                self.emit(Progress(task.job_id, "generating", step, total))
+
+        result: GenerationResult = self.generator.generate(
+            request, Path(job.output_dir), on_step=on_step, should_stop=task.stop.is_set
+        )
+        self.emit(
+            Result(
+                task.job_id,
+                [str(path) for path in result.files],
+                {
+                    "seeds": result.seeds,
+                    "parameters": result.parameters,
+                    "nsfw": result.nsfw,
+                    "seconds": result.seconds,
+                },
+            )
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine", description="The dreambot engine worker (JSON lines on stdin/stdout)."
+    )
+    parser.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    parser.add_argument("--device", help="torch device (default: the first of [model] device)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    emit = Emitter(claim_stdout())
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s engine[%(process)d] %(name)s: %(message)s",
+        force=True,
+    )
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        emit(Error(None, str(error), "bad_request"))
+        return EXIT_BAD_CONFIG
+    device = args.device or config.model.devices[0]
+    try:
+        model = load_base_model(
+            config.model.base,
+            device,
+            config.data_dir,
+            use_xformers=config.model.xformers,
+            safety_checker=config.model.safety_checker,
+        )
+    except ModelLoadError as error:
+        log.error("%s", error)
+        emit(Error(None, str(error), "bad_model"))
+        return EXIT_BAD_MODEL
+    generator = Generator(model, config.generation.adapter_cache)
+    log.info("ready: %s on %s", config.model.base, model.device)
+    emit(Ready(str(model.device), config.model.base))
+    asyncio.run(Worker(config, model, generator, emit).serve(sys.stdin))
+    return 0

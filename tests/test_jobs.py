@@ -1,0 +1,405 @@
+"""The job queue: the dispatch policy on its own, then JobQueue with real engine workers (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.db import Database, JobRow
+from bot.jobs import DROPPED_MESSAGE, MAX_ATTEMPTS, EngineUnavailable, JobQueue, dispatch_order, plan_dispatch
+from engine.config import Config, load_config
+from engine.protocol import Accepted, Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+
+TIMEOUT = 180.0
+ALICE, BOB, CAROL = 101, 102, 103
+
+
+# ---------------------------------------------------------------------------------------------
+# The dispatch policy
+
+
+def row(job_id: str, kind: str, user_id: int, created_at: float) -> JobRow:
+    return JobRow(
+        id=job_id,
+        kind=kind,  # type: ignore[arg-type]
+        user_id=user_id,
+        guild_id=1,
+        channel_id=1,
+        state="queued",
+        payload="",
+        model_id=None,
+        attempts=0,
+        error=None,
+        progress_message_id=None,
+        context={},
+        result={},
+        created_at=created_at,
+        started_at=None,
+        finished_at=None,
+    )
+
+
+def ids(rows: list[JobRow]) -> list[str]:
+    return [r.id for r in rows]
+
+
+def test_generations_go_before_trainings() -> None:
+    queued = [row("t1", "train", ALICE, 1), row("g1", "generate", BOB, 2), row("t2", "train", BOB, 3)]
+    assert ids(dispatch_order(queued, {})) == ["g1", "t1", "t2"]
+
+
+def test_members_take_turns() -> None:
+    alice = [row(f"a{i}", "generate", ALICE, i) for i in range(10)]
+    bob = [row("b0", "generate", BOB, 20)]
+    queued = [*alice, *bob]
+
+    # Nobody served yet: Alice's first job is the oldest, then Bob's one, then the rest of hers.
+    assert ids(dispatch_order(queued, {})) == ["a0", "b0", *(f"a{i}" for i in range(1, 10))]
+    # Alice was served more recently than Bob: Bob goes first.
+    assert ids(dispatch_order(queued, {ALICE: 5, BOB: 2}))[:2] == ["b0", "a0"]
+    # Never served goes before served.
+    assert ids(dispatch_order(queued, {ALICE: 0}))[:2] == ["b0", "a0"]
+    # Three members: turns go round all of them.
+    carol = [row(f"c{i}", "generate", CAROL, 30 + i) for i in range(2)]
+    assert ids(dispatch_order([*queued, *carol], {}))[:6] == ["a0", "b0", "c0", "a1", "c1", "a2"]
+
+
+def test_plan_fills_free_slots_preferring_idle_workers() -> None:
+    queued = [
+        row("g1", "generate", ALICE, 1),
+        row("g2", "generate", BOB, 2),
+        row("t1", "train", ALICE, 3),
+        row("t2", "train", BOB, 4),
+    ]
+    # One idle worker: one generation and one training (it interleaves them).
+    assert [(i, r.id) for i, r in plan_dispatch(queued, {}, [{"train", "generate"}])] == [
+        (0, "g1"),
+        (0, "t1"),
+    ]
+    # Worker 0 is training, worker 1 idle: the generation goes to the idle one.
+    plan = plan_dispatch(queued, {}, [{"generate"}, {"train", "generate"}])
+    assert [(i, r.id) for i, r in plan] == [(1, "g1"), (0, "g2"), (1, "t1")]
+    # Nothing free, nothing sent.
+    assert plan_dispatch(queued, {}, [set(), set()]) == []
+
+
+def test_the_queue_does_not_import_the_ml_stack() -> None:
+    code = (
+        "import sys, bot.jobs; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'peft')))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# JobQueue with real workers
+
+
+@dataclass
+class Recorder:
+    """The on_event callback: what it was given, and the row in the database at that moment."""
+
+    db: Database
+    calls: list[tuple[JobRow, Event, JobRow]] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, job: JobRow, event: Event) -> None:
+        self.calls.append((job, event, self.db.job(job.id)))
+        self._changed.set()
+
+    async def wait_for(
+        self, matches: Callable[[JobRow, Event], bool], after: int = 0
+    ) -> tuple[JobRow, Event]:
+        """The first call from index `after` on whose (row, event) `matches`."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                for job, event, _ in self.calls[after:]:
+                    if matches(job, event):
+                        return job, event
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def finished(self, job_id: str, after: int = 0) -> tuple[JobRow, Event]:
+        return await self.wait_for(lambda j, e: j.id == job_id and isinstance(e, Result | Error), after)
+
+    async def training_progress(self, job_id: str, after: int = 0) -> None:
+        await self.wait_for(
+            lambda j, e: j.id == job_id and isinstance(e, Progress) and e.phase == "training", after
+        )
+
+    def events_of(self, job_id: str) -> list[Event]:
+        return [event for job, event, _ in self.calls if job.id == job_id]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, photos_dir: Path) -> Path:
+    """Shared by the tests below (the model, the cached class images); each test has its own DB."""
+    data_dir = tmp_path_factory.mktemp("queue-data")
+    shutil.copytree(tiny_model_dir, data_dir / "models" / "tiny")
+    (data_dir / "photos").mkdir()
+    with Image.open(photos_dir / "astronaut.png") as opened:
+        source = opened.convert("RGB")
+    for index in range(3):
+        box = (120 + 40 * index, 20, 380 + 40 * index, 280)
+        source.crop(box).resize((64, 64), Image.Resampling.LANCZOS).save(data_dir / "photos" / f"{index}.png")
+    return data_dir
+
+
+def write_config(data_dir: Path, folder: Path, base: str = "tiny") -> Config:
+    path = folder / "config.toml"
+    path.write_text(
+        f"""
+[model]
+base = "{base}"
+device = "cpu"
+[storage]
+data_dir = "{data_dir}"
+[training]
+resolution = 64
+max_steps = 50
+class_images = 2
+checkpoint_every = 3
+sample_count = 1
+""",
+        encoding="utf-8",
+    )
+    return load_config(path)
+
+
+@pytest.fixture
+def config(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    # Workers inherit the environment: one thread each keeps a shared test machine from thrashing.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return write_config(data_dir, tmp_path)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    database = Database(tmp_path / "jobs.sqlite3")
+    for user_id in (ALICE, BOB):
+        database.ensure_user(user_id, f"user{user_id}")
+    return database
+
+
+def add_generate(db: Database, data_dir: Path, job_id: str, user_id: int = ALICE, steps: int = 4) -> JobRow:
+    job = GenerateJob(
+        job_id=job_id,
+        prompt="a photo of an astronaut",
+        output_dir=str(data_dir / "generations" / job_id),
+        steps=steps,
+        width=64,
+        height=64,
+    )
+    return db.add_job(
+        kind="generate", user_id=user_id, guild_id=1, channel_id=1, payload=encode(job), job_id=job_id
+    )
+
+
+def add_train(db: Database, data_dir: Path, job_id: str, steps: int, user_id: int = ALICE) -> JobRow:
+    job = TrainJob(
+        job_id=job_id,
+        token="zwx",
+        class_word="person",
+        photos=[str(path) for path in sorted((data_dir / "photos").glob("*.png"))],
+        output_dir=str(data_dir / "trained" / job_id),
+        steps=steps,
+    )
+    return db.add_job(
+        kind="train", user_id=user_id, guild_id=1, channel_id=1, payload=encode(job), job_id=job_id
+    )
+
+
+def kill_worker(queue: JobQueue) -> None:
+    pid = queue.workers[0].pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_jobs_left_by_a_dead_bot_and_new_ones_run_with_rows_written_first(
+    config: Config, db: Database, data_dir: Path
+) -> None:
+    # As a bot that died left them: one job queued, one running (sent to a worker once).
+    add_generate(db, data_dir, "left-queued", user_id=ALICE)
+    add_generate(db, data_dir, "left-running", user_id=BOB)
+    db.update_job("left-running", state="running", attempts=1, started_at=1.0)
+
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        try:
+            await queue.wait_ready(TIMEOUT)
+            assert queue.ready_workers() == 1
+            new = add_generate(db, data_dir, "new", user_id=ALICE)
+            queue.submit(new)
+            for job_id in ("left-queued", "left-running", "new"):
+                await recorder.finished(job_id)
+        finally:
+            await queue.stop()
+        worker = queue.workers[0]
+        assert worker.process is not None and worker.process.returncode == 0
+
+        for job_id in ("left-queued", "left-running", "new"):
+            final = db.job(job_id)
+            assert final.state == "done", final
+            assert final.started_at and final.finished_at and final.started_at <= final.finished_at
+            assert final.error is None
+            assert [Path(file).is_file() for file in final.result["files"]] == [True]
+            assert final.result["seeds"] == [0]
+            kinds = [type(event) for event in recorder.events_of(job_id)]
+            assert kinds[0] is Accepted and kinds[-1] is Result and Progress in kinds
+        assert db.job("left-running").attempts == 2
+        assert db.job("new").attempts == 1
+        # Every event reached on_event after its row was written, and with that very row.
+        for job, event, stored in recorder.calls:
+            assert job == stored
+            expected = {Accepted: "running", Progress: "running", Result: "done"}[type(event)]
+            assert job.state == expected, (event, job)
+        result = next(e for e in recorder.events_of("new") if isinstance(e, Result))
+        assert db.job("new").result == {"files": result.files, **result.data}
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_worker_is_killed_is_retried_once_and_completes(
+    config: Config, db: Database, data_dir: Path
+) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        try:
+            queue.submit(add_train(db, data_dir, "killed-once", steps=6))
+            await recorder.training_progress("killed-once")
+            first_pid = queue.workers[0].pid
+            kill_worker(queue)
+            _, event = await recorder.finished("killed-once")
+            assert isinstance(event, Result), event
+            assert queue.workers[0].pid != first_pid
+        finally:
+            await queue.stop()
+        final = db.job("killed-once")
+        assert final.state == "done"
+        assert final.attempts == 2
+        assert Path(final.result["adapter_path"]).is_file()
+        assert final.result["steps"] == 6
+
+    asyncio.run(scenario())
+
+
+def test_a_job_killed_twice_is_dropped_and_the_queue_goes_on(
+    config: Config, db: Database, data_dir: Path
+) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        try:
+            queue.submit(add_train(db, data_dir, "killed-twice", steps=300))
+            await recorder.training_progress("killed-twice")
+            kill_worker(queue)
+            # Retried on a new worker (the same job, attempt 2) ...
+            await recorder.wait_for(
+                lambda j, e: j.id == "killed-twice" and j.attempts == 2 and isinstance(e, Accepted)
+            )
+            await recorder.training_progress("killed-twice", after=len(recorder.calls) - 1)
+            kill_worker(queue)
+            job, event = await recorder.finished("killed-twice")
+            # ... and dropped when that one dies too.
+            assert isinstance(event, Error)
+            assert event.message == DROPPED_MESSAGE
+            assert job.state == "failed" and job.error == DROPPED_MESSAGE and job.attempts == MAX_ATTEMPTS
+
+            queue.submit(add_generate(db, data_dir, "next"))
+            _, event = await recorder.finished("next")
+            assert isinstance(event, Result)
+        finally:
+            await queue.stop()
+        assert db.job("killed-twice").state == "failed"
+        assert db.job("next").state == "done"
+
+    asyncio.run(scenario())
+
+
+def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        try:
+            queue.submit(add_train(db, data_dir, "running", steps=500))
+            await recorder.training_progress("running")
+            # A worker runs one training at a time: the second one waits in the queue.
+            queue.submit(add_train(db, data_dir, "queued", steps=5, user_id=BOB))
+            await asyncio.sleep(0.5)
+            assert db.job("queued").state == "queued"
+            assert queue.position("queued") == 1
+            assert queue.position("running") is None
+
+            assert await queue.cancel("queued")
+            assert db.job("queued").state == "cancelled"
+            job, event = await recorder.finished("queued")
+            assert isinstance(event, Error) and event.code == "cancelled" and job.state == "cancelled"
+            assert queue.position("queued") is None
+
+            assert await queue.cancel("running")
+            job, event = await recorder.finished("running")
+            assert isinstance(event, Error) and event.code == "cancelled"
+            assert job.state == "cancelled" and db.job("running").state == "cancelled"
+            assert not await queue.cancel("running")
+            assert not await queue.cancel("no-such-job")
+
+            # Stopping the bot mid-training leaves the job 'running' for the next start to re-run.
+            queue.submit(add_train(db, data_dir, "in-flight", steps=500))
+            await recorder.training_progress("in-flight")
+        finally:
+            await queue.stop()
+        assert db.job("in-flight").state == "running"
+        assert not any(isinstance(e, Result | Error) for e in recorder.events_of("in-flight"))
+        process = queue.workers[0].process
+        assert process is not None and process.returncode == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_cannot_load_its_model_fails_the_queued_jobs(
+    db: Database, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = write_config(data_dir, tmp_path, base=str(tmp_path / "no-such-model"))
+    add_generate(db, data_dir, "doomed")
+
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        try:
+            with pytest.raises(EngineUnavailable, match="no-such-model"):
+                await queue.wait_ready(TIMEOUT)
+            job, event = await recorder.finished("doomed")
+            assert isinstance(event, Error) and event.code == "bad_model"
+            assert job.state == "failed" and "no-such-model" in (job.error or "")
+            # Submitted while the engine cannot start: failed at once, not kept waiting.
+            queue.submit(add_generate(db, data_dir, "also-doomed"))
+            _, event = await recorder.finished("also-doomed")
+            assert isinstance(event, Error) and event.code == "bad_model"
+            # Not restarted in a tight loop: one start, the next one only after a long delay.
+            await asyncio.sleep(1)
+            assert queue.workers[0].failed_starts == 1
+            assert queue.ready_workers() == 0
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
