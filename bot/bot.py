@@ -1,0 +1,169 @@
+"""The Discord client: loads one cog per feature, owns the database and the job queue.
+
+Cogs talk to the engine only through `bot.jobs` (bot/jobs.py). Job events come back as discord.py
+custom events, so a cog reacts to them with a listener:
+
+    @commands.Cog.listener()
+    async def on_job_progress(self, job: JobRow, event: Progress) -> None: ...
+
+    # also on_job_accepted(job, Accepted), on_job_result(job, Result), on_job_error(job, Error)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.db import Database, JobRow
+from bot.jobs import JobQueue
+from engine.config import Config
+
+if TYPE_CHECKING:
+    from engine.protocol import Event
+
+log = logging.getLogger(__name__)
+
+COGS = (
+    "bot.cogs.training",
+    "bot.cogs.models",
+    "bot.cogs.imagine",
+    "bot.cogs.gallery",
+    "bot.cogs.admin",
+)
+
+
+# Per-server overrides of the [limits] config that /admin limits stores (db.setting keys).
+MAX_MODELS_KEY = "max_models_per_user"
+MAX_QUEUED_KEY = "max_queued_jobs_per_user"
+
+
+class UserFacingError(Exception):
+    """A refusal or failure whose message is written for the member and shown as it is."""
+
+
+@dataclass(frozen=True)
+class MemberLimits:
+    max_models: int
+    max_queued_jobs: int
+
+
+class DreamBot(commands.Bot):
+    def __init__(self, config: Config) -> None:
+        intents = discord.Intents.default()
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            # Nothing the bot posts pings anyone unless a message opts in for the member it answers.
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        self.config = config
+        self.db = Database.in_data_dir(config.data_dir)
+        self.jobs = JobQueue(self.db, config, on_event=self._on_job_event)
+
+    async def setup_hook(self) -> None:
+        for extension in COGS:
+            await self.load_extension(extension)
+        self.tree.on_error = self.on_app_command_error
+        await self.jobs.start()
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Guild syncs show up at once; a global sync can take up to an hour to reach every client."""
+        guild_ids = self.config.discord.guild_ids
+        if not guild_ids:
+            await self.tree.sync()
+            return
+        for guild_id in guild_ids:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+
+    async def close(self) -> None:
+        await self.jobs.stop()
+        await super().close()
+        self.db.close()
+
+    async def _on_job_event(self, job: JobRow, event: Event) -> None:
+        # "progress" -> on_job_progress(job, event), and so on for accepted, result and error.
+        self.dispatch(f"job_{event.type}", job, event)
+
+    # -- limits ------------------------------------------------------------------------------
+
+    def member_limits(self, guild_id: int) -> MemberLimits:
+        """What one member may have in a server: the admins' override, else the config."""
+        limits = self.config.limits
+        return MemberLimits(
+            max_models=self.db.setting(guild_id, MAX_MODELS_KEY, limits.max_models_per_user),
+            max_queued_jobs=self.db.setting(guild_id, MAX_QUEUED_KEY, limits.max_queued_jobs_per_user),
+        )
+
+    def check_queue_cap(self, guild_id: int, user_id: int) -> None:
+        """Refuse another job to a member who already has the most a server allows waiting or running."""
+        limit = self.member_limits(guild_id).max_queued_jobs
+        active = self.db.count_active_jobs(user_id, guild_id)
+        if active >= limit:
+            raise UserFacingError(
+                f"You already have {active} job{'s' * (active != 1)} waiting or running, the limit is "
+                f"{limit}. Wait for one to finish (see `/queue`) and try again."
+            )
+
+    # -- channels ----------------------------------------------------------------------------
+
+    def prompts_channel(self, guild: discord.Guild | None) -> discord.TextChannel | None:
+        return _configured_channel(guild, self.config.discord.prompts_channel)
+
+    def gallery_channel(self, guild: discord.Guild | None) -> discord.TextChannel | None:
+        return _configured_channel(guild, self.config.discord.gallery_channel)
+
+    # -- the one error handler ---------------------------------------------------------------
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        await report_error(interaction, error)
+
+
+async def report_error(interaction: discord.Interaction, error: Exception) -> None:
+    """The one error handler: commands reach it through the tree, modals and buttons call it."""
+    original = getattr(error, "original", error)
+    if isinstance(original, UserFacingError):
+        message = str(original)
+    elif isinstance(error, app_commands.MissingPermissions):
+        message = "Only server managers (Manage Server permission) can do that."
+    elif isinstance(error, app_commands.CheckFailure):
+        message = str(error) or "You can't use that command here."
+    elif isinstance(error, app_commands.CommandOnCooldown):
+        message = f"Slow down: try again in {error.retry_after:.0f} s."
+    else:
+        command = interaction.command.qualified_name if interaction.command else interaction.data
+        log.error("interaction %s failed", command, exc_info=original)
+        message = "Something went wrong on my side. It has been logged; please try again."
+    await reply_privately(interaction, message)
+
+
+async def reply_privately(interaction: discord.Interaction, message: str) -> None:
+    """An ephemeral answer, whether or not the interaction was already answered or deferred."""
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(message, ephemeral=True)
+        else:
+            await interaction.response.send_message(message, ephemeral=True)
+    except discord.HTTPException:
+        log.warning("could not tell user %s: %s", interaction.user.id, message)
+
+
+def _configured_channel(guild: discord.Guild | None, wanted: str) -> discord.TextChannel | None:
+    """A channel named in the config by id or by name (with or without the leading #)."""
+    if guild is None or not wanted:
+        return None
+    if wanted.isdigit():
+        channel = guild.get_channel(int(wanted))
+    else:
+        channel = discord.utils.get(guild.text_channels, name=wanted.removeprefix("#"))
+    return channel if isinstance(channel, discord.TextChannel) else None

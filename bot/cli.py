@@ -1,0 +1,296 @@
+"""The `dreambot` command: run the Discord bot, or train, imagine and check photos without Discord.
+
+The CLI is a small client of the same pieces the bot uses: photo intake, the SQLite data in the
+data directory and the job queue that starts an engine worker. It acts as a local member (user 0 in
+"server" 0), so its models and generations sit beside the Discord ones without mixing with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, Database, JobRow, ModelRow, new_job_id
+from bot.jobs import JobQueue
+from bot.prompts import ASPECTS, models_in_prompt, size_for_aspect
+from bot.storage import adapter_dir, generation_dir, photos_dir
+from engine.config import Config, ConfigError, load_config
+from engine.intake import check_files
+from engine.protocol import AdapterRef, Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+
+# Loading the base model can take minutes on a first run (download), training far longer.
+ENGINE_START_TIMEOUT = 60 * 60
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.command == "run" else logging.WARNING, stream=sys.stderr)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"dreambot: {error}", file=sys.stderr)
+        return 2
+    return args.handler(config, args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambot", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+        return sub
+
+    run = command("run", "run the Discord bot (the token comes from DISCORD_TOKEN)")
+    run.set_defaults(handler=run_bot)
+
+    train = command("train", "train a personal model from photos")
+    train.add_argument("--name", required=True, help="the rare token that will stand for the subject")
+    train.add_argument("--class", dest="class_word", default="person", help="person, man, woman, dog, ...")
+    train.add_argument("--steps", type=int, help="training steps (default: 100 per photo, capped)")
+    train.add_argument("photos", nargs="+", type=Path)
+    train.set_defaults(handler=train_command)
+
+    imagine = command("imagine", "generate images; tokens of trained models in the prompt select them")
+    imagine.add_argument("prompt")
+    imagine.add_argument("--negative", default=None, help="negative prompt (default: [safety] default)")
+    imagine.add_argument("--seed", type=int, help="random when not given")
+    imagine.add_argument("--steps", type=int, help="denoising steps (default: [generation] steps)")
+    imagine.add_argument("--guidance", type=float, help="CFG scale (default: [generation] guidance)")
+    imagine.add_argument("--count", type=int, default=1, choices=range(1, 5), metavar="1-4")
+    imagine.add_argument("--aspect", default="square", choices=sorted(ASPECTS))
+    imagine.add_argument("--out", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
+    imagine.set_defaults(handler=imagine_command)
+
+    models = command("models", "list the trained models")
+    models.set_defaults(handler=models_command)
+
+    check = command("check", "check photos for training without training")
+    check.add_argument("--class", dest="class_word", default="person")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("photos", nargs="+", type=Path)
+    check.set_defaults(handler=check_command)
+    return parser
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+def run_bot(config: Config, args: argparse.Namespace) -> int:
+    token = os.environ.get("DISCORD_TOKEN", "").strip()
+    if not token:
+        print(
+            "dreambot: set DISCORD_TOKEN to the bot's token (Discord developer portal > Bot)", file=sys.stderr
+        )
+        return 2
+    from bot.bot import DreamBot  # discord.py loads only for this command
+
+    # log_handler=None: logging is configured above; the token is never logged by discord.py.
+    DreamBot(config).run(token, log_handler=None)
+    return 0
+
+
+# -- check and train -----------------------------------------------------------------------------
+
+
+def check_command(config: Config, args: argparse.Namespace) -> int:
+    report = check_files(args.photos, args.class_word, None, config.intake, config.training.resolution)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def train_command(config: Config, args: argparse.Namespace) -> int:
+    db = Database.in_data_dir(config.data_dir)
+    existing = db.model_by_token(LOCAL_GUILD_ID, args.name)
+    if existing is not None and existing.owner_id != LOCAL_USER_ID:
+        print(f"dreambot: the name {args.name!r} is taken", file=sys.stderr)
+        return 1
+    job_id = new_job_id()
+    prepared_dir = photos_dir(config, job_id)
+    report = check_files(
+        args.photos, args.class_word, prepared_dir, config.intake, config.training.resolution
+    )
+    print(report.format())
+    if not report.ok:
+        shutil.rmtree(prepared_dir, ignore_errors=True)
+        return 1
+
+    db.ensure_user(LOCAL_USER_ID, "local")
+    if existing is not None:
+        db.delete_model(existing.id)
+    model = db.add_model(
+        guild_id=LOCAL_GUILD_ID, owner_id=LOCAL_USER_ID, token=args.name, class_word=args.class_word
+    )
+    train_job = TrainJob(
+        job_id=job_id,
+        token=args.name,
+        class_word=args.class_word,
+        photos=[str(path) for path in report.prepared],
+        output_dir=str(adapter_dir(config, LOCAL_GUILD_ID, args.name)),
+        steps=args.steps,
+    )
+    row = db.add_job(
+        kind="train",
+        user_id=LOCAL_USER_ID,
+        guild_id=LOCAL_GUILD_ID,
+        channel_id=0,
+        payload=encode(train_job),
+        model_id=model.id,
+        job_id=job_id,
+    )
+    db.update_model(model.id, state="training")
+    finished = asyncio.run(_run_until_finished(config, db, row))
+    if not config.storage.keep_photos:
+        shutil.rmtree(prepared_dir, ignore_errors=True)
+    if finished.state != "done":
+        db.update_model(model.id, state="failed", error=finished.error)
+        print(f"dreambot: training failed: {finished.error}", file=sys.stderr)
+        return 1
+    result = finished.result
+    db.update_model(
+        model.id,
+        state="ready",
+        adapter_path=result["adapter_path"],
+        samples=result["files"],
+        metadata=result["metadata"],
+    )
+    print(f"trained {args.name!r} in {result['seconds']:.0f} s: {result['adapter_path']}")
+    for sample in result["files"]:
+        print(f"sample: {sample}")
+    print(f'now try: dreambot imagine "{args.name} as a viking"')
+    return 0
+
+
+# -- imagine ------------------------------------------------------------------------------------
+
+
+def imagine_command(config: Config, args: argparse.Namespace) -> int:
+    db = Database.in_data_dir(config.data_dir)
+    models = models_in_prompt(args.prompt, db.ready_models(LOCAL_GUILD_ID))
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    width, height = size_for_aspect(args.aspect, config.training.resolution)
+    job_id = new_job_id()
+    generate_job = GenerateJob(
+        job_id=job_id,
+        prompt=args.prompt,
+        output_dir=str(generation_dir(config, job_id)),
+        negative_prompt=config.safety.default_negative_prompt if args.negative is None else args.negative,
+        seed=seed,
+        steps=args.steps or config.generation.steps,
+        guidance=config.generation.guidance if args.guidance is None else args.guidance,
+        width=width,
+        height=height,
+        count=args.count,
+        adapters=[_adapter_ref(model) for model in models],
+    )
+    db.ensure_user(LOCAL_USER_ID, "local")
+    row = db.add_job(
+        kind="generate",
+        user_id=LOCAL_USER_ID,
+        guild_id=LOCAL_GUILD_ID,
+        channel_id=0,
+        payload=encode(generate_job),
+        job_id=job_id,
+    )
+    finished = asyncio.run(_run_until_finished(config, db, row))
+    if finished.state != "done":
+        print(f"dreambot: generation failed: {finished.error}", file=sys.stderr)
+        return 1
+    result = finished.result
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index, source in enumerate(result["files"]):
+        target = args.out / f"dreambot-{job_id}-{index}.png"
+        shutil.copyfile(source, target)
+        print(target)
+    db.add_generation(
+        job_id=job_id,
+        guild_id=LOCAL_GUILD_ID,
+        user_id=LOCAL_USER_ID,
+        channel_id=0,
+        prompt=args.prompt,
+        negative_prompt=generate_job.negative_prompt,
+        seed=seed,
+        steps=generate_job.steps,
+        guidance=generate_job.guidance,
+        width=width,
+        height=height,
+        tokens=[model.token for model in models],
+        files=result["files"],
+        parameters=result["parameters"],
+        kind="txt2img",
+    )
+    return 0
+
+
+def _adapter_ref(model: ModelRow) -> AdapterRef:
+    assert model.adapter_path is not None  # ready models always have one
+    return AdapterRef(token=model.token, class_word=model.class_word, path=model.adapter_path)
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def models_command(config: Config, args: argparse.Namespace) -> int:
+    db = Database.in_data_dir(config.data_dir)
+    rows = db.db.execute("SELECT id FROM models ORDER BY guild_id, token").fetchall()
+    if not rows:
+        print("no models yet: dreambot train --name TOKEN PHOTOS...")
+        return 0
+    print(f"{'token':<20} {'class':<10} {'state':<9} {'steps':>6} {'photos':>6}  where")
+    for (model_id,) in rows:
+        model = db.model(model_id)
+        where = "local" if model.guild_id == LOCAL_GUILD_ID else f"server {model.guild_id}"
+        steps = model.metadata.get("steps", "")
+        photos = model.metadata.get("photo_count", "")
+        print(
+            f"{model.token:<20} {model.class_word:<10} {model.state:<9} {steps!s:>6} {photos!s:>6}  {where}"
+        )
+    return 0
+
+
+# -- running one job through the queue -----------------------------------------------------------
+
+
+async def _run_until_finished(config: Config, db: Database, row: JobRow) -> JobRow:
+    """Start a worker, run the job with a progress bar per phase, and return its final row."""
+    finished: asyncio.Future[JobRow] = asyncio.get_running_loop().create_future()
+    bars: dict[str, tqdm] = {}
+
+    async def on_event(job: JobRow, event: Event) -> None:
+        if job.id != row.id:
+            return
+        if isinstance(event, Progress):
+            bar = bars.get(event.phase)
+            if bar is None:
+                for other in bars.values():
+                    other.close()
+                bar = bars[event.phase] = tqdm(
+                    total=event.total, desc=event.phase, unit="step", file=sys.stderr
+                )
+            bar.update(event.step - bar.n)
+            if event.loss is not None:
+                bar.set_postfix(loss=f"{event.loss:.4f}")
+        elif isinstance(event, Result | Error) and not finished.done():
+            finished.set_result(job)
+
+    queue = JobQueue(db, config, on_event=on_event, job_ids={row.id})
+    print("starting the engine (loading the base model)...", file=sys.stderr)
+    await queue.start()
+    try:
+        queue.submit(row)
+        return await finished
+    finally:
+        for bar in bars.values():
+            bar.close()
+        await queue.stop()

@@ -1,0 +1,201 @@
+"""The real bot, a real engine worker on the tiny model, and the fake Discord, for end-to-end tests.
+
+    async with running_bot(tmp_path, training={"max_steps": 4}) as h:
+        ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+        post = await h.fake.wait_message(h.prompts_channel_id, lambda m: m.files, timeout=60)
+
+The guild has #general, #prompts, #gallery and an age-restricted #after-dark; members alice and bob,
+and admin (Manage Server). `await h.restart()` stops the bot (its worker too) and starts a new one on
+the same data directory and fake Discord, as a real restart would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fakediscord import FakeDiscord, FakeGuild
+from PIL import Image, ImageEnhance, ImageOps
+
+from bot.bot import DreamBot
+from bot.db import Database, ModelRow
+from engine.config import Config, load_config
+
+PHOTOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
+# The engine loads the tiny model and answers within seconds; trainings at 64 px take a few more.
+JOB_TIMEOUT = 120.0
+
+TEST_SETTINGS: dict[str, dict[str, Any]] = {
+    "model": {"base": "tiny", "device": "cpu"},
+    "training": {
+        "resolution": 64,
+        "steps_per_photo": 1,
+        "extra_steps_under_10_photos": 0,
+        "max_steps": 4,
+        "class_images": 1,
+        "checkpoint_every": 2,
+        "sample_count": 1,
+        "rank": 4,
+        "alpha": 4,
+    },
+    "generation": {"steps": 2},
+    "intake": {"min_photos": 3},
+}
+
+
+@dataclass
+class BotHarness:
+    fake: FakeDiscord
+    config: Config
+    guild_id: int
+    general_channel_id: int
+    prompts_channel_id: int
+    gallery_channel_id: int
+    nsfw_channel_id: int
+    alice: int
+    bob: int
+    admin: int
+    bot: DreamBot = field(init=False)
+    _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    @property
+    def db(self) -> Database:
+        return self.bot.db
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
+    async def start(self) -> None:
+        self.bot = DreamBot(self.config)
+        await self._stack.enter_async_context(self.fake.run_bot(self.bot, timeout=60))
+        await self.bot.jobs.wait_ready(timeout=60)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+        self._stack = contextlib.AsyncExitStack()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    def selfies(self, count: int) -> list[dict[str, Any]]:
+        """`count` distinct photos of one face, uploaded to the fake CDN as attachments for /train."""
+        return [
+            self.fake.add_attachment(f"selfie{index}.jpg", selfie_jpeg(index), "image/jpeg")
+            for index in range(count)
+        ]
+
+    def trained_model(
+        self, user_id: int, token: str, class_word: str = "person", *, shared: bool = False
+    ) -> ModelRow:
+        """A ready model with a real (random) LoRA adapter for the tiny base, without running a training."""
+        adapter = write_random_adapter(self.data_dir, self.data_dir / "adapters" / str(self.guild_id) / token)
+        self.db.ensure_user(user_id, f"user{user_id}")
+        model = self.db.add_model(
+            guild_id=self.guild_id, owner_id=user_id, token=token, class_word=class_word
+        )
+        return self.db.update_model(model.id, state="ready", shared=int(shared), adapter_path=str(adapter))
+
+
+def selfie_jpeg(index: int, size: int = 160) -> bytes:
+    """A photo of the astronaut, made distinct for each index (0 to 3 pass intake as different photos):
+    mirrored, tilted, lit and placed differently on a background of its own."""
+    with Image.open(PHOTOS_DIR / "astronaut.png") as astronaut:
+        face = astronaut.convert("RGB").crop((100, 0, 400, 300))
+    if index % 2:
+        face = ImageOps.mirror(face)
+    face = face.rotate([0, 0, 8, -8][index % 4], resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128))
+    face = ImageEnhance.Brightness(face).enhance([1.0, 0.8, 1.2, 0.9][index % 4])
+    colours = [(200, 60, 60), (60, 160, 60), (60, 60, 200), (200, 200, 60)]
+    canvas = Image.new("RGB", (size * 2, size * 2), colours[index % 4])
+    scale = 1.2 + 0.15 * (index % 4)
+    face = face.resize((int(size * scale), int(size * scale)), Image.Resampling.LANCZOS)
+    offset = (index * 17) % (size // 3)
+    canvas.paste(face, (size // 3 + offset, size // 4 + offset // 2))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def write_random_adapter(data_dir: Path, folder: Path) -> Path:
+    """A LoRA adapter for the tiny model with random, non-zero weights, in diffusers' format."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from engine.model import ensure_tiny_model
+
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_model(data_dir) / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(sum(folder.name.encode()))
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name="adapter.safetensors"
+    )
+    return folder / "adapter.safetensors"
+
+
+def write_config(path: Path, data_dir: Path, guild_id: int, overrides: dict[str, dict[str, Any]]) -> Path:
+    settings: dict[str, dict[str, Any]] = {section: dict(values) for section, values in TEST_SETTINGS.items()}
+    settings.setdefault("storage", {})["data_dir"] = str(data_dir)
+    settings["discord"] = {
+        "guild_ids": [guild_id],
+        "prompts_channel": "prompts",
+        "gallery_channel": "gallery",
+    }
+    for section, values in overrides.items():
+        settings.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in settings.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return repr(value)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIterator[BotHarness]:
+    """A running bot; keyword arguments override config sections, e.g. `limits={"max_models_per_user": 1}`."""
+    guild = FakeGuild("Dream Lab", channels=("general", "prompts", "gallery"))
+    nsfw_channel_id = guild.add_channel("after-dark", nsfw=True)
+    alice, bob = guild.add_member("alice"), guild.add_member("bob")
+    admin = guild.add_member("admin", admin=True)
+    config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", guild.id, overrides))
+    async with FakeDiscord(guild) as fake:
+        harness = BotHarness(
+            fake=fake,
+            config=config,
+            guild_id=guild.id,
+            general_channel_id=guild.channel_id("general"),
+            prompts_channel_id=guild.channel_id("prompts"),
+            gallery_channel_id=guild.channel_id("gallery"),
+            nsfw_channel_id=nsfw_channel_id,
+            alice=alice,
+            bob=bob,
+            admin=admin,
+        )
+        await harness.start()
+        try:
+            yield harness
+        finally:
+            await harness.stop()
