@@ -1,0 +1,572 @@
+"""Training: /train and the "Train on these photos" message command, and a training's life in the channel.
+
+A request is checked (name, subject, limits), its photos go through intake, and the member sees the
+intake report before anything is queued. A queued training gets one public progress message in the
+channel, kept up to date from the engine's progress events, and its samples are posted there when it
+is done. The job row is the source of truth: it is written before the member is told anything is
+queued, and it holds the progress message's id so that the message survives a restart of the bot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands, tasks
+
+from bot.bot import DreamBot, UserFacingError, report_error
+from bot.db import JobRow, new_job_id
+from bot.storage import adapter_dir, photos_dir, remove_path
+from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
+from bot.words import CLASS_WORDS, COMMON_WORDS
+from engine.intake import IntakeReport, PhotoVerdict, check_photos
+from engine.protocol import Accepted, Error, Progress, Result, TrainJob, encode
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATTERN = re.compile(r"[a-z0-9]{3,20}")
+SUBJECT_PATTERN = re.compile(r"[a-z]+(?: [a-z]+){0,2}")
+# Discord rate-limits message edits; a progress message changes at most this often per job.
+PROGRESS_EDIT_INTERVAL = 5.0
+PROGRESS_BAR_WIDTH = 20
+PHASE_LABELS = {
+    "class images": "Preparing reference images",
+    "training": "Training",
+    "samples": "Drawing samples",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
+MAX_PHOTO_OPTIONS = 20
+
+
+# -- checks that need no Discord -------------------------------------------------------------
+
+
+def normalize_token(name: str) -> str:
+    # Phones capitalise the first letter of whatever is typed; "Abraza" means "abraza".
+    return name.strip().lower()
+
+
+def normalize_subject(subject: str) -> str:
+    return " ".join(subject.lower().split())
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` (already normalized) cannot name a model, or None when it can."""
+    if not TOKEN_PATTERN.fullmatch(token):
+        shown = discord.utils.escape_markdown(token[:40]) or "(empty)"
+        return (
+            f"`{shown}` can't be a model name: use 3 to 20 lowercase letters or digits, "
+            "no spaces or symbols (for example `abraza`)."
+        )
+    if token.isdigit():
+        # A number in a prompt reads as a count ("3 dogs"), never as a name.
+        return f"`{token}` is only digits: a model name needs at least one letter (for example `abraza7`)."
+    if token in COMMON_WORDS:
+        return (
+            f"**{token}** is a common word, so Stable Diffusion already has a meaning for it, and that "
+            "meaning would blend into your face in every picture. The name works best when the model "
+            "knows nothing about it yet: pick a made-up word like 'abraza' or 'zorvik'."
+        )
+    return None
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why `subject` (already normalized) cannot be a class word, or None when it can."""
+    if SUBJECT_PATTERN.fullmatch(subject):
+        return None
+    return (
+        "The subject says what kind of thing you are teaching: 1 to 3 lowercase words, "
+        f"like {', '.join(f'`{word}`' for word in CLASS_WORDS[:5])}."
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def progress_bar(fraction: float, width: int = PROGRESS_BAR_WIDTH) -> str:
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def progress_status(phase: str, step: int, total: int, eta_seconds: float | None) -> str:
+    """Two lines for the progress message: phase, step/total, percent and ETA, then a text bar."""
+    fraction = step / total if total > 0 else 0.0
+    line = f"{PHASE_LABELS.get(phase, phase.capitalize())}: step {step}/{total} ({fraction:.0%})"
+    if eta_seconds is not None and step < total:
+        line += f" · about {format_duration(eta_seconds)} left"
+    return f"{line}\n`{progress_bar(fraction)}`"
+
+
+def progress_header(token: str, class_word: str, user_id: int, photo_count: int) -> str:
+    return f"🎨 Training **{token}** ({class_word}) for <@{user_id}> on {photo_count} photos"
+
+
+def image_attachments(message: discord.Message) -> list[discord.Attachment]:
+    return [
+        attachment
+        for attachment in message.attachments
+        if (attachment.content_type or "").startswith("image/")
+        or Path(attachment.filename).suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+class TrainModal(discord.ui.Modal, title="Train on these photos"):
+    name: discord.ui.TextInput[TrainModal] = discord.ui.TextInput(
+        label="Name: a made-up word for you", placeholder="abraza", min_length=3, max_length=20
+    )
+    subject: discord.ui.TextInput[TrainModal] = discord.ui.TextInput(
+        label="Subject: what the photos show", default="person", min_length=2, max_length=40
+    )
+
+    def __init__(self, cog: Training, attachments: list[discord.Attachment]) -> None:
+        super().__init__()
+        self.cog = cog
+        self.attachments = attachments
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.cog.start_training(interaction, self.name.value, self.subject.value, self.attachments)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        await report_error(interaction, error)
+
+
+class Training(commands.Cog):
+    def __init__(self, bot: DreamBot) -> None:
+        self.bot = bot
+        self.train_menu = app_commands.ContextMenu(
+            name="Train on these photos", callback=self.train_from_message
+        )
+        self.train_menu.guild_only = True
+        self._last_edit: dict[str, float] = {}
+        # The newest progress text of a job whose last edit was too recent; flushed by a background task.
+        self._pending: dict[str, tuple[JobRow, str]] = {}
+        self._finished: set[str] = set()
+        self._edit_locks: dict[str, asyncio.Lock] = {}
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.train_menu)
+        await asyncio.to_thread(self._sweep_photos)
+        self.flush_progress.start()
+
+    async def cog_unload(self) -> None:
+        self.flush_progress.cancel()
+        self.bot.tree.remove_command(self.train_menu.name, type=self.train_menu.type)
+
+    # -- the commands --------------------------------------------------------------------------
+
+    @app_commands.command()
+    @app_commands.guild_only()
+    @app_commands.describe(
+        name="A made-up word that will mean you in prompts (3-20 lowercase letters or digits), e.g. abraza",
+        subject="What the photos show: person, man, woman, dog, cat... (1-3 words)",
+        photo1="A photo of you: face clearly visible, alone in the picture",
+        **{f"photo{i}": "Another photo (different place, light, clothes)" for i in range(2, 21)},
+    )
+    async def train(
+        self,
+        interaction: discord.Interaction[DreamBot],
+        name: app_commands.Range[str, 3, 20],
+        subject: app_commands.Range[str, 1, 40],
+        photo1: discord.Attachment,
+        photo2: discord.Attachment | None = None,
+        photo3: discord.Attachment | None = None,
+        photo4: discord.Attachment | None = None,
+        photo5: discord.Attachment | None = None,
+        photo6: discord.Attachment | None = None,
+        photo7: discord.Attachment | None = None,
+        photo8: discord.Attachment | None = None,
+        photo9: discord.Attachment | None = None,
+        photo10: discord.Attachment | None = None,
+        photo11: discord.Attachment | None = None,
+        photo12: discord.Attachment | None = None,
+        photo13: discord.Attachment | None = None,
+        photo14: discord.Attachment | None = None,
+        photo15: discord.Attachment | None = None,
+        photo16: discord.Attachment | None = None,
+        photo17: discord.Attachment | None = None,
+        photo18: discord.Attachment | None = None,
+        photo19: discord.Attachment | None = None,
+        photo20: discord.Attachment | None = None,
+    ) -> None:
+        """Teach me what you look like from 5-20 selfies, so /imagine can draw you."""
+        photos = [
+            photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10,
+            photo11, photo12, photo13, photo14, photo15, photo16, photo17, photo18, photo19, photo20,
+        ]  # fmt: skip
+        await self.start_training(
+            interaction, name, subject, [photo for photo in photos if photo is not None]
+        )
+
+    @train.autocomplete("subject")
+    async def subject_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        typed = normalize_subject(current)
+        words = [word for word in CLASS_WORDS if word.startswith(typed)]
+        if typed and typed not in words:
+            words.insert(0, typed)  # free text stays possible
+        return [app_commands.Choice(name=word, value=word) for word in words[:25]]
+
+    async def train_from_message(
+        self, interaction: discord.Interaction[DreamBot], message: discord.Message
+    ) -> None:
+        if message.author.id != interaction.user.id:
+            raise UserFacingError(
+                "Only your own photos: use this on a message you posted yourself, so nobody trains a "
+                "model of someone else."
+            )
+        attachments = image_attachments(message)
+        if not attachments:
+            raise UserFacingError(
+                "That message has no photos attached. Post your selfies first, then try again."
+            )
+        await interaction.response.send_modal(TrainModal(self, attachments[:MAX_PHOTO_OPTIONS]))
+
+    # -- one path for both ---------------------------------------------------------------------
+
+    async def start_training(
+        self,
+        interaction: discord.Interaction,
+        name: str,
+        subject: str,
+        attachments: Sequence[discord.Attachment],
+    ) -> None:
+        """Check the request and the photos, show the intake report, and queue the training if it passed."""
+        if interaction.guild_id is None or interaction.channel_id is None:
+            raise UserFacingError("Training works in a server channel, not in DMs.")
+        guild_id, user = interaction.guild_id, interaction.user
+        token, class_word = normalize_token(name), normalize_subject(subject)
+        self._check_request(guild_id, user.id, token, class_word)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+
+        max_bytes = self.bot.config.intake.max_bytes
+        # Oversized files are never downloaded; they are reported beside the checked ones.
+        wanted = [attachment for attachment in attachments if attachment.size <= max_bytes]
+        try:
+            contents = await asyncio.gather(*(attachment.read() for attachment in wanted))
+        except discord.HTTPException as error:
+            raise UserFacingError(
+                "I couldn't download your photos from Discord. Please try again."
+            ) from error
+
+        job_id = new_job_id()
+        folder = photos_dir(self.bot.config, job_id)
+        queued = False
+        try:
+            report = await asyncio.to_thread(
+                check_photos,
+                [(attachment.filename, data) for attachment, data in zip(wanted, contents, strict=True)],
+                class_word,
+                folder,
+                self.bot.config.intake,
+                self.bot.config.training.resolution,
+            )
+            _add_oversized(report, attachments, max_bytes)
+            await interaction.followup.send(report.format(), ephemeral=True)
+            if not report.ok:
+                return
+            # Intake took a while: the name or the limits may have changed meanwhile.
+            self._check_request(guild_id, user.id, token, class_word)
+            row = self._queue_training(interaction, guild_id, token, class_word, job_id, report.prepared)
+            queued = True
+        finally:
+            if not queued:
+                await asyncio.to_thread(remove_path, self.bot.config, folder)
+
+        row = await self._post_progress_message(interaction, row)
+        self.bot.jobs.submit(row)
+        position = self.bot.jobs.position(row.id)
+        where = f"#{position} in the queue" if position else "starting now"
+        await interaction.followup.send(
+            f"**{token}** is {where}. I'll keep the progress message in this channel up to date and "
+            "post your samples here when it's done (usually a few minutes to half an hour).",
+            ephemeral=True,
+        )
+
+    def _check_request(self, guild_id: int, user_id: int, token: str, class_word: str) -> None:
+        problem = token_problem(token) or subject_problem(class_word)
+        if problem:
+            raise UserFacingError(problem)
+        existing = self.bot.db.model_by_token(guild_id, token)
+        # A member may reuse the name of their own failed model; anything else holding it wins.
+        if existing is not None and not (existing.owner_id == user_id and existing.state == "failed"):
+            if existing.owner_id == user_id:
+                raise UserFacingError(
+                    f"You already have a model called **{token}**. Pick another name, or delete it first "
+                    f"with `/model delete {token}`."
+                )
+            raise UserFacingError(
+                f"**{token}** is already taken in this server. Please pick another made-up word."
+            )
+        max_models = self.bot.member_limits(guild_id).max_models
+        models = [model for model in self.bot.db.models_of(user_id, guild_id) if model.state != "failed"]
+        if len(models) >= max_models:
+            raise UserFacingError(
+                f"You already have {len(models)} model{'s' * (len(models) != 1)} in this server, the limit "
+                f"is {max_models}. Delete one with `/model delete` to train another."
+            )
+        self.bot.check_queue_cap(guild_id, user_id)
+
+    def _queue_training(
+        self,
+        interaction: discord.Interaction,
+        guild_id: int,
+        token: str,
+        class_word: str,
+        job_id: str,
+        prepared: list[Path],
+    ) -> JobRow:
+        """Write the model and job rows; from here on the training survives a restart of the bot."""
+        db, config, user = self.bot.db, self.bot.config, interaction.user
+        db.ensure_user(user.id, str(user))
+        failed = db.model_by_token(guild_id, token)
+        if failed is not None:  # the member's own failed model (_check_request allowed nothing else)
+            db.delete_model(failed.id)
+        output_dir = adapter_dir(config, guild_id, token)
+        # An older model of this name must not be resumed from its checkpoints.
+        remove_path(config, output_dir)
+        try:
+            model = db.add_model(guild_id=guild_id, owner_id=user.id, token=token, class_word=class_word)
+        except sqlite3.IntegrityError:
+            raise UserFacingError(
+                f"**{token}** was taken a moment ago in this server. Please pick another made-up word."
+            ) from None
+        db.update_model(model.id, metadata={"photos": len(prepared)})
+        job = TrainJob(
+            job_id=job_id,
+            token=token,
+            class_word=class_word,
+            photos=[str(path) for path in prepared],
+            output_dir=str(output_dir),
+        )
+        assert interaction.channel_id is not None
+        return db.add_job(
+            kind="train",
+            user_id=user.id,
+            guild_id=guild_id,
+            channel_id=interaction.channel_id,
+            payload=encode(job),
+            job_id=job_id,
+            model_id=model.id,
+            context={
+                "token": token,
+                "class_word": class_word,
+                "photos": len(prepared),
+                "photos_dir": str(photos_dir(config, job_id)),
+            },
+        )
+
+    async def _post_progress_message(self, interaction: discord.Interaction, row: JobRow) -> JobRow:
+        # A plain channel message, not the interaction's: a training outlives its 15-minute token.
+        channel = interaction.channel
+        if not isinstance(channel, discord.abc.Messageable):
+            return row
+        try:
+            message = await channel.send(_progress_text(row, "Waiting in the queue…"))
+        except discord.HTTPException:
+            log.warning("cannot post the progress message of job %s in channel %s", row.id, row.channel_id)
+            return row
+        return self.bot.db.update_job(row.id, progress_message_id=message.id)
+
+    # -- the training's life in the channel ------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_job_accepted(self, job: JobRow, event: Accepted) -> None:
+        if job.kind != "train":
+            return
+        model = self.bot.db.find_model(job.model_id)
+        if model is not None:
+            self.bot.db.update_model(model.id, state="training")
+        await self._show_progress(job, _progress_text(job, "Starting…"))
+
+    @commands.Cog.listener()
+    async def on_job_progress(self, job: JobRow, event: Progress) -> None:
+        if job.kind != "train":
+            return
+        status = progress_status(event.phase, event.step, event.total, event.eta_seconds)
+        await self._show_progress(job, _progress_text(job, status))
+
+    @commands.Cog.listener()
+    async def on_job_result(self, job: JobRow, event: Result) -> None:
+        if job.kind != "train":
+            return
+        data: dict[str, Any] = {**event.data, **job.result}
+        model = self.bot.db.find_model(job.model_id)
+        if model is None:
+            # Deleted while it trained: whatever the engine wrote since belongs to nobody.
+            await self._edit_final(job, "🗑️ The model was deleted.")
+            await asyncio.to_thread(self._remove_training_files, job, with_adapter=True)
+            return
+        samples = [str(path) for path in data.get("files", event.files)]
+        metadata = {**model.metadata, **(data.get("metadata") or {})}
+        if data.get("steps") is not None:
+            metadata["steps"] = data["steps"]
+        self.bot.db.update_model(
+            model.id,
+            state="ready",
+            adapter_path=data.get("adapter_path"),
+            samples=samples,
+            metadata=metadata,
+            error=None,
+        )
+        took = f" in {format_duration(data['seconds'])}" if data.get("seconds") else ""
+        steps = f", {metadata['steps']} steps" if metadata.get("steps") else ""
+        await self._edit_final(job, f"✅ Done{took}{steps}.")
+        await self._tell_member(
+            job,
+            f"<@{job.user_id}> your model **{model.token}** is ready! "
+            f"Here {'is a sample' if len(samples) == 1 else f'are {len(samples)} samples'}.\n"
+            f"Try it: `/imagine {model.token} as a viking`\n"
+            f"Only you can use it for now; `/model share {model.token} on` lets others in this server use it too.",
+            [Path(sample) for sample in samples],
+        )
+        await asyncio.to_thread(self._remove_training_files, job, with_adapter=False)
+
+    @commands.Cog.listener()
+    async def on_job_error(self, job: JobRow, event: Error) -> None:
+        if job.kind != "train":
+            return
+        model = self.bot.db.find_model(job.model_id)
+        if event.code == "cancelled" or model is None:
+            if model is not None:
+                self.bot.db.delete_model(model.id)
+            await self._edit_final(job, "⏹️ Cancelled.")
+            await asyncio.to_thread(self._remove_training_files, job, with_adapter=True)
+            return
+        self.bot.db.update_model(model.id, state="failed", error=event.message)
+        await self._edit_final(job, f"❌ Failed: {event.message}")
+        await self._tell_member(
+            job,
+            f"<@{job.user_id}> training **{model.token}** failed: {event.message}\n"
+            f"You can run `/train` again with the same name.",
+        )
+        await asyncio.to_thread(self._remove_training_files, job, with_adapter=False)
+
+    async def _show_progress(self, job: JobRow, text: str) -> None:
+        if time.monotonic() - self._last_edit.get(job.id, 0.0) >= PROGRESS_EDIT_INTERVAL:
+            await self._edit_progress(job, text, final=False)
+        else:
+            self._pending[job.id] = (job, text)
+
+    async def _edit_final(self, job: JobRow, status: str) -> None:
+        # The final state is always shown, however recent the last edit was.
+        await self._edit_progress(job, _progress_text(job, status), final=True)
+
+    async def _edit_progress(self, job: JobRow, text: str, *, final: bool) -> None:
+        lock = self._edit_locks.setdefault(job.id, asyncio.Lock())
+        async with lock:
+            if job.id in self._finished:
+                return  # a late progress edit must not overwrite the final state
+            if final:
+                self._finished.add(job.id)
+                self._pending.pop(job.id, None)
+                self._last_edit.pop(job.id, None)
+                self._edit_locks.pop(job.id, None)
+            else:
+                self._last_edit[job.id] = time.monotonic()
+            if job.progress_message_id is None:
+                return
+            channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+            try:
+                await channel.get_partial_message(job.progress_message_id).edit(content=text)
+            except discord.HTTPException as error:
+                log.warning("cannot edit the progress message of job %s: %s", job.id, error)
+
+    @tasks.loop(seconds=1.0)
+    async def flush_progress(self) -> None:
+        now = time.monotonic()
+        for job_id, (job, text) in list(self._pending.items()):
+            if now - self._last_edit.get(job_id, 0.0) >= PROGRESS_EDIT_INTERVAL:
+                del self._pending[job_id]
+                await self._edit_progress(job, text, final=False)
+
+    async def _tell_member(self, job: JobRow, content: str, files: Sequence[Path] = ()) -> None:
+        """Post in the job's channel, pinging only the member; by DM when the channel refuses."""
+        guild = self.bot.get_guild(job.guild_id)
+        limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+        existing = [path for path in files if path.is_file()]
+        mention = discord.AllowedMentions(users=[discord.Object(id=job.user_id)])
+        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        try:
+            await _send_with_files(channel, content, existing, f"sample-{job.id}", limit, mention)
+            return
+        except discord.HTTPException as error:
+            log.warning("cannot post job %s's outcome in channel %s: %s", job.id, job.channel_id, error)
+        try:
+            user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
+            await _send_with_files(user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention)
+        except discord.HTTPException as error:
+            log.warning("cannot tell user %s about job %s: %s", job.user_id, job.id, error)
+
+    def _remove_training_files(self, job: JobRow, *, with_adapter: bool) -> None:
+        config = self.bot.config
+        token = job.context.get("token")
+        # Unless a new model of the same name already trains there.
+        if with_adapter and token and self.bot.db.model_by_token(job.guild_id, token) is None:
+            remove_path(config, adapter_dir(config, job.guild_id, token))
+        if with_adapter or not config.storage.keep_photos:
+            remove_path(config, photos_dir(config, job.id))
+
+    def _sweep_photos(self) -> None:
+        """Remove photo folders a crash left behind: no job row, or a finished job's (unless kept)."""
+        root = self.bot.config.data_dir.resolve() / "photos"
+        if not root.is_dir():
+            return
+        for folder in root.iterdir():
+            job = self.bot.db.find_job(folder.name)
+            finished = job is not None and job.state not in ("queued", "running")
+            if job is None or (finished and not self.bot.config.storage.keep_photos):
+                remove_path(self.bot.config, folder)
+
+
+def _progress_text(job: JobRow, status: str) -> str:
+    context = job.context
+    header = progress_header(
+        context.get("token", "?"), context.get("class_word", "?"), job.user_id, context.get("photos", 0)
+    )
+    return f"{header}\n{status}"
+
+
+def _add_oversized(report: IntakeReport, attachments: Sequence[discord.Attachment], max_bytes: int) -> None:
+    """Put the photos too big to download into the report, in the order the member sent them."""
+    for index, attachment in enumerate(attachments):
+        if attachment.size > max_bytes:
+            reason = f"the file is too big: {attachment.size / 2**20:.1f} MB, the limit is {max_bytes / 2**20:.0f} MB"
+            report.photos.insert(index, PhotoVerdict(attachment.filename, False, reason))
+
+
+async def _send_with_files(
+    destination: discord.abc.Messageable,
+    content: str,
+    paths: Sequence[Path],
+    stem: str,
+    size_limit: int,
+    allowed_mentions: discord.AllowedMentions,
+) -> None:
+    batches = await asyncio.to_thread(image_files, paths, stem, size_limit) if paths else [[]]
+    for index, batch in enumerate(batches):
+        text = content if index == 0 else None
+        if batch:
+            await destination.send(text, files=batch, allowed_mentions=allowed_mentions)
+        else:
+            await destination.send(text, allowed_mentions=allowed_mentions)
+
+
+async def setup(bot: DreamBot) -> None:
+    await bot.add_cog(Training(bot))

@@ -1,0 +1,307 @@
+"""A member's models and jobs: pure helpers first, then the commands end to end against a fake Discord."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botharness import BotHarness, running_bot
+from fakediscord import CommandUnavailable, FakeMessage
+
+from bot.cogs.models import CANCEL_TEMPLATE, CancelJobButton, describe_job
+from bot.db import Database
+from bot.storage import remove_path
+from engine.config import Config, StorageSection
+from engine.protocol import GenerateJob, TrainJob, encode
+
+# -- pure logic --------------------------------------------------------------------------------
+
+
+def test_cancel_buttons_carry_the_job_id_in_a_stable_custom_id() -> None:
+    button = CancelJobButton("0a1b2c3d4e5f", label="Cancel 1")
+    assert button.custom_id == "dreambot:cancel:0a1b2c3d4e5f"
+    match = re.fullmatch(CANCEL_TEMPLATE, button.custom_id)
+    assert match is not None and match["job_id"] == "0a1b2c3d4e5f"
+
+
+def test_jobs_are_described_by_model_or_prompt(tmp_path: Path) -> None:
+    db = Database(tmp_path / "db.sqlite3")
+    db.ensure_user(1, "alice")
+    train = db.add_job(
+        kind="train",
+        user_id=1,
+        guild_id=5,
+        channel_id=6,
+        payload=encode(TrainJob(job_id="aa", token="abraza", class_word="person", photos=[], output_dir="x")),
+        job_id="aa",
+        context={"token": "abraza"},
+    )
+    prompt = "abraza as a *viking* on a longship in a storm, oil painting, dramatic light, very detailed"
+    generate = db.add_job(
+        kind="generate",
+        user_id=1,
+        guild_id=5,
+        channel_id=6,
+        payload=encode(GenerateJob(job_id="bb", prompt=prompt, output_dir="x")),
+        job_id="bb",
+    )
+    assert describe_job(train) == "training **abraza**"
+    described = describe_job(generate)
+    assert described.startswith("image “abraza as a \\*viking\\*")  # markdown escaped
+    assert described.endswith("…”") and len(described) < 80
+
+
+def test_remove_path_stays_inside_the_data_directory(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = Config(storage=StorageSection(data_dir=str(data)))
+    model = data / "adapters" / "5" / "abraza"
+    (model / "samples").mkdir(parents=True)
+    (model / "adapter.safetensors").write_bytes(b"x")
+    (model / "samples" / "0.png").write_bytes(b"x")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+
+    assert remove_path(config, outside) == 0
+    assert remove_path(config, data / ".." / "outside.txt") == 0
+    assert remove_path(config, data / "adapters") == 0  # a top-level folder is never removed
+    assert outside.exists() and model.exists()
+
+    assert remove_path(config, model) == 2
+    assert not (data / "adapters" / "5").exists()  # emptied parents go too ...
+    assert (data / "adapters").is_dir()  # ... up to the top-level folder
+    assert remove_path(config, model) == 0
+
+
+# -- end to end: the real bot and engine worker against the fake Discord ----------------------------
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(scenario)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+
+
+def button(message: FakeMessage, label: str) -> str:
+    """The custom_id of the button labelled `label` on a message."""
+    stack = list(message.components)
+    while stack:
+        component = stack.pop()
+        if component.get("type") == 2 and component.get("label") == label:
+            return component["custom_id"]
+        stack.extend(component.get("components") or [])
+    raise AssertionError(f"no button {label!r} on {message}")
+
+
+async def answer(h: BotHarness, user_id: int, command: str, **options: Any) -> FakeMessage:
+    ix = await h.fake.slash(user_id, h.general_channel_id, command, **options)
+    message = await ix.wait_original(timeout=30)
+    assert message.ephemeral
+    return message
+
+
+async def train(h: BotHarness, user_id: int, name: str) -> FakeMessage:
+    """Queue a training through /train; the public progress message."""
+    photos = h.selfies(3)
+    ix = await h.fake.slash(
+        user_id, h.general_channel_id, "train", name=name, subject="person",
+        photo1=photos[0], photo2=photos[1], photo3=photos[2],
+    )  # fmt: skip
+    await ix.wait_followups(1, timeout=30)
+    return await h.fake.wait_message(h.general_channel_id, lambda m: f"Training **{name}**" in m.content)
+
+
+def test_models_share_and_export(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path) as h:
+            model = h.trained_model(h.alice, "abraza")
+            h.trained_model(h.bob, "zorvik")
+
+            listing = await answer(h, h.alice, "models")
+            assert "**abraza** (person): ready · shared: off" in listing.content
+            assert "zorvik" not in listing.content
+            assert "no models here yet" in (await answer(h, h.admin, "models")).content
+
+            shared = await answer(h, h.alice, "model share", name="abraza", state="on")
+            assert "anyone in this server can use it" in shared.content
+            assert "shared: on" in (await answer(h, h.alice, "models")).content
+            private = await answer(h, h.alice, "model share", name="abraza", state="off")
+            assert "Nobody else renders your face unless you say so" in private.content
+            # Another member's model is not theirs to change.
+            assert (
+                "no model called **abraza**"
+                in (await answer(h, h.bob, "model share", name="abraza", state="on")).content
+            )
+
+            sent = await answer(h, h.alice, "model export", name="abraza")
+            assert "Sent **abraza** to you by DM" in sent.content
+            dm = await h.fake.wait_dm(h.alice)
+            assert dm.files == [("abraza.safetensors", Path(model.adapter_path or "").read_bytes())]
+            assert "<lora:abraza:0.8>" in dm.content and "`abraza person`" in dm.content
+
+            h.fake.user(h.bob).dms_open = False
+            closed = await answer(h, h.bob, "model export", name="zorvik")
+            assert "I couldn't DM you" in closed.content
+            assert h.fake.dms_to(h.bob) == []
+
+            ix = await h.fake.autocomplete(h.alice, h.general_channel_id, "model delete", "name", "ab")
+            await ix.wait_callback()
+            assert [choice["value"] for choice in ix.choices or []] == ["abraza"]
+            assert h.fake.errors == []
+
+    run(scenario())
+
+
+def test_model_delete_asks_first(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path) as h:
+            h.trained_model(h.alice, "abraza")
+            folder = h.data_dir / "adapters" / str(h.guild_id) / "abraza"
+
+            question = await answer(h, h.alice, "model delete", name="abraza")
+            assert "Delete **abraza** for good?" in question.content
+            await h.fake.click(h.alice, question, button(question, "Keep it"))
+            await h.fake.wait_until(lambda: "Kept: nothing was deleted." in question.content)
+            assert question.components == [] and files_under(folder)
+
+            question = await answer(h, h.alice, "model delete", name="abraza")
+            await h.fake.click(h.alice, question, button(question, "Delete"))
+            await h.fake.wait_until(lambda: "Deleted **abraza**." in question.content, timeout=30)
+            assert not (h.data_dir / "adapters" / str(h.guild_id)).exists()
+            assert "no models here yet" in (await answer(h, h.alice, "models")).content
+            assert h.fake.errors == []
+
+    run(scenario())
+
+
+def test_queue_cancel_buttons_work_after_a_restart_and_for_admins(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # Long trainings: they are cancelled long before they could finish.
+        async with running_bot(tmp_path, training={"max_steps": 500}) as h:
+            assert "nothing waiting or running" in (await answer(h, h.alice, "queue")).content
+            first = await train(h, h.alice, "abraza")
+            second = await train(h, h.alice, "zorvik")
+
+            listing = await answer(h, h.alice, "queue")
+            assert "1. training **abraza**" in listing.content and "2. training **zorvik**" in listing.content
+            jobs = {job.context["token"]: job.id for job in h.db.active_jobs(h.alice)}
+            assert listing.custom_ids == [
+                f"dreambot:cancel:{jobs['abraza']}",
+                f"dreambot:cancel:{jobs['zorvik']}",
+            ]
+            # Someone else's job (force: the list is alice's ephemeral message).
+            ix = await h.fake.click(h.bob, listing, listing.custom_ids[0], force=True)
+            assert "That's not your job" in (await ix.wait_original()).content
+
+            # The buttons live in their custom_ids: a new bot process still knows them.
+            await h.restart()
+            ix = await h.fake.click(h.alice, listing, listing.custom_ids[0])
+            assert "Cancelled: training **abraza**" in (await ix.wait_original(timeout=30)).content
+            await h.fake.wait_until(lambda: "⏹️ Cancelled" in first.content, timeout=60)
+            ix = await h.fake.click(h.alice, listing, listing.custom_ids[0])
+            assert "already finished" in (await ix.wait_original()).content
+
+            # A server manager sees and cancels anyone's job; the member hears of it, pinged alone.
+            everyone = await answer(h, h.admin, "admin queue")
+            assert (
+                f"<@{h.alice}> · training **zorvik**" in everyone.content and "abraza" not in everyone.content
+            )
+            cancelled = await answer(h, h.admin, "admin cancel", job_id=jobs["zorvik"])
+            assert f"Cancelled <@{h.alice}>'s training **zorvik**" in cancelled.content
+            notice = await h.fake.wait_message(
+                h.general_channel_id, lambda m: "a server manager cancelled" in m.content
+            )
+            assert notice.allowed_mentions == {"parse": [], "users": [h.alice]}
+            await h.fake.wait_until(lambda: "⏹️ Cancelled" in second.content, timeout=60)
+            await h.fake.wait_until(lambda: not h.db.models_of(h.alice), timeout=30)
+            await h.fake.wait_until(lambda: not files_under(h.data_dir / "photos"), timeout=30)
+            assert files_under(h.data_dir / "adapters") == []
+            assert "nothing waiting or running" in (await answer(h, h.alice, "queue")).content
+            assert h.fake.errors == []
+
+    run(scenario())
+
+
+def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path, training={"max_steps": 500}) as h:
+            h.trained_model(h.alice, "abraza")
+            h.trained_model(h.bob, "zorvik")
+            ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="abraza as a viking")
+            await ix.wait_original(lambda m: m.files, timeout=120)
+            await train(h, h.alice, "quorbly")
+            assert files_under(h.data_dir / "generations") and files_under(h.data_dir / "photos")
+            bobs = files_under(h.data_dir / "adapters" / str(h.guild_id) / "zorvik")
+
+            question = await answer(h, h.alice, "forget")
+            await h.fake.click(h.alice, question, button(question, "Delete everything"))
+            await h.fake.wait_until(lambda: question.content.startswith("Done."), timeout=90)
+            assert "2 models" in question.content and "2 jobs" in question.content
+            assert "1 picture record" in question.content
+
+            assert h.db.models_of(h.alice) == [] and h.db.active_jobs(h.alice) == []
+            assert h.db.search_generations(h.guild_id, user_id=h.alice, limit=10) == ([], 0)
+            assert files_under(h.data_dir / "photos") == []
+            assert files_under(h.data_dir / "generations") == []
+            assert files_under(h.data_dir / "adapters") == bobs  # only bob's model is left
+            assert "no models here yet" in (await answer(h, h.alice, "models")).content
+            assert h.fake.errors == []
+
+    run(scenario())
+
+
+def test_admin_commands_need_manage_server(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path) as h:
+            # Discord hides the commands from members; one who calls them anyway is refused by the bot.
+            with pytest.raises(CommandUnavailable):
+                await h.fake.slash(h.alice, h.general_channel_id, "admin limits")
+            for command in ("admin queue", "admin limits"):
+                ix = await h.fake.slash(h.alice, h.general_channel_id, command, force=True)
+                assert "Only server managers" in (await ix.wait_original()).content
+            ix = await h.fake.slash(h.alice, h.general_channel_id, "admin cancel", job_id="abc", force=True)
+            assert "Only server managers" in (await ix.wait_original()).content
+
+            shown = await answer(h, h.admin, "admin limits")
+            assert (
+                "jobs waiting or running at once: **3**" in shown.content
+                and "models kept: **3**" in shown.content
+            )
+            changed = await answer(h, h.admin, "admin limits", max_models=1, max_queued_jobs=2)
+            assert "Limits updated" in changed.content
+            assert "at once: **2**" in changed.content and "models kept: **1**" in changed.content
+            assert "**2**" in (await answer(h, h.admin, "admin limits")).content
+            assert "Nothing is waiting or running" in (await answer(h, h.admin, "admin queue")).content
+            assert "no job `abc`" in (await answer(h, h.admin, "admin cancel", job_id="abc")).content
+
+            # The new limit applies to /train at once.
+            h.trained_model(h.alice, "abraza")
+            refusal = await answer(
+                h, h.alice, "train", name="zorvik", subject="person", photo1=h.selfies(1)[0]
+            )
+            assert "the limit is 1" in refusal.content
+            assert h.fake.errors == []
+
+    run(scenario())
+
+
+def test_help(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path) as h:
+            text = (await answer(h, h.bob, "help")).text
+            for part in (
+                "How it works",
+                "/train",
+                "Train on these photos",
+                "/queue",
+                "/forget",
+                "Tips for good photos",
+            ):
+                assert part in text
+
+    run(scenario())
