@@ -1,0 +1,243 @@
+"""The shared gallery: every generation mirrored to the gallery channel, ⭐ stars, and /gallery.
+
+The mirror post links back to the original and mentions its author without pinging anyone. A ⭐
+reaction on a mirror post counts as a star (the bot's own ⭐, added so people can click it, does
+not); /gallery pages through the server's generations, newest or most starred first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal, cast
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.bot import DreamBot, UserFacingError
+from bot.cogs.imagine import generation_embed, image_upload
+from bot.db import GenerationRow
+from bot.uploads import DEFAULT_UPLOAD_LIMIT
+
+if TYPE_CHECKING:
+    from bot.cogs.imagine import Imagine
+
+log = logging.getLogger(__name__)
+
+STAR = "⭐"
+# A /gallery pager stops answering after this long; /gallery again opens a new one.
+PAGER_TIMEOUT = 15 * 60
+
+
+def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
+    return f"https://discord.com/channels/{guild_id}/{channel_id}/{message_id}"
+
+
+class Gallery(commands.Cog):
+    def __init__(self, bot: DreamBot) -> None:
+        self.bot = bot
+
+    # -- the mirror ----------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_generation_posted(self, row: GenerationRow, message: discord.Message) -> None:
+        """Sent by the imagine cog once a generation is posted: copy it to the gallery channel."""
+        guild = self.bot.get_guild(row.guild_id)
+        channel = self.bot.gallery_channel(guild)
+        if guild is None or channel is None or channel.id == message.channel.id:
+            return
+        upload, name = image_upload(row, self.bot.config.data_dir, guild.filesize_limit)
+        embed = generation_embed(row, name)
+        embed.add_field(name="Original", value=f"[Jump to the post]({message.jump_url})")
+        try:
+            post = await channel.send(
+                f"By <@{row.user_id}>",
+                embed=embed,
+                file=upload or discord.utils.MISSING,
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+            if self.bot.db.find_generation(row.id) is None:
+                # Deleted while this copy was being posted: the copy goes too.
+                await post.delete()
+                return
+            self.bot.db.update_generation(row.id, gallery_message_id=post.id)
+            await post.add_reaction(STAR)
+        except discord.HTTPException as error:
+            # A gallery channel the bot may not post or react in: the original post stands anyway.
+            log.warning("could not mirror generation %s to #%s: %s", row.id, channel.name, error)
+
+    # -- stars ---------------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        self._count_star(payload, +1)
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        self._count_star(payload, -1)
+
+    def _count_star(self, payload: discord.RawReactionActionEvent, change: int) -> None:
+        if str(payload.emoji) != STAR or self.bot.user is None or payload.user_id == self.bot.user.id:
+            return
+        row = self.bot.db.generation_by_gallery_message(payload.message_id)
+        if row is None or row.guild_id != payload.guild_id:
+            return
+        # No await between reading and writing: concurrent reactions cannot lose a count.
+        self.bot.db.update_generation(row.id, stars=max(0, row.stars + change))
+
+    # -- /gallery ------------------------------------------------------------------------------
+
+    @app_commands.command()
+    @app_commands.guild_only()
+    @app_commands.describe(
+        user="Only this member's images",
+        model="Only images made with this token's model",
+        search="Words that must be in the prompt",
+        sort="Newest first, or most starred first",
+    )
+    async def gallery(
+        self,
+        interaction: discord.Interaction,
+        user: discord.User | None = None,
+        model: app_commands.Range[str, 1, 100] | None = None,
+        search: app_commands.Range[str, 1, 200] | None = None,
+        sort: Literal["newest", "top"] = "newest",
+    ) -> None:
+        """Browse the images made on this server."""
+        assert interaction.guild is not None  # guild_only
+        pager = GalleryPager(
+            self.bot,
+            opener_id=interaction.user.id,
+            guild_id=interaction.guild.id,
+            user_id=user.id if user else None,
+            token=model.strip().lower() if model else None,
+            search=search,
+            sort=sort,
+        )
+        page = pager.render()
+        if page is None:
+            raise UserFacingError("No images match that yet.")
+        embed, upload = page
+        await interaction.response.send_message(embed=embed, file=upload or discord.utils.MISSING, view=pager)
+        pager.message = await interaction.original_response()
+
+    @gallery.autocomplete("model")
+    async def _model_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        if interaction.guild is None:
+            return []
+        tokens = [model.token for model in self.bot.db.ready_models(interaction.guild.id)]
+        return [app_commands.Choice(name=token, value=token) for token in tokens if current.lower() in token][
+            :25
+        ]
+
+
+class GalleryPager(discord.ui.View):
+    """One /gallery result at a time; only the member who opened it can turn its pages."""
+
+    def __init__(
+        self,
+        bot: DreamBot,
+        *,
+        opener_id: int,
+        guild_id: int,
+        user_id: int | None,
+        token: str | None,
+        search: str | None,
+        sort: Literal["newest", "top"],
+    ) -> None:
+        super().__init__(timeout=PAGER_TIMEOUT)
+        self.bot = bot
+        self.opener_id = opener_id
+        self.guild_id = guild_id
+        self.user_id = user_id
+        self.token = token
+        self.search = search
+        self.sort: Literal["newest", "top"] = sort
+        self.index = 0
+        self.row: GenerationRow | None = None
+        self.message: discord.InteractionMessage | None = None
+
+    def render(self) -> tuple[discord.Embed, discord.File | None] | None:
+        """The current page, read afresh (stars change, images get deleted); None when none match."""
+        rows, total = self._page()
+        if not rows and total:
+            # Images were deleted since the last page: show the new last one.
+            self.index = total - 1
+            rows, total = self._page()
+        if not rows:
+            return None
+        self.row = row = rows[0]
+        guild = self.bot.get_guild(self.guild_id)
+        size_limit = guild.filesize_limit if guild else DEFAULT_UPLOAD_LIMIT
+        upload, name = image_upload(row, self.bot.config.data_dir, size_limit)
+        embed = generation_embed(row, name)
+        embed.add_field(name="Stars", value=f"{STAR} {row.stars}")
+        if row.message_id is not None:
+            link = message_url(row.guild_id, row.channel_id, row.message_id)
+            embed.add_field(name="Original", value=f"[Jump to the post]({link})")
+        embed.set_footer(text=f"{self.index + 1} / {total} · generation #{row.id}")
+        self.previous.disabled = self.index == 0
+        self.next.disabled = self.index >= total - 1
+        return embed, upload
+
+    def _page(self) -> tuple[list[GenerationRow], int]:
+        return self.bot.db.search_generations(
+            self.guild_id,
+            user_id=self.user_id,
+            token=self.token,
+            search=self.search,
+            sort=self.sort,
+            offset=self.index,
+            limit=1,
+        )
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        if interaction.user.id == self.opener_id:
+            return True
+        await interaction.response.send_message(
+            "This is someone else's gallery: use /gallery to browse your own.", ephemeral=True
+        )
+        return False
+
+    async def _show(self, interaction: discord.Interaction) -> None:
+        page = self.render()
+        if page is None:
+            self.stop()
+            await interaction.response.edit_message(
+                content="No images match any more.", embed=None, attachments=[], view=None
+            )
+            return
+        embed, upload = page
+        await interaction.response.edit_message(
+            embed=embed, attachments=[upload] if upload else [], view=self
+        )
+
+    @discord.ui.button(label="Previous", emoji="◀️", style=discord.ButtonStyle.secondary)
+    async def previous(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.index = max(0, self.index - 1)
+        await self._show(interaction)
+
+    @discord.ui.button(label="Next", emoji="▶️", style=discord.ButtonStyle.secondary)
+    async def next(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.index += 1
+        await self._show(interaction)
+
+    @discord.ui.button(label="Use prompt", emoji="✏️", style=discord.ButtonStyle.primary)
+    async def use_prompt(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        # Not isinstance: load_extension executes the imagine module afresh, so its class differs.
+        cog = cast("Imagine | None", self.bot.get_cog("Imagine"))
+        if cog is not None and self.row is not None:
+            await cog.guarded(interaction, cog.open_prompt_modal(interaction, self.row.id))
+
+    async def on_timeout(self) -> None:
+        if self.message is not None:
+            try:
+                await self.message.edit(view=None)
+            except discord.HTTPException:
+                log.debug("could not close an expired gallery pager", exc_info=True)
+
+
+async def setup(bot: DreamBot) -> None:
+    await bot.add_cog(Gallery(bot))

@@ -1,0 +1,786 @@
+"""/imagine and the buttons under every generated image.
+
+A request goes: checks (channel, safety, whose models, the member's queue cap) -> defer -> the job row
+-> "queued" -> the engine. When the result comes back the generation row is written and posted with
+buttons (Reroll, V1..V4, U1..U4, Use prompt, Delete). The buttons are `DynamicItem`s whose custom_id
+carries the generation id, so they keep working after a restart: every click reads the row again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image
+
+from bot.bot import DreamBot, UserFacingError, report_error
+from bot.db import GenerationRow, JobRow, ModelRow, new_job_id
+from bot.prompts import models_in_prompt, size_for_aspect
+from bot.safety import merge_negative, prompt_refusal
+from bot.uploads import image_file
+from engine.protocol import Accepted, AdapterRef, Error, GenerateJob, Result, decode, encode
+
+log = logging.getLogger(__name__)
+
+GenerationKind = Literal["txt2img", "variation", "upscale"]
+MAX_SEED = 2**32 - 1
+MAX_IMAGES = 4
+# Interaction tokens live 15 minutes; past 14 the result goes to the channel instead.
+INTERACTION_LIFETIME = 14 * 60
+GRID_FILE = "grid.png"
+
+
+def only_mentions(user_id: int) -> discord.AllowedMentions:
+    """Ping exactly this member and no one else (not roles, not @everyone written in a prompt)."""
+    return discord.AllowedMentions(
+        everyone=False, roles=False, replied_user=False, users=[discord.Object(id=user_id)]
+    )
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def make_grid(paths: Sequence[Path], target: Path) -> Path:
+    """The images two a row, in order, in cells the size of the first one (black where none); a PNG."""
+    images = [Image.open(path) for path in paths]
+    try:
+        cell_width, cell_height = images[0].size
+        columns = min(2, len(images))
+        rows = math.ceil(len(images) / columns)
+        sheet = Image.new("RGB", (cell_width * columns, cell_height * rows))
+        for index, image in enumerate(images):
+            cell = image.convert("RGB").resize((cell_width, cell_height))
+            sheet.paste(cell, ((index % columns) * cell_width, (index // columns) * cell_height))
+    finally:
+        for image in images:
+            image.close()
+    sheet.save(target, format="PNG")
+    return target
+
+
+def replace_tokens(prompt: str, tokens: Sequence[str], replacement: str) -> str:
+    """The prompt with each whole-word occurrence of `tokens` (any case) replaced by `replacement`."""
+    for token in tokens:
+        prompt = _whole_word(token).sub(replacement, prompt)
+    return prompt
+
+
+def _whole_word(word: str) -> re.Pattern[str]:
+    # The same notion of a word as bot.prompts.tokens_in: letters and digits.
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def generation_dir(data_dir: Path, job_id: str) -> Path:
+    return data_dir / "generations" / job_id
+
+
+def post_image(row: GenerationRow, data_dir: Path) -> Path | None:
+    """The picture a generation is shown as: its only image, or the grid of several."""
+    if not row.files:
+        return None
+    path = Path(row.files[0]) if len(row.files) == 1 else generation_dir(data_dir, row.job_id) / GRID_FILE
+    return path if path.is_file() else None
+
+
+def base_size(row: GenerationRow) -> tuple[int, int]:
+    """The txt2img size behind a generation (an upscale is twice its source)."""
+    if row.kind == "upscale":
+        return row.width // 2, row.height // 2
+    return row.width, row.height
+
+
+def generation_embed(row: GenerationRow, image_name: str | None) -> discord.Embed:
+    """The prompt, seed, model and author of a generation; the image as an attachment name."""
+    titles = {"txt2img": "Imagined", "variation": "Variation", "upscale": "Upscaled"}
+    embed = discord.Embed(
+        title=titles.get(row.kind, "Imagined"),
+        description=discord.utils.escape_markdown(row.prompt)[:4000],
+        colour=discord.Colour.blurple(),
+    )
+    embed.add_field(name="Seed", value=str(row.seed))
+    embed.add_field(name="Model", value=", ".join(row.tokens) or "base model")
+    embed.add_field(name="Size", value=f"{row.width}×{row.height}")
+    embed.add_field(name="Author", value=f"<@{row.user_id}>")
+    embed.set_footer(text=f"generation #{row.id} · {row.steps} steps · guidance {row.guidance:g}")
+    if image_name is not None:
+        embed.set_image(url=f"attachment://{image_name}")
+    return embed
+
+
+def image_upload(
+    row: GenerationRow, data_dir: Path, size_limit: int
+) -> tuple[discord.File | None, str | None]:
+    """The generation's picture as an upload named by its id (never by anything a member typed)."""
+    path = post_image(row, data_dir)
+    if path is None:
+        return None, None
+    upload = image_file(path, f"dreambot-{row.id}.png", size_limit)
+    return upload, upload.filename
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One generation to queue, whichever path asked for it: /imagine, a button or the prompt modal."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int | None
+    count: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    kind: GenerationKind = "txt2img"
+    parent_id: int | None = None
+    init_image: str | None = None
+    strength: float | None = None
+
+
+@dataclass
+class _Waiting:
+    """An interaction that may still deliver its job's outcome itself (kept in memory only)."""
+
+    interaction: discord.Interaction
+    deadline: float
+    # Held while its message is edited, so that "queued", "drawing" and the result land in order
+    # (listeners run as concurrent tasks); once finished, no late status edit overwrites the result.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    finished: bool = False
+
+    def usable(self) -> bool:
+        return time.monotonic() < self.deadline
+
+
+# -- the cog -----------------------------------------------------------------------------------
+
+
+class Imagine(commands.Cog):
+    def __init__(self, bot: DreamBot) -> None:
+        self.bot = bot
+        # job id -> the interaction that asked; lost on restart, when results go to the channel.
+        self._waiting: dict[str, _Waiting] = {}
+        self._queueing: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(*BUTTONS)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(*BUTTONS)
+
+    @app_commands.command()
+    @app_commands.guild_only()
+    @app_commands.describe(
+        prompt="What to draw; put a member's token in it (e.g. “abraza as thor”) to draw them",
+        negative="What to keep out of the picture",
+        seed="The same seed and prompt give the same picture (random when empty)",
+        count="How many pictures (1-4)",
+        aspect="The picture's shape",
+        steps="Denoising steps: more is slower and finer",
+        guidance="How closely to follow the prompt",
+    )
+    async def imagine(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 1000],
+        negative: app_commands.Range[str, 1, 1000] | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        count: app_commands.Range[int, 1, MAX_IMAGES] = 1,
+        aspect: Literal["square", "portrait", "landscape"] = "square",
+        steps: app_commands.Range[int, 1, 100] | None = None,
+        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+    ) -> None:
+        """Imagine a picture; a member's token in the prompt puts them in it."""
+        config = self.bot.config
+        width, height = size_for_aspect(aspect, config.training.resolution)
+        request = ImageRequest(
+            prompt=prompt,
+            negative_prompt=merge_negative(config.safety.default_negative_prompt, negative),
+            seed=seed,
+            count=count,
+            width=width,
+            height=height,
+            steps=steps or config.generation.steps,
+            guidance=config.generation.guidance if guidance is None else guidance,
+        )
+        await self.queue(interaction, request, redirect=False)
+
+    # -- queueing ------------------------------------------------------------------------------
+
+    async def queue(self, interaction: discord.Interaction, request: ImageRequest, *, redirect: bool) -> None:
+        """Check, defer, write the job row, tell the member, then hand the job to the queue.
+
+        Without `redirect` a request from outside the prompts channel is refused with a pointer;
+        with it (buttons, the prompt modal) the result is posted in the prompts channel instead.
+        """
+        guild, user = interaction.guild, interaction.user
+        if guild is None:
+            raise UserFacingError("Images are made in servers, not in direct messages.")
+        channel = self._channel_for(interaction, redirect=redirect)
+        refusal = prompt_refusal(
+            request.prompt, request.negative_prompt, self.bot.config.safety, nsfw_channel=channel.is_nsfw()
+        )
+        if refusal is not None:
+            raise UserFacingError(refusal)
+        models = self.usable_models(guild.id, user.id, request.prompt)
+        here = channel.id == interaction.channel_id
+        # One request per member at a time, so that two quick ones cannot both pass the cap.
+        async with self._queueing[user.id]:
+            self.bot.check_queue_cap(guild.id, user.id)
+            if not interaction.response.is_done():
+                await interaction.response.defer(thinking=True, ephemeral=not here)
+            job = self._write_job(guild.id, user, channel.id, request, models)
+        position = self.bot.jobs.position(job.id) or 1
+        status = f"⏳ Queued {_describe(request)}" + (
+            f" ({position - 1} ahead of you)." if position > 1 else "."
+        )
+        try:
+            if here:
+                waiting = self._waiting[job.id] = _Waiting(
+                    interaction, time.monotonic() + INTERACTION_LIFETIME
+                )
+                async with waiting.lock:
+                    message = await interaction.edit_original_response(content=status)
+                    self.bot.db.update_job(job.id, progress_message_id=message.id)
+            else:
+                await interaction.followup.send(
+                    f"{status} The result will be posted in {channel.mention}.", ephemeral=True
+                )
+        except discord.HTTPException:
+            log.warning("could not tell %s that job %s is queued", user.id, job.id, exc_info=True)
+        finally:
+            # The row is the truth: the job runs even if telling the member failed.
+            self.bot.jobs.submit(job)
+
+    def _channel_for(
+        self, interaction: discord.Interaction, *, redirect: bool
+    ) -> discord.TextChannel | discord.Thread:
+        channel = interaction.channel
+        prompts = self.bot.prompts_channel(interaction.guild)
+        in_prompts = prompts is None or (
+            channel is not None and prompts.id in (channel.id, getattr(channel, "parent_id", None))
+        )
+        if in_prompts and isinstance(channel, discord.TextChannel | discord.Thread):
+            return channel
+        if prompts is not None and redirect:
+            return prompts
+        where = prompts.mention if prompts is not None else "a server text channel"
+        raise UserFacingError(f"Images are made in {where}: please use /imagine there.")
+
+    def usable_models(self, guild_id: int, user_id: int, prompt: str) -> list[ModelRow]:
+        """The models the prompt names; another member's only when its owner has shared it."""
+        models = models_in_prompt(prompt, self.bot.db.ready_models(guild_id))
+        for model in models:
+            if model.owner_id != user_id and not model.shared:
+                raise UserFacingError(
+                    f"“{model.token}” is <@{model.owner_id}>'s model and its owner hasn't shared it, "
+                    "so only they can use it (they can share it with `/model share`)."
+                )
+        return models
+
+    def _write_job(
+        self,
+        guild_id: int,
+        user: discord.User | discord.Member,
+        channel_id: int,
+        request: ImageRequest,
+        models: list[ModelRow],
+    ) -> JobRow:
+        job_id = new_job_id()
+        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed
+        payload = GenerateJob(
+            job_id=job_id,
+            prompt=request.prompt,
+            output_dir=str(generation_dir(self.bot.config.data_dir, job_id)),
+            negative_prompt=request.negative_prompt,
+            seed=seed,
+            steps=request.steps,
+            guidance=request.guidance,
+            width=request.width,
+            height=request.height,
+            count=request.count,
+            adapters=[
+                AdapterRef(token=model.token, class_word=model.class_word, path=model.adapter_path or "")
+                for model in models
+            ],
+            init_image=request.init_image,
+            strength=request.strength,
+            upscale=request.kind == "upscale",
+        )
+        self.bot.db.ensure_user(user.id, user.name)
+        return self.bot.db.add_job(
+            kind="generate",
+            user_id=user.id,
+            guild_id=guild_id,
+            channel_id=channel_id,
+            payload=encode(payload),
+            job_id=job_id,
+            context={
+                "kind": request.kind,
+                "parent_id": request.parent_id,
+                "tokens": [model.token for model in models],
+            },
+        )
+
+    # -- job events ----------------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_job_accepted(self, job: JobRow, event: Accepted) -> None:
+        waiting = self._waiting.get(job.id)
+        if job.kind != "generate" or waiting is None:
+            return
+        async with waiting.lock:
+            if waiting.finished or not waiting.usable():
+                return
+            try:
+                await waiting.interaction.edit_original_response(content="🎨 Drawing…")
+            except discord.HTTPException:
+                log.debug("could not show job %s as started", job.id, exc_info=True)
+
+    @contextlib.asynccontextmanager
+    async def _finishing(self, job_id: str) -> AsyncIterator[_Waiting | None]:
+        """The job's waiting interaction (if any), held for the final edit and then forgotten."""
+        waiting = self._waiting.pop(job_id, None)
+        if waiting is None:
+            yield None
+            return
+        async with waiting.lock:
+            waiting.finished = True
+            yield waiting
+
+    @commands.Cog.listener()
+    async def on_job_result(self, job: JobRow, event: Result) -> None:
+        if job.kind != "generate":
+            return
+        async with self._finishing(job.id) as waiting:
+            await self._deliver_result(job, event, waiting)
+
+    async def _deliver_result(self, job: JobRow, event: Result, waiting: _Waiting | None) -> None:
+        request = decode(job.payload)
+        assert isinstance(request, GenerateJob)
+        flagged = list(event.data.get("nsfw") or [])
+        kept = [index for index in range(len(event.files)) if not (index < len(flagged) and flagged[index])]
+        for index in set(range(len(event.files))) - set(kept):
+            Path(event.files[index]).unlink(missing_ok=True)
+        hidden = len(event.files) - len(kept)
+        if not kept:
+            shutil.rmtree(generation_dir(self.bot.config.data_dir, job.id), ignore_errors=True)
+            await self._tell(
+                job,
+                waiting,
+                f"<@{job.user_id}> the safety checker flagged {_pictures(hidden)} as NSFW, so I didn't post "
+                "anything. Please try a different prompt.",
+            )
+            return
+
+        files = [event.files[index] for index in kept]
+        parameters = list(event.data.get("parameters") or [])
+        with Image.open(files[0]) as first:
+            width, height = first.size
+        row = self.bot.db.add_generation(
+            job_id=job.id,
+            guild_id=job.guild_id,
+            user_id=job.user_id,
+            channel_id=job.channel_id,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=request.seed,
+            steps=request.steps,
+            guidance=request.guidance,
+            width=width,
+            height=height,
+            tokens=job.context.get("tokens", []),
+            files=files,
+            parameters=[parameters[index] for index in kept if index < len(parameters)],
+            kind=job.context.get("kind", "txt2img"),
+            parent_id=job.context.get("parent_id"),
+        )
+        if len(files) > 1:
+            # Encoding a 2x2 grid of full-size images takes a moment: off the event loop.
+            grid = generation_dir(self.bot.config.data_dir, job.id) / GRID_FILE
+            await asyncio.to_thread(make_grid, [Path(path) for path in files], grid)
+        note = f" (the safety checker hid {_pictures(hidden)} flagged as NSFW)" if hidden else ""
+        message = await self._post(job, waiting, row, note)
+        if message is not None:
+            row = self.bot.db.update_generation(row.id, message_id=message.id)
+            # The gallery cog mirrors it (bot/cogs/gallery.py).
+            self.bot.dispatch("generation_posted", row, message)
+
+    @commands.Cog.listener()
+    async def on_job_error(self, job: JobRow, event: Error) -> None:
+        if job.kind != "generate":
+            return
+        shutil.rmtree(generation_dir(self.bot.config.data_dir, job.id), ignore_errors=True)
+        if event.code == "cancelled":
+            text = f"<@{job.user_id}> your image was cancelled."
+        else:
+            text = f"<@{job.user_id}> I couldn't make your image: {event.message}"
+        async with self._finishing(job.id) as waiting:
+            await self._tell(job, waiting, text)
+
+    async def _post(
+        self, job: JobRow, waiting: _Waiting | None, row: GenerationRow, note: str
+    ) -> discord.Message | None:
+        guild = self.bot.get_guild(job.guild_id)
+        if guild is None:
+            log.warning("generation %s is for a server I'm not in", row.id)
+            return None
+        upload, name = image_upload(row, self.bot.config.data_dir, guild.filesize_limit)
+        content = f"<@{row.user_id}>{note}"
+        embed = generation_embed(row, name)
+        view = generation_view(row)
+        if waiting is not None and waiting.usable():
+            try:
+                return await waiting.interaction.edit_original_response(
+                    content=content,
+                    embed=embed,
+                    attachments=[upload] if upload else [],
+                    view=view,
+                    allowed_mentions=only_mentions(row.user_id),
+                )
+            except discord.HTTPException:
+                log.info("could not finish job %s on its interaction; posting instead", job.id)
+                upload, name = image_upload(row, self.bot.config.data_dir, guild.filesize_limit)
+        channel = guild.get_channel_or_thread(job.channel_id)
+        if not isinstance(channel, discord.TextChannel | discord.Thread):
+            log.warning("the channel of generation %s is gone", row.id)
+            return None
+        message = await channel.send(
+            content,
+            embed=embed,
+            file=upload or discord.utils.MISSING,
+            view=view,
+            allowed_mentions=only_mentions(row.user_id),
+        )
+        await self._remove_status(job, channel)
+        return message
+
+    async def _tell(self, job: JobRow, waiting: _Waiting | None, text: str) -> None:
+        """Tell the member how their job ended, on its interaction while it lasts, else in the channel."""
+        if waiting is not None and waiting.usable():
+            try:
+                await waiting.interaction.edit_original_response(
+                    content=text, allowed_mentions=only_mentions(job.user_id)
+                )
+                return
+            except discord.HTTPException:
+                log.info("could not tell job %s's outcome on its interaction", job.id)
+        guild = self.bot.get_guild(job.guild_id)
+        channel = guild.get_channel_or_thread(job.channel_id) if guild else None
+        if isinstance(channel, discord.TextChannel | discord.Thread):
+            await channel.send(text, allowed_mentions=only_mentions(job.user_id))
+            await self._remove_status(job, channel)
+
+    async def _remove_status(self, job: JobRow, channel: discord.TextChannel | discord.Thread) -> None:
+        # The "queued" message of a job whose interaction expired: the new post replaces it.
+        if job.progress_message_id is None:
+            return
+        try:
+            await channel.get_partial_message(job.progress_message_id).delete()
+        except discord.HTTPException:
+            log.debug("could not remove the status message of job %s", job.id, exc_info=True)
+
+    # -- buttons -------------------------------------------------------------------------------
+
+    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
+        """Run a button's or modal's action; failures reach the member like a command's do."""
+        try:
+            await action
+        except Exception as error:
+            await report_error(interaction, error)
+
+    def _generation(self, generation_id: int) -> GenerationRow:
+        row = self.bot.db.find_generation(generation_id)
+        if row is None:
+            raise UserFacingError("That image has been deleted.")
+        return row
+
+    def _same_settings(self, row: GenerationRow, **changes: Any) -> ImageRequest:
+        width, height = base_size(row)
+        values: dict[str, Any] = {
+            "prompt": row.prompt,
+            "negative_prompt": row.negative_prompt,
+            "seed": None,
+            "count": max(1, min(MAX_IMAGES, len(row.files))) if row.kind == "txt2img" else 1,
+            "width": width,
+            "height": height,
+            "steps": row.steps,
+            "guidance": row.guidance,
+        }
+        return ImageRequest(**{**values, **changes})
+
+    def _source_image(self, row: GenerationRow, index: int) -> str:
+        if not 0 <= index < len(row.files) or not Path(row.files[index]).is_file():
+            raise UserFacingError("That picture's file is gone, so I can't work from it.")
+        return row.files[index]
+
+    async def reroll(self, interaction: discord.Interaction, generation_id: int) -> None:
+        row = self._generation(generation_id)
+        await self.queue(interaction, self._same_settings(row), redirect=True)
+
+    async def vary(self, interaction: discord.Interaction, generation_id: int, index: int) -> None:
+        request = self._from_image(self._generation(generation_id), index, "variation")
+        await self.queue(interaction, request, redirect=True)
+
+    async def upscale(self, interaction: discord.Interaction, generation_id: int, index: int) -> None:
+        request = self._from_image(self._generation(generation_id), index, "upscale")
+        await self.queue(interaction, request, redirect=True)
+
+    def _from_image(
+        self, row: GenerationRow, index: int, kind: Literal["variation", "upscale"]
+    ) -> ImageRequest:
+        """img2img from one picture of a generation: a variation at its size, an upscale at twice it."""
+        config = self.bot.config.generation
+        strength = config.variation_strength if kind == "variation" else config.upscale_strength
+        scale = 2 if kind == "upscale" else 1
+        return self._same_settings(
+            row,
+            count=1,
+            width=row.width * scale,
+            height=row.height * scale,
+            # img2img denoises for steps x strength steps, which must come to at least one.
+            steps=max(row.steps, math.ceil(1 / strength) if strength > 0 else 1),
+            kind=kind,
+            parent_id=row.id,
+            init_image=self._source_image(row, index),
+            strength=strength,
+        )
+
+    async def open_prompt_modal(self, interaction: discord.Interaction, generation_id: int) -> None:
+        """The prompt, with the author's tokens swapped for the clicker's own, ready to edit and run."""
+        row = self._generation(generation_id)
+        prompt = row.prompt
+        if interaction.user.id != row.user_id and interaction.guild is not None:
+            ready = self.bot.db.ready_models(interaction.guild.id)
+            own = [model for model in ready if model.owner_id == interaction.user.id]
+            authors = [model.token for model in ready if model.owner_id == row.user_id]
+            if own:
+                newest = max(own, key=lambda model: model.created_at)
+                prompt = replace_tokens(prompt, authors, newest.token)
+        await interaction.response.send_modal(UsePromptModal(self, row.id, prompt))
+
+    async def run_prompt(self, interaction: discord.Interaction, generation_id: int, prompt: str) -> None:
+        row = self._generation(generation_id)
+        request = self._same_settings(row, prompt=prompt, count=1)
+        await self.queue(interaction, request, redirect=True)
+
+    async def delete(self, interaction: discord.Interaction, generation_id: int) -> None:
+        row = self._generation(generation_id)
+        if interaction.user.id != row.user_id and not interaction.permissions.manage_guild:
+            raise UserFacingError("Only the member who made this image, or a server manager, can delete it.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        guild = interaction.guild
+        posts = [
+            (guild.get_channel_or_thread(row.channel_id) if guild else None, row.message_id),
+            (self.bot.gallery_channel(guild), row.gallery_message_id),
+        ]
+        for channel, message_id in posts:
+            if isinstance(channel, discord.TextChannel | discord.Thread) and message_id is not None:
+                # Already deleted by hand: nothing left to do for that one.
+                with contextlib.suppress(discord.NotFound):
+                    await channel.get_partial_message(message_id).delete()
+        self.bot.db.delete_generation(row.id)
+        folder = generation_dir(self.bot.config.data_dir, row.job_id)
+        await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+        await interaction.followup.send(
+            "Deleted: the post, its gallery copy and the image files.", ephemeral=True
+        )
+
+
+# -- the buttons, which outlive the process ------------------------------------------------------
+
+
+def _imagine(interaction: discord.Interaction) -> Imagine:
+    cog = interaction.client.get_cog("Imagine")  # type: ignore[attr-defined]
+    assert isinstance(cog, Imagine)
+    return cog
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:reroll:(?P<id>\d+)"):
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Reroll",
+                emoji="🎲",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"dreambot:reroll:{generation_id}",
+                row=0,
+            )
+        )
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
+    ) -> RerollButton:
+        return cls(int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _imagine(interaction)
+        await cog.guarded(interaction, cog.reroll(interaction, self.generation_id))
+
+
+class VariationButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:vary:(?P<id>\d+):(?P<index>\d)"
+):
+    def __init__(self, generation_id: int, index: int, label: str = "Variations") -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"dreambot:vary:{generation_id}:{index}",
+                row=1,
+            )
+        )
+        self.generation_id = generation_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
+    ) -> VariationButton:
+        return cls(int(match["id"]), int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _imagine(interaction)
+        await cog.guarded(interaction, cog.vary(interaction, self.generation_id, self.index))
+
+
+class UpscaleButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:upscale:(?P<id>\d+):(?P<index>\d)"
+):
+    def __init__(self, generation_id: int, index: int, label: str = "Upscale") -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"dreambot:upscale:{generation_id}:{index}",
+                row=2,
+            )
+        )
+        self.generation_id = generation_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
+    ) -> UpscaleButton:
+        return cls(int(match["id"]), int(match["index"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _imagine(interaction)
+        await cog.guarded(interaction, cog.upscale(interaction, self.generation_id, self.index))
+
+
+class UsePromptButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:prompt:(?P<id>\d+)"):
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Use prompt",
+                emoji="✏️",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"dreambot:prompt:{generation_id}",
+                row=0,
+            )
+        )
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
+    ) -> UsePromptButton:
+        return cls(int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _imagine(interaction)
+        await cog.guarded(interaction, cog.open_prompt_modal(interaction, self.generation_id))
+
+
+class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:delete:(?P<id>\d+)"):
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Delete",
+                emoji="🗑️",
+                style=discord.ButtonStyle.danger,
+                custom_id=f"dreambot:delete:{generation_id}",
+                row=0,
+            )
+        )
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
+    ) -> DeleteButton:
+        return cls(int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _imagine(interaction)
+        await cog.guarded(interaction, cog.delete(interaction, self.generation_id))
+
+
+BUTTONS = (RerollButton, VariationButton, UpscaleButton, UsePromptButton, DeleteButton)
+
+
+def generation_view(row: GenerationRow) -> discord.ui.View:
+    """The buttons under a generation; no timeout, as every click is resolved from its custom_id."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(RerollButton(row.id))
+    view.add_item(UsePromptButton(row.id))
+    view.add_item(DeleteButton(row.id))
+    if row.kind != "upscale":
+        several = len(row.files) > 1
+        for index in range(len(row.files)):
+            view.add_item(VariationButton(row.id, index, f"V{index + 1}" if several else "Variations"))
+        for index in range(len(row.files)):
+            view.add_item(UpscaleButton(row.id, index, f"U{index + 1}" if several else "Upscale"))
+    return view
+
+
+class UsePromptModal(discord.ui.Modal, title="Imagine with this prompt"):
+    def __init__(self, cog: Imagine, generation_id: int, prompt: str) -> None:
+        super().__init__()
+        self.cog = cog
+        self.generation_id = generation_id
+        self.prompt = discord.ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph, default=prompt[:1000], max_length=1000
+        )
+        self.add_item(self.prompt)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.cog.guarded(
+            interaction, self.cog.run_prompt(interaction, self.generation_id, self.prompt.value)
+        )
+
+
+# -- small words -------------------------------------------------------------------------------
+
+
+def _pictures(count: int) -> str:
+    return "1 picture" if count == 1 else f"{count} pictures"
+
+
+def _describe(request: ImageRequest) -> str:
+    what = {"txt2img": _pictures(request.count), "variation": "a variation", "upscale": "an upscale"}
+    return f"{what[request.kind]} of “{discord.utils.escape_markdown(request.prompt)[:200]}”"
+
+
+async def setup(bot: DreamBot) -> None:
+    await bot.add_cog(Imagine(bot))

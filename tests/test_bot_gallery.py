@@ -1,0 +1,129 @@
+"""/gallery and ⭐ stars, end to end: the real bot and engine (tiny model) against the fake Discord."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from botharness import JOB_TIMEOUT, BotHarness, running_bot
+from fakediscord import FakeInteraction, FakeMessage
+
+from bot.cogs.gallery import message_url
+
+
+async def imagine(h: BotHarness, user_id: int, prompt: str) -> FakeMessage:
+    ix = await h.fake.slash(user_id, h.prompts_channel_id, "imagine", prompt=prompt)
+    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+
+
+def page(message: FakeMessage) -> tuple[str, str]:
+    """(prompt, "n / total") of a pager message."""
+    embed = message.embeds[0]
+    return embed["description"], embed["footer"]["text"].split(" · ")[0]
+
+
+def field(message: FakeMessage, name: str) -> str:
+    return next(f["value"] for f in message.embeds[0]["fields"] if f["name"] == name)
+
+
+def button(message: FakeMessage, label: str) -> dict[str, Any]:
+    return next(c for row in message.components for c in row["components"] if c.get("label") == label)
+
+
+async def turn(h: BotHarness, user_id: int, pager: FakeMessage, label: str) -> FakeInteraction:
+    ix = await h.fake.click(user_id, pager, button(pager, label)["custom_id"])
+    await ix.wait_callback()
+    return ix
+
+
+async def gallery(h: BotHarness, user_id: int, **options: Any) -> FakeInteraction:
+    return await h.fake.slash(user_id, h.general_channel_id, "gallery", **options)
+
+
+def test_gallery_pages_searches_filters_and_sorts_by_stars(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path) as h:
+            h.trained_model(h.alice, "abraza")
+            castle = await imagine(h, h.alice, "abraza at a castle")
+            await imagine(h, h.alice, "abraza on a beach")
+            await imagine(h, h.bob, "a red dragon")
+            await h.fake.wait_until(
+                lambda: all(h.db.generation(i).gallery_message_id for i in (1, 2, 3)), timeout=10
+            )
+            mirrors = {i: h.fake.message(h.db.generation(i).gallery_message_id) for i in (1, 2, 3)}
+
+            # Newest first, one per page, with the image, stars, author and a link to the post.
+            ix = await gallery(h, h.alice)
+            pager = await ix.wait_original()
+            assert page(pager) == ("a red dragon", "1 / 3")
+            assert pager.files and pager.embeds[0]["image"]["url"].startswith("http")
+            assert field(pager, "Stars") == "⭐ 0" and field(pager, "Author") == f"<@{h.bob}>"
+            assert button(pager, "Previous").get("disabled") and not button(pager, "Next").get("disabled")
+            dragon = h.db.generation(3)
+            assert message_url(h.guild_id, h.prompts_channel_id, dragon.message_id or 0) in field(
+                pager, "Original"
+            )
+
+            # Only the member who opened it turns its pages.
+            stranger = await h.fake.click(h.bob, pager, button(pager, "Next")["custom_id"])
+            refusal = await stranger.wait_original()
+            assert refusal.ephemeral and "someone else's gallery" in refusal.content
+            assert page(pager) == ("a red dragon", "1 / 3")
+
+            await turn(h, h.alice, pager, "Next")
+            assert page(pager) == ("abraza on a beach", "2 / 3")
+            await turn(h, h.alice, pager, "Next")
+            assert page(pager) == ("abraza at a castle", "3 / 3") and button(pager, "Next").get("disabled")
+            await turn(h, h.alice, pager, "Previous")
+            assert page(pager) == ("abraza on a beach", "2 / 3")
+
+            # Search (full text), member and model filters.
+            assert page(await (await gallery(h, h.alice, search="dragon")).wait_original()) == (
+                "a red dragon",
+                "1 / 1",
+            )
+            assert (
+                page(await (await gallery(h, h.alice, search="CASTLE abraza")).wait_original())[1] == "1 / 1"
+            )
+            assert page(await (await gallery(h, h.alice, user=h.bob)).wait_original())[1] == "1 / 1"
+            assert page(await (await gallery(h, h.alice, model="abraza")).wait_original())[1] == "1 / 2"
+            nothing = await (await gallery(h, h.alice, search='unicorn" OR *')).wait_original()
+            assert nothing.ephemeral and "No images match" in nothing.content
+
+            # ⭐ on the gallery copies counts (not the bot's own, not other emoji); "top" sorts by it.
+            h.fake.add_reaction(mirrors[1], h.bob, "⭐")
+            h.fake.add_reaction(mirrors[1], h.admin, "⭐")
+            h.fake.add_reaction(mirrors[2], h.alice, "⭐")
+            h.fake.add_reaction(mirrors[3], h.bob, "👍")
+            await h.fake.flush()
+            await h.fake.wait_until(lambda: h.db.generation(1).stars == 2 and h.db.generation(2).stars == 1)
+            top = await (await gallery(h, h.alice, sort="top")).wait_original()
+            assert page(top) == ("abraza at a castle", "1 / 3") and field(top, "Stars") == "⭐ 2"
+            await turn(h, h.alice, top, "Next")
+            assert page(top) == ("abraza on a beach", "2 / 3")
+            h.fake.remove_reaction(mirrors[1], h.admin, "⭐")
+            await h.fake.flush()
+            await h.fake.wait_until(lambda: h.db.generation(1).stars == 1)
+            assert h.db.generation(3).stars == 0
+
+            # "Use prompt" from the pager, outside #prompts: the image is made and posted in #prompts.
+            mine = await (await gallery(h, h.bob, search="castle")).wait_original()
+            ix = await h.fake.click(h.bob, mine, button(mine, "Use prompt")["custom_id"])
+            modal = await ix.wait_modal()
+            text_input = modal["components"][0]["components"][0]
+            assert text_input["value"] == "abraza at a castle"  # bob has no model of his own
+            ix = await h.fake.submit_modal(
+                h.bob, h.general_channel_id, modal["custom_id"], {text_input["custom_id"]: "a castle at dusk"}
+            )
+            queued = await ix.wait_original()
+            assert queued.ephemeral and f"<#{h.prompts_channel_id}>" in queued.content
+            post = await h.fake.wait_message(
+                h.prompts_channel_id,
+                lambda m: m.files and m.embeds[0]["description"] == "a castle at dusk",
+                timeout=JOB_TIMEOUT,
+            )
+            assert post.allowed_mentions == {"parse": [], "users": [h.bob]} and f"<@{h.bob}>" in post.content
+            assert castle.id != post.id and not h.fake.errors
+
+    asyncio.run(scenario())
