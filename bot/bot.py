@@ -11,6 +11,7 @@ custom events, so a cog reacts to them with a listener:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.db import Database, JobRow
+from bot.db import Database, GenerationRow, JobRow
 from bot.jobs import JobQueue
 from engine.config import Config
 
@@ -120,6 +121,19 @@ class DreamBot(commands.Bot):
 
     def gallery_channel(self, guild: discord.Guild | None) -> discord.TextChannel | None:
         return _configured_channel(guild, self.config.discord.gallery_channel)
+
+    async def delete_generation_posts(self, row: GenerationRow) -> None:
+        """Take a picture down: its post where it was asked for, and its copy in the gallery."""
+        guild = self.get_guild(row.guild_id)
+        posts = [
+            (guild.get_channel_or_thread(row.channel_id) if guild else None, row.message_id),
+            (self.gallery_channel(guild), row.gallery_message_id),
+        ]
+        for channel, message_id in posts:
+            if isinstance(channel, discord.TextChannel | discord.Thread) and message_id is not None:
+                # Already deleted by hand: nothing left to do for that one.
+                with contextlib.suppress(discord.NotFound):
+                    await channel.get_partial_message(message_id).delete()
 
     # -- the one error handler ---------------------------------------------------------------
 

@@ -370,8 +370,9 @@ class Database:
         self.db["generations"].update(generation_id, _encode(changes))
         return self.generation(generation_id)
 
-    def count_generations(self, user_id: int) -> int:
-        return self.db["generations"].count_where("user_id = ?", [user_id])
+    def generations_of(self, user_id: int) -> list[GenerationRow]:
+        rows = self.db["generations"].rows_where("user_id = ?", [user_id], order_by="created_at")
+        return [_row(GenerationRow, raw) for raw in rows]
 
     def delete_generation(self, generation_id: int) -> None:
         self.db["generations"].delete(generation_id)

@@ -211,6 +211,10 @@ def train_lora(
         loop_started, first_step = time.monotonic(), step
         while step < total:
             if stop():
+                # A shutdown stops here too: keep every step done so far for the resume.
+                if step > first_step:
+                    seconds = earlier_seconds + time.monotonic() - started
+                    _save_checkpoint(checkpoints, step, trainer, fingerprint, losses, smoothed, seconds)
                 raise TrainingCancelled(f"training cancelled after step {step} of {total}")
             loss = trainer.step(step)
             step += 1

@@ -102,12 +102,12 @@ def test_post_image_is_the_only_image_or_the_grid(tmp_path: Path) -> None:
     data_dir = tmp_path
     folder = data_dir / "generations" / "abc123"
     single = _images(folder, 1)
-    assert post_image(_row(tmp_path, files=[str(single[0])]), data_dir) == single[0]
+    assert post_image(_row(tmp_path, files=[str(single[0])])) == single[0]
     several = _row(tmp_path, files=[str(path) for path in _images(folder, 2)])
-    assert post_image(several, data_dir) is None  # no grid made yet
+    assert post_image(several) is None  # no grid made yet
     make_grid([Path(path) for path in several.files], folder / GRID_FILE)
-    assert post_image(several, data_dir) == folder / GRID_FILE
-    assert post_image(_row(tmp_path, files=[]), data_dir) is None
+    assert post_image(several) == folder / GRID_FILE
+    assert post_image(_row(tmp_path, files=[])) is None
 
 
 def test_base_size_halves_an_upscale(tmp_path: Path) -> None:

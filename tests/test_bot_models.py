@@ -233,7 +233,8 @@ def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
             h.trained_model(h.alice, "abraza")
             h.trained_model(h.bob, "zorvik")
             ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="abraza as a viking")
-            await ix.wait_original(lambda m: m.files, timeout=120)
+            post = await ix.wait_original(lambda m: m.files, timeout=120)
+            mirror = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files, timeout=30)
             await train(h, h.alice, "quorbly")
             assert files_under(h.data_dir / "generations") and files_under(h.data_dir / "photos")
             bobs = files_under(h.data_dir / "adapters" / str(h.guild_id) / "zorvik")
@@ -242,7 +243,8 @@ def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
             await h.fake.click(h.alice, question, button(question, "Delete everything"))
             await h.fake.wait_until(lambda: question.content.startswith("Done."), timeout=90)
             assert "2 models" in question.content and "2 jobs" in question.content
-            assert "1 picture record" in question.content
+            assert "1 picture (their posts and gallery copies too)" in question.content
+            assert post.deleted and mirror.deleted
 
             assert h.db.models_of(h.alice) == [] and h.db.active_jobs(h.alice) == []
             assert h.db.search_generations(h.guild_id, user_id=h.alice, limit=10) == ([], 0)

@@ -377,12 +377,12 @@ def test_resume_continues_from_the_checkpoint(
     output_dir = tmp_path / "interrupted"
     first, _ = run(sd, photos, output_dir, class_images_dir, training, steps=12, stop_after=7)
     assert first is None
-    # checkpoint_every=5: the checkpoint of step 5 is the newest (and only) one.
-    assert [path.name for path in (output_dir / "checkpoints").iterdir()] == ["step-000005"]
+    # Stopping keeps every step done: step 7's checkpoint replaces the periodic one of step 5.
+    assert [path.name for path in (output_dir / "checkpoints").iterdir()] == ["step-000007"]
 
     resumed, events = run(sd, photos, output_dir, class_images_dir, training, steps=12)
     assert resumed is not None
-    assert training_steps(events) == list(range(6, 13))
+    assert training_steps(events) == list(range(8, 13))
     assert len(resumed.losses) == 12
     assert resumed.losses == pytest.approx(uninterrupted.losses, rel=1e-4)
     trained, reference = load_file(resumed.adapter_path), load_file(uninterrupted.adapter_path)

@@ -46,7 +46,7 @@ class Gallery(commands.Cog):
         channel = self.bot.gallery_channel(guild)
         if guild is None or channel is None or channel.id == message.channel.id:
             return
-        upload, name = image_upload(row, self.bot.config.data_dir, guild.filesize_limit)
+        upload, name = image_upload(row, guild.filesize_limit)
         embed = generation_embed(row, name)
         embed.add_field(name="Original", value=f"[Jump to the post]({message.jump_url})")
         try:
@@ -171,7 +171,7 @@ class GalleryPager(discord.ui.View):
         self.row = row = rows[0]
         guild = self.bot.get_guild(self.guild_id)
         size_limit = guild.filesize_limit if guild else DEFAULT_UPLOAD_LIMIT
-        upload, name = image_upload(row, self.bot.config.data_dir, size_limit)
+        upload, name = image_upload(row, size_limit)
         embed = generation_embed(row, name)
         embed.add_field(name="Stars", value=f"{STAR} {row.stars}")
         if row.message_id is not None:

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import discord
 from discord import app_commands
@@ -31,6 +31,7 @@ from bot.bot import DreamBot, UserFacingError, report_error
 from bot.db import GenerationRow, JobRow, ModelRow, new_job_id
 from bot.prompts import models_in_prompt, size_for_aspect
 from bot.safety import merge_negative, prompt_refusal
+from bot.storage import generation_dir
 from bot.uploads import image_file
 from engine.protocol import Accepted, AdapterRef, Error, GenerateJob, Result, decode, encode
 
@@ -84,15 +85,11 @@ def _whole_word(word: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", re.IGNORECASE)
 
 
-def generation_dir(data_dir: Path, job_id: str) -> Path:
-    return data_dir / "generations" / job_id
-
-
-def post_image(row: GenerationRow, data_dir: Path) -> Path | None:
-    """The picture a generation is shown as: its only image, or the grid of several."""
+def post_image(row: GenerationRow) -> Path | None:
+    """The picture a generation is shown as: its only image, or the grid of several beside them."""
     if not row.files:
         return None
-    path = Path(row.files[0]) if len(row.files) == 1 else generation_dir(data_dir, row.job_id) / GRID_FILE
+    path = Path(row.files[0]) if len(row.files) == 1 else Path(row.files[0]).parent / GRID_FILE
     return path if path.is_file() else None
 
 
@@ -121,11 +118,9 @@ def generation_embed(row: GenerationRow, image_name: str | None) -> discord.Embe
     return embed
 
 
-def image_upload(
-    row: GenerationRow, data_dir: Path, size_limit: int
-) -> tuple[discord.File | None, str | None]:
+def image_upload(row: GenerationRow, size_limit: int) -> tuple[discord.File | None, str | None]:
     """The generation's picture as an upload named by its id (never by anything a member typed)."""
-    path = post_image(row, data_dir)
+    path = post_image(row)
     if path is None:
         return None, None
     upload = image_file(path, f"dreambot-{row.id}.png", size_limit)
@@ -307,7 +302,7 @@ class Imagine(commands.Cog):
         payload = GenerateJob(
             job_id=job_id,
             prompt=request.prompt,
-            output_dir=str(generation_dir(self.bot.config.data_dir, job_id)),
+            output_dir=str(generation_dir(self.bot.config, job_id)),
             negative_prompt=request.negative_prompt,
             seed=seed,
             steps=request.steps,
@@ -380,7 +375,7 @@ class Imagine(commands.Cog):
             Path(event.files[index]).unlink(missing_ok=True)
         hidden = len(event.files) - len(kept)
         if not kept:
-            shutil.rmtree(generation_dir(self.bot.config.data_dir, job.id), ignore_errors=True)
+            shutil.rmtree(generation_dir(self.bot.config, job.id), ignore_errors=True)
             await self._tell(
                 job,
                 waiting,
@@ -413,7 +408,7 @@ class Imagine(commands.Cog):
         )
         if len(files) > 1:
             # Encoding a 2x2 grid of full-size images takes a moment: off the event loop.
-            grid = generation_dir(self.bot.config.data_dir, job.id) / GRID_FILE
+            grid = generation_dir(self.bot.config, job.id) / GRID_FILE
             await asyncio.to_thread(make_grid, [Path(path) for path in files], grid)
         note = f" (the safety checker hid {_pictures(hidden)} flagged as NSFW)" if hidden else ""
         message = await self._post(job, waiting, row, note)
@@ -426,7 +421,7 @@ class Imagine(commands.Cog):
     async def on_job_error(self, job: JobRow, event: Error) -> None:
         if job.kind != "generate":
             return
-        shutil.rmtree(generation_dir(self.bot.config.data_dir, job.id), ignore_errors=True)
+        shutil.rmtree(generation_dir(self.bot.config, job.id), ignore_errors=True)
         if event.code == "cancelled":
             text = f"<@{job.user_id}> your image was cancelled."
         else:
@@ -441,7 +436,7 @@ class Imagine(commands.Cog):
         if guild is None:
             log.warning("generation %s is for a server I'm not in", row.id)
             return None
-        upload, name = image_upload(row, self.bot.config.data_dir, guild.filesize_limit)
+        upload, name = image_upload(row, guild.filesize_limit)
         content = f"<@{row.user_id}>{note}"
         embed = generation_embed(row, name)
         view = generation_view(row)
@@ -456,7 +451,7 @@ class Imagine(commands.Cog):
                 )
             except discord.HTTPException:
                 log.info("could not finish job %s on its interaction; posting instead", job.id)
-                upload, name = image_upload(row, self.bot.config.data_dir, guild.filesize_limit)
+                upload, name = image_upload(row, guild.filesize_limit)
         channel = guild.get_channel_or_thread(job.channel_id)
         if not isinstance(channel, discord.TextChannel | discord.Thread):
             log.warning("the channel of generation %s is gone", row.id)
@@ -585,18 +580,9 @@ class Imagine(commands.Cog):
         if interaction.user.id != row.user_id and not interaction.permissions.manage_guild:
             raise UserFacingError("Only the member who made this image, or a server manager, can delete it.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        guild = interaction.guild
-        posts = [
-            (guild.get_channel_or_thread(row.channel_id) if guild else None, row.message_id),
-            (self.bot.gallery_channel(guild), row.gallery_message_id),
-        ]
-        for channel, message_id in posts:
-            if isinstance(channel, discord.TextChannel | discord.Thread) and message_id is not None:
-                # Already deleted by hand: nothing left to do for that one.
-                with contextlib.suppress(discord.NotFound):
-                    await channel.get_partial_message(message_id).delete()
+        await self.bot.delete_generation_posts(row)
         self.bot.db.delete_generation(row.id)
-        folder = generation_dir(self.bot.config.data_dir, row.job_id)
+        folder = generation_dir(self.bot.config, row.job_id)
         await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
         await interaction.followup.send(
             "Deleted: the post, its gallery copy and the image files.", ephemeral=True
@@ -636,56 +622,38 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambo
         await cog.guarded(interaction, cog.reroll(interaction, self.generation_id))
 
 
-class VariationButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:vary:(?P<id>\d+):(?P<index>\d)"
+class ImageButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"dreambot:(?P<action>vary|upscale):(?P<id>\d+):(?P<index>\d)",
 ):
-    def __init__(self, generation_id: int, index: int, label: str = "Variations") -> None:
+    """Variations (row 1) or Upscale (row 2) of one image of a generation."""
+
+    LABELS: ClassVar[dict[str, tuple[str, str]]] = {"vary": ("Variations", "V"), "upscale": ("Upscale", "U")}
+
+    def __init__(self, action: str, generation_id: int, index: int, several: bool = False) -> None:
+        label, prefix = self.LABELS[action]
         super().__init__(
             discord.ui.Button(
-                label=label,
+                label=f"{prefix}{index + 1}" if several else label,
                 style=discord.ButtonStyle.secondary,
-                custom_id=f"dreambot:vary:{generation_id}:{index}",
-                row=1,
+                custom_id=f"dreambot:{action}:{generation_id}:{index}",
+                row=1 if action == "vary" else 2,
             )
         )
+        self.action = action
         self.generation_id = generation_id
         self.index = index
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
-    ) -> VariationButton:
-        return cls(int(match["id"]), int(match["index"]))
+    ) -> ImageButton:
+        return cls(match["action"], int(match["id"]), int(match["index"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = _imagine(interaction)
-        await cog.guarded(interaction, cog.vary(interaction, self.generation_id, self.index))
-
-
-class UpscaleButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:upscale:(?P<id>\d+):(?P<index>\d)"
-):
-    def __init__(self, generation_id: int, index: int, label: str = "Upscale") -> None:
-        super().__init__(
-            discord.ui.Button(
-                label=label,
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"dreambot:upscale:{generation_id}:{index}",
-                row=2,
-            )
-        )
-        self.generation_id = generation_id
-        self.index = index
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
-    ) -> UpscaleButton:
-        return cls(int(match["id"]), int(match["index"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine(interaction)
-        await cog.guarded(interaction, cog.upscale(interaction, self.generation_id, self.index))
+        start = cog.vary if self.action == "vary" else cog.upscale
+        await cog.guarded(interaction, start(interaction, self.generation_id, self.index))
 
 
 class UsePromptButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:prompt:(?P<id>\d+)"):
@@ -736,7 +704,7 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambo
         await cog.guarded(interaction, cog.delete(interaction, self.generation_id))
 
 
-BUTTONS = (RerollButton, VariationButton, UpscaleButton, UsePromptButton, DeleteButton)
+BUTTONS = (RerollButton, ImageButton, UsePromptButton, DeleteButton)
 
 
 def generation_view(row: GenerationRow) -> discord.ui.View:
@@ -747,10 +715,9 @@ def generation_view(row: GenerationRow) -> discord.ui.View:
     view.add_item(DeleteButton(row.id))
     if row.kind != "upscale":
         several = len(row.files) > 1
-        for index in range(len(row.files)):
-            view.add_item(VariationButton(row.id, index, f"V{index + 1}" if several else "Variations"))
-        for index in range(len(row.files)):
-            view.add_item(UpscaleButton(row.id, index, f"U{index + 1}" if several else "Upscale"))
+        for action in ("vary", "upscale"):
+            for index in range(len(row.files)):
+                view.add_item(ImageButton(action, row.id, index, several))
     return view
 
 

@@ -392,7 +392,9 @@ class Models(commands.Cog):
             await wait_until_finished(self.bot, [job.id for job in active])
 
         jobs = db.jobs_of(user_id)
-        generations = db.count_generations(user_id)
+        generations = db.generations_of(user_id)
+        for generation in generations:
+            await self.bot.delete_generation_posts(generation)
         config = self.bot.config
         paths: list[str | Path] = [adapter_dir(config, model.guild_id, model.token) for model in models]
         for job in jobs:
@@ -404,9 +406,9 @@ class Models(commands.Cog):
         await interaction.edit_original_response(
             content=(
                 f"Done. I deleted {_count(len(models), 'model')}, {_count(len(jobs), 'job')}, "
-                f"{_count(generations, 'picture record')} and {_count(files, 'file')} (photos, model "
-                "weights, samples and pictures). Nothing of yours is left on my side; messages already "
-                "posted in channels stay until you delete them."
+                f"{_count(len(generations), 'picture')} (their posts and gallery copies too) and "
+                f"{_count(files, 'file')} (photos, model weights, samples and pictures). Nothing of yours "
+                "is left on my side."
             )
         )
 
