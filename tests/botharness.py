@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fakediscord import FakeDiscord, FakeGuild
+from fakediscord import FakeDiscord, FakeGuild, FakeMessage
 from PIL import Image, ImageEnhance, ImageOps
 
 from bot.bot import DreamBot
@@ -28,6 +28,8 @@ from engine.config import Config, load_config
 PHOTOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
 # The engine loads the tiny model and answers within seconds; trainings at 64 px take a few more.
 JOB_TIMEOUT = 120.0
+# A whole training (class images, steps, samples), allowing for a machine busy with other work.
+TRAIN_TIMEOUT = 600.0
 
 TEST_SETTINGS: dict[str, dict[str, Any]] = {
     "model": {"base": "tiny", "device": "cpu"},
@@ -100,6 +102,27 @@ class BotHarness:
             guild_id=self.guild_id, owner_id=user_id, token=token, class_word=class_word
         )
         return self.db.update_model(model.id, state="ready", shared=int(shared), adapter_path=str(adapter))
+
+
+async def imagine(h: BotHarness, user_id: int, **options: Any) -> FakeMessage:
+    """Run /imagine in #prompts and return the finished post."""
+    ix = await h.fake.slash(user_id, h.prompts_channel_id, "imagine", **options)
+    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+
+
+async def start_training(h: BotHarness, user_id: int, name: str) -> FakeMessage:
+    """Queue a training of three selfies through /train in #general; its public progress message."""
+    photos = h.selfies(3)
+    ix = await h.fake.slash(
+        user_id, h.general_channel_id, "train", name=name, subject="person",
+        photo1=photos[0], photo2=photos[1], photo3=photos[2],
+    )  # fmt: skip
+    await ix.wait_followups(1, timeout=30)
+    return await h.fake.wait_message(h.general_channel_id, lambda m: f"Training **{name}**" in m.content)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
 
 
 def selfie_jpeg(index: int, size: int = 160) -> bytes:

@@ -6,15 +6,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from botharness import JOB_TIMEOUT, BotHarness, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, imagine, running_bot
 from fakediscord import FakeInteraction, FakeMessage
 
 from bot.cogs.gallery import message_url
-
-
-async def imagine(h: BotHarness, user_id: int, prompt: str) -> FakeMessage:
-    ix = await h.fake.slash(user_id, h.prompts_channel_id, "imagine", prompt=prompt)
-    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
 
 
 def page(message: FakeMessage) -> tuple[str, str]:
@@ -45,9 +40,9 @@ def test_gallery_pages_searches_filters_and_sorts_by_stars(tmp_path: Path) -> No
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
             h.trained_model(h.alice, "abraza")
-            castle = await imagine(h, h.alice, "abraza at a castle")
-            await imagine(h, h.alice, "abraza on a beach")
-            await imagine(h, h.bob, "a red dragon")
+            castle = await imagine(h, h.alice, prompt="abraza at a castle")
+            await imagine(h, h.alice, prompt="abraza on a beach")
+            await imagine(h, h.bob, prompt="a red dragon")
             await h.fake.wait_until(
                 lambda: all(h.db.generation(i).gallery_message_id for i in (1, 2, 3)), timeout=10
             )

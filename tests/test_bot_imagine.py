@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, imagine, running_bot
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
@@ -158,12 +158,6 @@ def image_size(message: FakeMessage, index: int = 0) -> tuple[int, int]:
 
 def field(message: FakeMessage, name: str) -> str:
     return next(f["value"] for f in message.embeds[0]["fields"] if f["name"] == name)
-
-
-async def imagine(h: BotHarness, user_id: int, **options: Any) -> FakeMessage:
-    """Run /imagine in #prompts and return the finished post."""
-    ix = await h.fake.slash(user_id, h.prompts_channel_id, "imagine", **options)
-    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
 
 
 async def click_for_post(h: BotHarness, user_id: int, message: FakeMessage, custom_id: str) -> FakeMessage:

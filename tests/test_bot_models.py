@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import BotHarness, running_bot
+from botharness import BotHarness, files_under, running_bot, start_training
 from fakediscord import CommandUnavailable, FakeMessage
 
 from bot.cogs.models import CANCEL_TEMPLATE, CancelJobButton, describe_job
@@ -83,10 +83,6 @@ def run(scenario: Coroutine[Any, Any, None]) -> None:
     asyncio.run(scenario)
 
 
-def files_under(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
-
-
 def button(message: FakeMessage, label: str) -> str:
     """The custom_id of the button labelled `label` on a message."""
     stack = list(message.components)
@@ -103,17 +99,6 @@ async def answer(h: BotHarness, user_id: int, command: str, **options: Any) -> F
     message = await ix.wait_original(timeout=30)
     assert message.ephemeral
     return message
-
-
-async def train(h: BotHarness, user_id: int, name: str) -> FakeMessage:
-    """Queue a training through /train; the public progress message."""
-    photos = h.selfies(3)
-    ix = await h.fake.slash(
-        user_id, h.general_channel_id, "train", name=name, subject="person",
-        photo1=photos[0], photo2=photos[1], photo3=photos[2],
-    )  # fmt: skip
-    await ix.wait_followups(1, timeout=30)
-    return await h.fake.wait_message(h.general_channel_id, lambda m: f"Training **{name}**" in m.content)
 
 
 def test_models_share_and_export(tmp_path: Path) -> None:
@@ -184,8 +169,8 @@ def test_queue_cancel_buttons_work_after_a_restart_and_for_admins(tmp_path: Path
         # Long trainings: they are cancelled long before they could finish.
         async with running_bot(tmp_path, training={"max_steps": 500}) as h:
             assert "nothing waiting or running" in (await answer(h, h.alice, "queue")).content
-            first = await train(h, h.alice, "abraza")
-            second = await train(h, h.alice, "zorvik")
+            first = await start_training(h, h.alice, "abraza")
+            second = await start_training(h, h.alice, "zorvik")
 
             listing = await answer(h, h.alice, "queue")
             assert "1. training **abraza**" in listing.content and "2. training **zorvik**" in listing.content
@@ -235,7 +220,7 @@ def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
             ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="abraza as a viking")
             post = await ix.wait_original(lambda m: m.files, timeout=120)
             mirror = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files, timeout=30)
-            await train(h, h.alice, "quorbly")
+            await start_training(h, h.alice, "quorbly")
             assert files_under(h.data_dir / "generations") and files_under(h.data_dir / "photos")
             bobs = files_under(h.data_dir / "adapters" / str(h.guild_id) / "zorvik")
 

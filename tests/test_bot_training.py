@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import PHOTOS_DIR, running_bot
+from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, files_under, running_bot
 
 from bot.cogs.training import (
     PROGRESS_EDIT_INTERVAL,
@@ -110,16 +110,10 @@ def test_progress_status_shows_phase_step_percent_eta_and_bar() -> None:
 # -- end to end: the real bot and engine worker against the fake Discord ----------------------------
 
 PROGRESS_MARK = "🎨 Training **"
-# A whole training on the tiny model; generous, since CI machines are small and shared.
-TRAIN_TIMEOUT = 600.0
 
 
 def run(scenario: Coroutine[Any, Any, None]) -> None:
     asyncio.run(scenario)
-
-
-def files_under(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
 
 
 def test_train_reports_each_photo_then_posts_the_samples(tmp_path: Path) -> None:

@@ -1,0 +1,81 @@
+"""The bot when things go wrong under it: a restart mid-training, an engine process killed mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from botharness import JOB_TIMEOUT, TRAIN_TIMEOUT, BotHarness, running_bot, start_training
+from fakediscord import FakeMessage
+
+STEPS = 40
+# Three selfies at 20 steps each, capped at STEPS: long enough to interrupt, short enough to finish.
+TRAINING = {"steps_per_photo": 20, "max_steps": STEPS}
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+
+
+def training_steps(message: FakeMessage, since: int = 0) -> list[int]:
+    """The training steps a progress message showed, from its `since`-th version on, in order."""
+    versions = [*(entry["content"] for entry in message.history[since:]), message.content]
+    return [int(found) for text in versions for found in re.findall(rf"Training: step (\d+)/{STEPS}", text)]
+
+
+async def ready_post(h: BotHarness, token: str) -> FakeMessage:
+    return await h.fake.wait_message(
+        h.general_channel_id, lambda m: f"your model **{token}** is ready" in m.content, timeout=TRAIN_TIMEOUT
+    )
+
+
+def test_a_training_in_flight_resumes_after_the_bot_restarts(tmp_path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path, training={**TRAINING, "checkpoint_every": 1000}) as h:
+            progress = await start_training(h, h.alice, "abraza")
+            (job,) = h.db.active_jobs(h.alice)
+            await h.fake.wait_until(lambda: training_steps(progress), timeout=JOB_TIMEOUT)
+
+            # An operator restarts the bot: its engine worker stops with it, mid-training.
+            await h.restart()
+            seen = len(progress.history)
+
+            done = await ready_post(h, "abraza")
+            assert done.allowed_mentions == {"parse": [], "users": [h.alice]} and done.files
+            assert h.db.job(job.id).state == "done"
+            model = h.db.model_by_token(h.guild_id, "abraza")
+            assert model is not None and model.state == "ready"
+            # It went on from where it stopped (the stop saved a checkpoint), not from step 1.
+            resumed = training_steps(progress, since=seen)
+            assert resumed and resumed[0] > 1, resumed
+            assert h.fake.errors == []
+
+    run(scenario)
+
+
+def test_a_killed_engine_is_replaced_and_its_job_retried_while_the_bot_keeps_answering(tmp_path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path, training={**TRAINING, "checkpoint_every": 10}) as h:
+            progress = await start_training(h, h.alice, "abraza")
+            await h.fake.wait_until(lambda: training_steps(progress), timeout=JOB_TIMEOUT)
+            (worker,) = h.bot.jobs.workers
+            killed = worker.pid
+            assert killed is not None
+            os.kill(killed, signal.SIGKILL)
+
+            # Commands are answered whatever the engine is doing.
+            ix = await h.fake.slash(h.bob, h.general_channel_id, "help")
+            assert (await ix.wait_original(timeout=10)).embeds
+
+            done = await ready_post(h, "abraza")
+            assert done.files
+            assert worker.pid != killed
+            (job,) = h.db.jobs_of(h.alice)
+            assert job.state == "done" and job.attempts == 2
+            assert h.fake.errors == []
+
+    run(scenario)
