@@ -169,8 +169,9 @@ def write_random_adapter(data_dir: Path, folder: Path) -> Path:
 
 
 def write_config(path: Path, data_dir: Path, guild_id: int, overrides: dict[str, dict[str, Any]]) -> Path:
+    """The bot tests' config: TEST_SETTINGS, the fake guild's channels, then `overrides`."""
     settings: dict[str, dict[str, Any]] = {section: dict(values) for section, values in TEST_SETTINGS.items()}
-    settings.setdefault("storage", {})["data_dir"] = str(data_dir)
+    settings["storage"] = {"data_dir": str(data_dir)}
     settings["discord"] = {
         "guild_ids": [guild_id],
         "prompts_channel": "prompts",
@@ -178,6 +179,23 @@ def write_config(path: Path, data_dir: Path, guild_id: int, overrides: dict[str,
     }
     for section, values in overrides.items():
         settings.setdefault(section, {}).update(values)
+    return write_toml(path, settings)
+
+
+def write_engine_config(path: Path, data_dir: Path, *, base: str = "tiny", checkpoint_every: int = 3) -> Path:
+    """The engine and queue tests' config: the tiny model at 64 px, trainings of up to 50 steps."""
+    training = {
+        "resolution": 64,
+        "max_steps": 50,
+        "class_images": 2,
+        "checkpoint_every": checkpoint_every,
+        "sample_count": 1,
+    }
+    settings = {"model": {"base": base, "device": "cpu"}, "storage": {"data_dir": str(data_dir)}}
+    return write_toml(path, {**settings, "training": training})
+
+
+def write_toml(path: Path, settings: dict[str, dict[str, Any]]) -> Path:
     lines = []
     for section, values in settings.items():
         lines.append(f"[{section}]")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from botharness import write_engine_config
 from PIL import Image
 
 from bot.db import Database, JobRow
@@ -157,24 +158,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, pho
 
 
 def write_config(data_dir: Path, folder: Path, base: str = "tiny") -> Config:
-    path = folder / "config.toml"
-    path.write_text(
-        f"""
-[model]
-base = "{base}"
-device = "cpu"
-[storage]
-data_dir = "{data_dir}"
-[training]
-resolution = 64
-max_steps = 50
-class_images = 2
-checkpoint_every = 3
-sample_count = 1
-""",
-        encoding="utf-8",
-    )
-    return load_config(path)
+    return load_config(write_engine_config(folder / "config.toml", data_dir, base=base))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from botharness import write_engine_config
 from PIL import Image
 
 from engine.protocol import (
@@ -46,24 +47,9 @@ def write_config(data_dir: Path, tiny_model_dir: Path, *, base: str = "tiny") ->
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "models" / "tiny").exists():
         shutil.copytree(tiny_model_dir, data_dir / "models" / "tiny")
-    path = data_dir / "config.toml"
-    path.write_text(
-        f"""
-[model]
-base = "{base}"
-device = "cpu"
-[storage]
-data_dir = "{data_dir}"
-[training]
-resolution = 64
-max_steps = 50
-class_images = 2
-checkpoint_every = {CHECKPOINT_EVERY}
-sample_count = 1
-""",
-        encoding="utf-8",
+    return write_engine_config(
+        data_dir / "config.toml", data_dir, base=base, checkpoint_every=CHECKPOINT_EVERY
     )
-    return path
 
 
 def write_photos(photos_dir: Path, folder: Path, count: int = 3) -> list[str]:

@@ -598,28 +598,38 @@ def _imagine(interaction: discord.Interaction) -> Imagine:
     return cog
 
 
-class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:reroll:(?P<id>\d+)"):
-    def __init__(self, generation_id: int) -> None:
+class GenerationButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"dreambot:(?P<action>reroll|prompt|delete):(?P<id>\d+)",
+):
+    """Reroll, Use prompt or Delete: an action on a whole generation (row 0)."""
+
+    LOOKS: ClassVar[dict[str, tuple[str, str, discord.ButtonStyle]]] = {
+        "reroll": ("Reroll", "🎲", discord.ButtonStyle.primary),
+        "prompt": ("Use prompt", "✏️", discord.ButtonStyle.secondary),
+        "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
+    }
+
+    def __init__(self, action: str, generation_id: int) -> None:
+        label, emoji, style = self.LOOKS[action]
         super().__init__(
             discord.ui.Button(
-                label="Reroll",
-                emoji="🎲",
-                style=discord.ButtonStyle.primary,
-                custom_id=f"dreambot:reroll:{generation_id}",
-                row=0,
+                label=label, emoji=emoji, style=style, custom_id=f"dreambot:{action}:{generation_id}", row=0
             )
         )
+        self.action = action
         self.generation_id = generation_id
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
-    ) -> RerollButton:
-        return cls(int(match["id"]))
+    ) -> GenerationButton:
+        return cls(match["action"], int(match["id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = _imagine(interaction)
-        await cog.guarded(interaction, cog.reroll(interaction, self.generation_id))
+        start = {"reroll": cog.reroll, "prompt": cog.open_prompt_modal, "delete": cog.delete}[self.action]
+        await cog.guarded(interaction, start(interaction, self.generation_id))
 
 
 class ImageButton(
@@ -656,63 +666,14 @@ class ImageButton(
         await cog.guarded(interaction, start(interaction, self.generation_id, self.index))
 
 
-class UsePromptButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:prompt:(?P<id>\d+)"):
-    def __init__(self, generation_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Use prompt",
-                emoji="✏️",
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"dreambot:prompt:{generation_id}",
-                row=0,
-            )
-        )
-        self.generation_id = generation_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
-    ) -> UsePromptButton:
-        return cls(int(match["id"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine(interaction)
-        await cog.guarded(interaction, cog.open_prompt_modal(interaction, self.generation_id))
-
-
-class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"dreambot:delete:(?P<id>\d+)"):
-    def __init__(self, generation_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Delete",
-                emoji="🗑️",
-                style=discord.ButtonStyle.danger,
-                custom_id=f"dreambot:delete:{generation_id}",
-                row=0,
-            )
-        )
-        self.generation_id = generation_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: Any, /
-    ) -> DeleteButton:
-        return cls(int(match["id"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine(interaction)
-        await cog.guarded(interaction, cog.delete(interaction, self.generation_id))
-
-
-BUTTONS = (RerollButton, ImageButton, UsePromptButton, DeleteButton)
+BUTTONS = (GenerationButton, ImageButton)
 
 
 def generation_view(row: GenerationRow) -> discord.ui.View:
     """The buttons under a generation; no timeout, as every click is resolved from its custom_id."""
     view = discord.ui.View(timeout=None)
-    view.add_item(RerollButton(row.id))
-    view.add_item(UsePromptButton(row.id))
-    view.add_item(DeleteButton(row.id))
+    for action in ("reroll", "prompt", "delete"):
+        view.add_item(GenerationButton(action, row.id))
     if row.kind != "upscale":
         several = len(row.files) > 1
         for action in ("vary", "upscale"):
