@@ -11,6 +11,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -385,12 +386,16 @@ class Database:
         token: str | None = None,
         search: str | None = None,
         sort: Literal["newest", "top"] = "newest",
+        exclude_channel_ids: Collection[int] = (),
         offset: int = 0,
         limit: int = 1,
     ) -> tuple[list[GenerationRow], int]:
         """A page of a server's generations and the total that match, for /gallery."""
         where = ["g.guild_id = ?"]
         args: list[Any] = [guild_id]
+        if exclude_channel_ids:
+            where.append(f"g.channel_id NOT IN ({', '.join('?' * len(exclude_channel_ids))})")
+            args.extend(exclude_channel_ids)
         if user_id is not None:
             where.append("g.user_id = ?")
             args.append(user_id)

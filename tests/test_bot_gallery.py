@@ -122,3 +122,32 @@ def test_gallery_pages_searches_filters_and_sorts_by_stars(tmp_path: Path) -> No
             assert castle.id != post.id and not h.fake.errors
 
     asyncio.run(scenario())
+
+
+def test_pictures_from_age_restricted_channels_stay_in_age_restricted_channels(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # /imagine anywhere, NSFW allowed by the server: then only in age-restricted channels.
+        async with running_bot(tmp_path, discord={"prompts_channel": ""}, safety={"allow_nsfw": True}) as h:
+            ix = await h.fake.slash(h.alice, h.general_channel_id, "imagine", prompt="a nude statue")
+            refused = await ix.wait_original()
+            assert refused.ephemeral and "allowed only in age-restricted channels" in refused.content
+
+            ix = await h.fake.slash(h.alice, h.nsfw_channel_id, "imagine", prompt="a nude statue")
+            await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+            ix = await h.fake.slash(h.alice, h.general_channel_id, "imagine", prompt="a marble statue")
+            await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+
+            # The gallery channel is not age-restricted: only the ordinary picture is mirrored there.
+            mirror = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files, timeout=JOB_TIMEOUT)
+            assert mirror.embeds[0]["description"] == "a marble statue"
+            assert [m.embeds[0]["description"] for m in h.fake.messages_in(h.gallery_channel_id)] == [
+                "a marble statue"
+            ]
+            # /gallery shows the age-restricted picture only where it was allowed.
+            ordinary = await (await gallery(h, h.bob)).wait_original()
+            assert page(ordinary) == ("a marble statue", "1 / 1")
+            ix = await h.fake.slash(h.bob, h.nsfw_channel_id, "gallery")
+            assert page(await ix.wait_original()) == ("a marble statue", "1 / 2")
+            assert h.fake.errors == []
+
+    asyncio.run(scenario())

@@ -8,6 +8,7 @@ not); /gallery pages through the server's generations, newest or most starred fi
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Literal, cast
 
 import discord
@@ -29,6 +30,12 @@ STAR = "⭐"
 PAGER_TIMEOUT = 15 * 60
 
 
+def is_age_restricted(channel: object) -> bool:
+    """Threads inherit their parent's age restriction; DMs and unknown channels have none."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw and is_nsfw())
+
+
 def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
     return f"https://discord.com/channels/{guild_id}/{channel_id}/{message_id}"
 
@@ -46,6 +53,8 @@ class Gallery(commands.Cog):
         channel = self.bot.gallery_channel(guild)
         if guild is None or channel is None or channel.id == message.channel.id:
             return
+        if is_age_restricted(message.channel) and not channel.is_nsfw():
+            return  # what an age-restricted channel allows stays there
         upload, name = image_upload(row, guild.filesize_limit)
         embed = generation_embed(row, name)
         embed.add_field(name="Original", value=f"[Jump to the post]({message.jump_url})")
@@ -105,10 +114,17 @@ class Gallery(commands.Cog):
     ) -> None:
         """Browse the images made on this server."""
         assert interaction.guild is not None  # guild_only
+        # Pictures made in age-restricted channels are shown only in age-restricted channels.
+        hidden = (
+            ()
+            if is_age_restricted(interaction.channel)
+            else [channel.id for channel in interaction.guild.text_channels if channel.is_nsfw()]
+        )
         pager = GalleryPager(
             self.bot,
             opener_id=interaction.user.id,
             guild_id=interaction.guild.id,
+            exclude_channel_ids=hidden,
             user_id=user.id if user else None,
             token=model.strip().lower() if model else None,
             search=search,
@@ -146,8 +162,10 @@ class GalleryPager(discord.ui.View):
         token: str | None,
         search: str | None,
         sort: Literal["newest", "top"],
+        exclude_channel_ids: Collection[int] = (),
     ) -> None:
         super().__init__(timeout=PAGER_TIMEOUT)
+        self.exclude_channel_ids = exclude_channel_ids
         self.bot = bot
         self.opener_id = opener_id
         self.guild_id = guild_id
@@ -189,6 +207,7 @@ class GalleryPager(discord.ui.View):
             token=self.token,
             search=self.search,
             sort=self.sort,
+            exclude_channel_ids=self.exclude_channel_ids,
             offset=self.index,
             limit=1,
         )
