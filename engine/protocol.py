@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+# What a member's token and class word may be: the bot refuses others before queuing, the engine
+# before training. A token also names the adapter on the pipeline.
+TOKEN_PATTERN = re.compile(r"[a-z0-9]{3,20}")
+CLASS_WORD_PATTERN = re.compile(r"[a-z]+(?: [a-z]+){0,2}")
 
 # ---------------------------------------------------------------------------------------------
 # Jobs: bot -> worker

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import TrainingSection
 from engine.model import LoadedModel
+from engine.protocol import CLASS_WORD_PATTERN, TOKEN_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,6 @@ WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 # Exponential smoothing of the reported loss: the per-step loss depends mostly on the random timestep.
 LOSS_SMOOTHING = 0.9
-
-TOKEN_PATTERN = re.compile(r"[a-z0-9]{3,20}")
-CLASS_PATTERN = re.compile(r"[a-z]+(?: [a-z]+){0,2}")
 
 
 class BadTrainingRequest(ValueError):
@@ -98,7 +96,7 @@ class TrainingRequest:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
         if not TOKEN_PATTERN.fullmatch(self.token):
             raise BadTrainingRequest(f"token: expected 3-20 lowercase letters or digits, got {self.token!r}")
-        if not CLASS_PATTERN.fullmatch(self.class_word):
+        if not CLASS_WORD_PATTERN.fullmatch(self.class_word):
             raise BadTrainingRequest(
                 f"class word: expected 1-3 lowercase words like 'person' or 'dog', got {self.class_word!r}"
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -28,12 +27,19 @@ from bot.storage import adapter_dir, photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
 from bot.words import CLASS_WORDS, COMMON_WORDS
 from engine.intake import IntakeReport, PhotoVerdict, check_photos
-from engine.protocol import Accepted, Error, Progress, Result, TrainJob, encode
+from engine.protocol import (
+    CLASS_WORD_PATTERN,
+    TOKEN_PATTERN,
+    Accepted,
+    Error,
+    Progress,
+    Result,
+    TrainJob,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
-TOKEN_PATTERN = re.compile(r"[a-z0-9]{3,20}")
-SUBJECT_PATTERN = re.compile(r"[a-z]+(?: [a-z]+){0,2}")
 # Discord rate-limits message edits; a progress message changes at most this often per job.
 PROGRESS_EDIT_INTERVAL = 5.0
 PROGRESS_BAR_WIDTH = 20
@@ -80,7 +86,7 @@ def token_problem(token: str) -> str | None:
 
 def subject_problem(subject: str) -> str | None:
     """Why `subject` (already normalized) cannot be a class word, or None when it can."""
-    if SUBJECT_PATTERN.fullmatch(subject):
+    if CLASS_WORD_PATTERN.fullmatch(subject):
         return None
     return (
         "The subject says what kind of thing you are teaching: 1 to 3 lowercase words, "
