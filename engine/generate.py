@@ -45,8 +45,6 @@ SAMPLER_NAME = "DPM++ 2M"
 MAX_IMAGES = 4
 MAX_STEPS = 150
 MIN_SIDE, MAX_SIDE = 64, 2048
-DEFAULT_VARIATION_STRENGTH = 0.6
-DEFAULT_UPSCALE_STRENGTH = 0.35
 UPSCALE_FACTOR = 2
 
 
@@ -77,7 +75,7 @@ class GenerationRequest:
     # A variation (img2img at `strength`, resized to width x height) or, with upscale, the image to
     # upscale 2x (width and height are then ignored).
     init_image: Path | None = None
-    # None: DEFAULT_VARIATION_STRENGTH or DEFAULT_UPSCALE_STRENGTH. Ignored without an init image.
+    # Required with an init image (the worker fills in [generation]'s); ignored without one.
     strength: float | None = None
     upscale: bool = False
 
@@ -117,6 +115,8 @@ class GenerationRequest:
             return
         if not self.init_image.is_file():
             raise ValueError(f"`init_image` has to be an existing file but is {str(self.init_image)!r}")
+        if self.strength is None:
+            raise ValueError("`strength` is required with an `init_image` but is None")
         init_width, init_height = _image_size(self.init_image)
         if self.upscale:
             width, height = self.output_size(init_width, init_height)
@@ -135,11 +135,7 @@ class GenerationRequest:
     @property
     def effective_strength(self) -> float | None:
         """The img2img strength used; None for text-to-image."""
-        if self.init_image is None:
-            return None
-        if self.strength is not None:
-            return self.strength
-        return DEFAULT_UPSCALE_STRENGTH if self.upscale else DEFAULT_VARIATION_STRENGTH
+        return None if self.init_image is None else self.strength
 
     def output_size(self, init_width: int, init_height: int) -> tuple[int, int]:
         """(width, height) of the images made from an init image of the given size."""

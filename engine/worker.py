@@ -208,8 +208,12 @@ class Worker:
         else:
             self._check_paths("output_dir", [job.output_dir])
             self._check_paths("adapter path", [adapter.path for adapter in job.adapters])
+            strength = job.strength
             if job.init_image is not None:
                 self._check_paths("init_image", [job.init_image])
+                if strength is None:
+                    settings = self.config.generation
+                    strength = settings.upscale_strength if job.upscale else settings.variation_strength
             request = GenerationRequest(
                 prompt=job.prompt,
                 negative_prompt=job.negative_prompt,
@@ -221,7 +225,7 @@ class Worker:
                 count=job.count,
                 adapters=tuple(job.adapters),
                 init_image=Path(job.init_image) if job.init_image is not None else None,
-                strength=job.strength,
+                strength=strength,
                 upscale=job.upscale,
             )
         return _Task(job, request)

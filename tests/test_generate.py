@@ -236,7 +236,7 @@ def test_variation_and_upscale(generator: Generator, tmp_path: Path) -> None:
     assert "Denoising strength: 0.6" in variation.parameters[0]
 
     upscale = generator.generate(
-        request(init_image=str(init), upscale=True, steps=6), output_dir=tmp_path / "up"
+        request(init_image=str(init), upscale=True, strength=0.35, steps=6), output_dir=tmp_path / "up"
     )
     assert upscale.images[0].size == (128, 128)
     resized = source.images[0].resize((128, 128), PIL.Image.LANCZOS)
@@ -278,13 +278,15 @@ def test_request_validation_of_init_images(tmp_path: Path) -> None:
     big = tmp_path / "big.png"
     PIL.Image.new("RGB", (1200, 800)).save(big)
     with pytest.raises(ValueError, match=r"1200x800: upscaled 2x it would be 2400x1600"):
-        request(init_image=big, upscale=True)
+        request(init_image=big, upscale=True, strength=0.35)
+    with pytest.raises(ValueError, match=r"`strength` is required with an `init_image`"):
+        request(init_image=big)
     with pytest.raises(ValueError, match=r"`steps`=2 at `strength`=0.3"):
         request(init_image=big, strength=0.3, steps=2)
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     with pytest.raises(ValueError, match=r"notes\.png"):
-        request(init_image=not_image)
+        request(init_image=not_image, strength=0.6)
     duplicate = AdapterRef("abraza", "person", "x")
     with pytest.raises(ValueError, match="abraza"):
         request(adapters=[duplicate, duplicate])
@@ -515,5 +517,5 @@ def test_sdxl_text_to_image_and_variation(tiny_data_dir: Path, tmp_path: Path) -
     variation = generator.generate(request(init_image=result.files[0], strength=0.5, width=64, height=96))
     assert variation.images[0].size == (64, 96)
     assert max_diff(variation.images[0], result.images[0]) > 10
-    upscale = generator.generate(request(init_image=result.files[0], upscale=True, steps=3))
+    upscale = generator.generate(request(init_image=result.files[0], upscale=True, strength=0.35, steps=3))
     assert upscale.images[0].size == (128, 192)

@@ -219,6 +219,12 @@ def test_ready_comes_first_and_a_generation_writes_pngs(engine: EngineProcess, d
     assert len(result.data["parameters"]) == 2
     assert result.data["nsfw"] == [False, False]
     assert result.data["seconds"] > 0
+
+    # A variation that names no strength gets [generation] variation_strength from the config.
+    engine.send(generate_job("gen1-variation", data_dir, init_image=result.files[0]))
+    variation = engine.finished("gen1-variation")
+    assert isinstance(variation, Result), variation
+    assert "Denoising strength: 0.6" in variation.data["parameters"][0]
     assert engine.not_protocol == []
 
 
