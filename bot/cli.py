@@ -20,13 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, Database, JobRow, ModelRow, new_job_id
+from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, Database, JobRow, new_job_id
 from bot.jobs import JobQueue
 from bot.prompts import ASPECTS, models_in_prompt, size_for_aspect
+from bot.safety import merge_negative
 from bot.storage import adapter_dir, generation_dir, photos_dir
 from engine.config import Config, ConfigError, load_config
 from engine.intake import check_files
-from engine.protocol import AdapterRef, Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+from engine.protocol import Error, Event, GenerateJob, Progress, Result, TrainJob, encode
 
 # Loading the base model can take minutes on a first run (download), training far longer.
 ENGINE_START_TIMEOUT = 60 * 60
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     imagine = command("imagine", "generate images; tokens of trained models in the prompt select them")
     imagine.add_argument("prompt")
-    imagine.add_argument("--negative", default=None, help="negative prompt (default: [safety] default)")
+    imagine.add_argument("--negative", help="terms added to the [safety] default negative prompt")
     imagine.add_argument("--seed", type=int, help="random when not given")
     imagine.add_argument("--steps", type=int, help="denoising steps (default: [generation] steps)")
     imagine.add_argument("--guidance", type=float, help="CFG scale (default: [generation] guidance)")
@@ -185,14 +186,14 @@ def imagine_command(config: Config, args: argparse.Namespace) -> int:
         job_id=job_id,
         prompt=args.prompt,
         output_dir=str(generation_dir(config, job_id)),
-        negative_prompt=config.safety.default_negative_prompt if args.negative is None else args.negative,
+        negative_prompt=merge_negative(config.safety.default_negative_prompt, args.negative),
         seed=seed,
         steps=args.steps or config.generation.steps,
         guidance=config.generation.guidance if args.guidance is None else args.guidance,
         width=width,
         height=height,
         count=args.count,
-        adapters=[_adapter_ref(model) for model in models],
+        adapters=[model.adapter_ref() for model in models],
     )
     db.ensure_user(LOCAL_USER_ID, "local")
     row = db.add_job(
@@ -231,11 +232,6 @@ def imagine_command(config: Config, args: argparse.Namespace) -> int:
         kind="txt2img",
     )
     return 0
-
-
-def _adapter_ref(model: ModelRow) -> AdapterRef:
-    assert model.adapter_path is not None  # ready models always have one
-    return AdapterRef(token=model.token, class_word=model.class_word, path=model.adapter_path)
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import sqlite_utils
 
+from engine.protocol import AdapterRef
+
 DATABASE_FILE = "dreambot.sqlite3"
 # Discord ids are never 0: the CLI acts as user 0 in "guild" 0.
 LOCAL_USER_ID = 0
@@ -43,6 +45,12 @@ class ModelRow:
     metadata: dict[str, Any]
     error: str | None
     created_at: float
+
+    def adapter_ref(self) -> AdapterRef:
+        """How the engine finds and prompts this model (only a ready model has an adapter)."""
+        if self.adapter_path is None:
+            raise ValueError(f"model {self.token!r} is {self.state}: it has no adapter yet")
+        return AdapterRef(token=self.token, class_word=self.class_word, path=self.adapter_path)
 
 
 @dataclass

@@ -130,3 +130,15 @@ def test_settings_default_and_override(db: Database) -> None:
     db.set_setting(10, "max_models_per_user", 6)
     assert db.setting(10, "max_models_per_user", 3) == 6
     assert db.setting(11, "max_models_per_user", 3) == 3
+
+
+def test_only_a_model_with_an_adapter_gives_the_engine_a_reference(db: Database) -> None:
+    model = db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
+    with pytest.raises(ValueError, match="'abraza' is queued: it has no adapter yet"):
+        model.adapter_ref()
+    ready = db.update_model(
+        model.id, state="ready", adapter_path="/data/adapters/10/abraza/adapter.safetensors"
+    )
+    reference = ready.adapter_ref()
+    assert (reference.token, reference.class_word) == ("abraza", "person")
+    assert reference.path == "/data/adapters/10/abraza/adapter.safetensors"

@@ -33,7 +33,7 @@ from bot.prompts import models_in_prompt, size_for_aspect
 from bot.safety import merge_negative, prompt_refusal
 from bot.storage import generation_dir
 from bot.uploads import image_file
-from engine.protocol import Accepted, AdapterRef, Error, GenerateJob, Result, decode, encode
+from engine.protocol import Accepted, Error, GenerateJob, Result, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -310,10 +310,7 @@ class Imagine(commands.Cog):
             width=request.width,
             height=request.height,
             count=request.count,
-            adapters=[
-                AdapterRef(token=model.token, class_word=model.class_word, path=model.adapter_path or "")
-                for model in models
-            ],
+            adapters=[model.adapter_ref() for model in models],
             init_image=request.init_image,
             strength=request.strength,
             upscale=request.kind == "upscale",
