@@ -1,21 +1,26 @@
 # dreambot on a CUDA GPU: docker build -t dreambot . && docker run --gpus all -e DISCORD_TOKEN \
 #   -v dreambot-data:/srv/data -v hf-cache:/home/dreambot/.cache/huggingface \
 #   -v $PWD/config.toml:/srv/config.toml:ro dreambot
-FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# The Python CI tests with (3.11); torch and everything else come from requirements.lock, the same
+# pins CI installs, so the image runs what was tested. PyPI's torch 2.13 wheels bundle CUDA 13: the
+# host needs an NVIDIA driver of the R580 series or newer and the NVIDIA container toolkit.
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/home/dreambot/.cache/huggingface
 
 # libgl is not needed (headless OpenCV); libheif comes inside pillow-heif's wheel.
 WORKDIR /opt/dreambot
+# The lock first: the dependency layer is rebuilt only when the pins change.
+COPY requirements.lock ./
+RUN pip install -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY engine ./engine
-# torch comes with the base image. bitsandbytes gives 8-bit Adam; xformers is left out because its
-# wheels pin one exact torch release (installing it would replace the image's torch) and PyTorch's
-# SDPA attention is about as fast on torch 2.
-RUN pip install . bitsandbytes
+# The lock holds every extra (gpu: bitsandbytes and xformers; dev: pytest, to run the tests here).
+RUN pip install --no-deps . && pip check
 
 RUN useradd --create-home --uid 1000 dreambot \
     && mkdir -p /srv/data "$HF_HOME" \

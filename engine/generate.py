@@ -371,7 +371,9 @@ class AdapterCache:
             with warnings.catch_warnings():
                 # peft warns whenever a model gets a second adapter: several are the point here.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.pipeline.load_lora_weights(path, adapter_name=token)
+                # A folder and a file name: diffusers 0.37 refuses a bare file path when offline.
+                file = Path(path)
+                self.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=token)
             if token not in self._present_adapters():
                 raise ValueError("none of its layers exist in this base model")
         except Exception as error:

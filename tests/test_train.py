@@ -220,7 +220,9 @@ def test_training_learns_writes_a_loadable_adapter_and_leaves_the_pipeline_as_it
     assert weights and all(key.startswith("unet.") for key in weights)
     fresh = load_base_model("tiny", "cpu", tiny_data_dir).pipeline
     base_image = render(fresh, INSTANCE_PROMPT, seed=0)
-    fresh.load_lora_weights(result.adapter_path, adapter_name="abraza")
+    fresh.load_lora_weights(
+        result.adapter_path.parent, weight_name=result.adapter_path.name, adapter_name="abraza"
+    )
     trained_loss = instance_loss(fresh, photos)
     print(f"\ninstance loss {base_loss:.4f} -> {trained_loss:.4f}")
     assert trained_loss < base_loss * 0.95
@@ -333,7 +335,9 @@ def test_generation_between_steps_does_not_change_the_training(
         pipeline.unet.eval()
         pipeline.text_encoder.eval()
         if not calls:
-            pipeline.load_lora_weights(alone.adapter_path, adapter_name="someone")
+            pipeline.load_lora_weights(
+                alone.adapter_path.parent, weight_name=alone.adapter_path.name, adapter_name="someone"
+            )
         if len(calls) % 2:
             pipeline.unet.disable_adapters()
         else:
@@ -410,7 +414,9 @@ def test_sdxl_adapter_with_text_encoders_loads_back(
     prefixes = {key.split(".")[0] for key in load_file(result.adapter_path)}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
     fresh = load_base_model("tiny-sdxl", "cpu", tiny_data_dir).pipeline
-    fresh.load_lora_weights(result.adapter_path, adapter_name="abraza")
+    fresh.load_lora_weights(
+        result.adapter_path.parent, weight_name=result.adapter_path.name, adapter_name="abraza"
+    )
     assert set(fresh.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     prompt = training.sample_prompt.format(token=TOKEN, **{"class": "person"})
     sample = np.asarray(PIL.Image.open(result.samples[0]), dtype=np.int16)
