@@ -6,10 +6,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from botharness import JOB_TIMEOUT, BotHarness, imagine, running_bot
 from fakediscord import FakeInteraction, FakeMessage
 
 from bot.cogs.gallery import message_url
+
+# Every test here runs the bot with an engine worker.
+pytestmark = pytest.mark.slow
 
 
 def page(message: FakeMessage) -> tuple[str, str]:

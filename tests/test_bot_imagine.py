@@ -193,6 +193,7 @@ async def deliver_flagged(h: BotHarness, cog: Any, prompt: str, nsfw: list[bool]
     return files
 
 
+@pytest.mark.slow
 def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -275,6 +276,7 @@ def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) 
     run(scenario)
 
 
+@pytest.mark.slow
 def test_imagine_refusals(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path, safety={"blocked_words": ["gore"], "allow_nsfw": True}) as h:
@@ -315,6 +317,7 @@ def test_imagine_refusals(tmp_path: Path) -> None:
     run(scenario)
 
 
+@pytest.mark.slow
 def test_late_results_errors_and_buttons_after_a_restart(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:

@@ -116,6 +116,7 @@ def run(scenario: Coroutine[Any, Any, None]) -> None:
     asyncio.run(scenario)
 
 
+@pytest.mark.slow
 def test_train_reports_each_photo_then_posts_the_samples(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -162,6 +163,7 @@ def test_train_reports_each_photo_then_posts_the_samples(tmp_path: Path) -> None
     run(scenario())
 
 
+@pytest.mark.slow
 def test_a_set_that_is_not_ok_queues_nothing_and_leaves_nothing(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -188,6 +190,7 @@ def test_a_set_that_is_not_ok_queues_nothing_and_leaves_nothing(tmp_path: Path) 
     run(scenario())
 
 
+@pytest.mark.slow
 def test_name_and_limit_refusals(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path, limits={"max_models_per_user": 1}) as h:
@@ -216,6 +219,7 @@ def test_name_and_limit_refusals(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_train_on_these_photos_from_a_message(tmp_path: Path) -> None:
     async def scenario() -> None:
         limits = {"max_queued_jobs_per_user": 1}
