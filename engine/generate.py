@@ -7,6 +7,8 @@ never touched. Nothing here assumes SD 1.x: SDXL bases go through the same code.
 
 Users' adapters are LoRA files loaded by name onto the base pipeline and kept in an LRU
 (`AdapterCache`), so switching between members' models costs a `set_adapters` call, not a reload.
+They are kohya files (engine.kohya); a file in the older diffusers format is rewritten as one the
+first time it loads, so that the "Lora hashes" in the PNGs name the file an export sends.
 
 Between two training steps the trainer's own adapter sits on the same UNet. `generate` deactivates
 every adapter it did not ask for and, when it returns, puts back what it found: which adapters
@@ -16,6 +18,7 @@ train/eval mode.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,12 +35,19 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DPMSolverMultistepScheduler
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForText2Image,
+    DPMSolverMultistepScheduler,
+    StableDiffusionXLPipeline,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL.PngImagePlugin import PngInfo
 
+from engine import kohya
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
 from engine.protocol import AdapterRef
+from engine.train import dreambot_version
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,8 @@ MAX_IMAGES = 4
 MAX_STEPS = 150
 MIN_SIDE, MAX_SIDE = 64, 2048
 UPSCALE_FACTOR = 2
+# Every adapter acts at full strength.
+LORA_WEIGHT = 1.0
 
 
 class AdapterLoadError(RuntimeError):
@@ -220,16 +232,24 @@ def a1111_parameters(
     height: int,
     model_name: str,
     extra: dict[str, str] | None = None,
+    *,
+    model_hash: str | None = None,
+    version: str | None = None,
 ) -> str:
-    """The "parameters" text AUTOMATIC1111 writes into its PNGs (its `create_infotext` layout)."""
+    """The "parameters" text AUTOMATIC1111 writes into its PNGs (its `create_infotext` layout).
+
+    As there: "Model hash" right before "Model", the extras (Lora hashes, ...) after, "Version" last.
+    """
     params = {
         "Steps": str(steps),
         "Sampler": sampler,
         "CFG scale": f"{guidance:g}",
         "Seed": str(seed),
         "Size": f"{width}x{height}",
+        **({"Model hash": model_hash} if model_hash else {}),
         "Model": model_name,
         **(extra or {}),
+        **({"Version": version} if version else {}),
     }
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items())
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
@@ -273,6 +293,20 @@ def model_display_name(base: str) -> str:
     return name.replace(",", "").replace(":", "")
 
 
+def lora_tags(adapters: Sequence[AdapterRef]) -> str:
+    """A1111's `<lora:NAME:WEIGHT>` prompt tags, which make its "Send to txt2img" apply the adapters."""
+    return " ".join(f"<lora:{adapter.token}:{LORA_WEIGHT:g}>" for adapter in adapters)
+
+
+def checkpoint_hash(path: Path) -> str:
+    """A1111's "Model hash" of a single-file checkpoint: the first 10 hex digits of its sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
 def lora_shorthash(path: Path) -> str:
     """A1111's LoRA hash: the first 12 hex digits of the sha256 of the tensor data (header skipped)."""
     digest = hashlib.sha256()
@@ -305,6 +339,8 @@ class AdapterCache:
         if capacity < 1:
             raise ValueError(f"adapter cache capacity has to be at least 1 but is {capacity}")
         self.pipeline = pipeline
+        # Which kohya naming an old adapter file is rewritten in (see _upgrade).
+        self._sdxl = isinstance(pipeline, StableDiffusionXLPipeline)
         self.capacity = capacity
         # How many times an adapter file was actually loaded (cache hits do not count).
         self.loads = 0
@@ -325,7 +361,7 @@ class AdapterCache:
         Any other adapter on the pipeline, the cache's or not (a training adapter), is deactivated.
         """
         wanted = [adapter.token for adapter in adapters]
-        keys = {adapter.token: _file_key(adapter) for adapter in adapters}
+        keys = {adapter.token: _file_key(adapter.token, adapter.path) for adapter in adapters}
         missing = [adapter for adapter in adapters if adapter.token not in self._entries]
         for adapter in adapters:
             if adapter.token in self._entries and self._entries[adapter.token].key != keys[adapter.token]:
@@ -388,19 +424,37 @@ class AdapterCache:
                 f"{_brief(error)}"
             ) from error
         self.loads += 1
+        key = self._upgrade(token, Path(path), key)
         self._entries[token] = _AdapterEntry(key, lora_shorthash(Path(path)))
         log.info("adapter %r loaded from %s", token, path)
+
+    def _upgrade(self, token: str, path: Path, key: _FileKey) -> _FileKey:
+        """Rewrite an adapter of the old (diffusers) format as a kohya file, once; the new file's key.
+
+        Only after it loaded here, so it is known to fit this base: the file then holds the same
+        weights in the one format that exports and the PNGs' "Lora hashes" refer to.
+        """
+        try:
+            upgraded = kohya.upgrade_adapter(path, sdxl=self._sdxl)
+        except (OSError, ValueError) as error:
+            # The loaded weights are fine either way: it stays in the old format and is tried again next load.
+            log.warning("adapter %r: %s stays in the old format: %s", token, path, error)
+            return key
+        if not upgraded:
+            return key
+        log.info("adapter %r: %s rewritten in the kohya format", token, path)
+        return _file_key(token, path)
 
     def _present_adapters(self) -> set[str]:
         return {name for names in self.pipeline.get_list_adapters().values() for name in names}
 
 
-def _file_key(adapter: AdapterRef) -> _FileKey:
-    path = Path(adapter.path).expanduser()
+def _file_key(token: str, path: str | Path) -> _FileKey:
+    path = Path(path).expanduser()
     try:
         stat = path.stat()
     except OSError:
-        raise AdapterLoadError(f"adapter {adapter.token!r}: file {str(path)!r} does not exist") from None
+        raise AdapterLoadError(f"adapter {token!r}: file {str(path)!r} does not exist") from None
     return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
 
@@ -505,14 +559,16 @@ class Generator:
             images = pipeline(**kwargs).images
             nsfw = self._nsfw_flags(images)
 
+        written_prompt = prompt
         if request.adapters:
+            written_prompt = f"{prompt} {lora_tags(request.adapters)}"
             extra["Lora hashes"] = ", ".join(
                 f"{adapter.token}: {self.adapters.shorthash(adapter.token)}" for adapter in request.adapters
             )
         model_name = model_display_name(self.model.base)
         parameters = [
             a1111_parameters(
-                prompt,
+                written_prompt,
                 request.negative_prompt,
                 request.steps,
                 SAMPLER_NAME,
@@ -522,6 +578,8 @@ class Generator:
                 height,
                 model_name,
                 extra,
+                model_hash=self._model_hash,
+                version=f"dreambot {dreambot_version()}",
             )
             for seed in seeds
         ]
@@ -534,6 +592,12 @@ class Generator:
             seconds=time.perf_counter() - started,
             nsfw=nsfw,
         )
+
+    @functools.cached_property
+    def _model_hash(self) -> str | None:
+        """A1111's hash of a single-file base (read once: a checkpoint is gigabytes); None otherwise."""
+        base = self.model.base
+        return checkpoint_hash(Path(base).expanduser()) if base.endswith(SINGLE_FILE_SUFFIXES) else None
 
     def _nsfw_flags(self, images: list[PIL.Image.Image]) -> list[bool]:
         base = self.model.pipeline

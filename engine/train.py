@@ -13,6 +13,8 @@ for a bot that trains many small adapters on one base model that is also serving
   class word and resolution, so only the first training of a class pays for them.
 * Checkpoints hold the adapter, optimizer and RNG state, so a resumed run ends with the adapter an
   uninterrupted one would have produced.
+* The adapter is saved as a kohya LoRA file (engine.kohya), with the alpha it was trained with and the
+  metadata A1111, ComfyUI and Civitai read; checkpoints keep peft's own names, which resume needs.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
+from diffusers.utils import recurse_remove_peft_layers
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from engine import kohya
 from engine.config import TrainingSection
 from engine.model import LoadedModel
 from engine.protocol import CLASS_WORD_PATTERN, TOKEN_PATTERN
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 # The peft adapter name while training runs on the shared pipeline.
 TRAINING_ADAPTER = "dreambot_training"
 ADAPTER_FILE = "adapter.safetensors"
-METADATA_FILE = "training.json"
+METADATA_FILE = kohya.TRAINING_FILE
 CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 
@@ -227,7 +230,6 @@ def train_lora(
                 trainer.hand_over(between_steps)
 
         seconds = earlier_seconds + time.monotonic() - started
-        adapter_path = _save_adapter(pipeline, trainer.models, output_dir)
         metadata = {
             "base_model": model.base,
             "pipeline": type(pipeline).__name__,
@@ -249,8 +251,9 @@ def train_lora(
             "seconds": round(seconds, 1),
             "final_loss": round(smoothed, 5),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "dreambot_version": _version(),
+            "dreambot_version": dreambot_version(),
         }
+        adapter_path = _save_adapter(model, trainer.models, settings.alpha, metadata, output_dir)
         metadata_path = output_dir / METADATA_FILE
         metadata_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
@@ -604,15 +607,30 @@ def _select_adapter(models: Iterable[torch.nn.Module], name: str | None) -> None
                 layer.set_adapter([name] if name else [])
 
 
-def _save_adapter(pipeline: DiffusionPipeline, models: dict[str, torch.nn.Module], output_dir: Path) -> Path:
-    """The adapter in diffusers' LoRA format, with its peft config so that load_lora_weights keeps alpha."""
-    layers: dict[str, Any] = {}
+def _save_adapter(
+    model: LoadedModel,
+    models: dict[str, torch.nn.Module],
+    alpha: float,
+    metadata: dict[str, Any],
+    output_dir: Path,
+) -> Path:
+    """The adapter as a kohya LoRA file (engine.kohya), which diffusers' load_lora_weights reads too."""
+    layers: kohya.LoraLayers = {}
     for name, module in models.items():
         state = get_peft_model_state_dict(module, adapter_name=TRAINING_ADAPTER)
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
-        layers[f"{name}_lora_adapter_metadata"] = module.peft_config[TRAINING_ADAPTER].to_dict()
-    type(pipeline).save_lora_weights(output_dir, weight_name=ADAPTER_FILE, **layers)
-    return output_dir / ADAPTER_FILE
+        arrays = {key: tensor.detach().cpu().numpy() for key, tensor in state.items()}
+        layers[name] = {
+            key.removesuffix(".lora_A.weight"): (arrays[key], arrays[key.replace(".lora_A.", ".lora_B.")])
+            for key in arrays
+            if key.endswith(".lora_A.weight")
+        }
+    return kohya.write_kohya_adapter(
+        output_dir / ADAPTER_FILE,
+        layers,
+        dict.fromkeys(layers, alpha),
+        sdxl=model.is_sdxl,
+        metadata=kohya.kohya_metadata(metadata, sdxl=model.is_sdxl),
+    )
 
 
 def _restore_pipeline(pipeline: DiffusionPipeline, checkpointing_was_on: bool) -> None:
@@ -730,7 +748,8 @@ def _write_png(image: Image.Image, path: Path) -> Path:
     return path
 
 
-def _version() -> str:
+def dreambot_version() -> str:
+    """This package's version; "unknown" when it runs from a tree that was never installed."""
     try:
         return package_metadata.version("dreambot")
     except package_metadata.PackageNotFoundError:
@@ -745,5 +764,6 @@ __all__ = [
     "TrainingRequest",
     "TrainingResult",
     "default_steps",
+    "dreambot_version",
     "train_lora",
 ]

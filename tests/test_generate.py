@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,15 @@ from engine.generate import (
     expand_tokens,
     read_parameters,
 )
+from engine.kohya import is_kohya_adapter
 from engine.model import LoadedModel, load_base_model
 from engine.protocol import AdapterRef
 
 TRAINING_ADAPTER = "dreambot_training"  # engine.train's name; not imported, as in engine.generate
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# engine.train's: kohya files with fewer (no out_proj) do not load in diffusers 0.42, which infers a
+# kohya text encoder's format from its to_out layers.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Batching reorders float sums: a pixel can move by 1/255, even on one CPU thread.
 BATCH_TOLERANCE = 2
 
@@ -87,34 +93,38 @@ def fresh_model(tiny_data_dir: Path) -> LoadedModel:
     return load_base_model("tiny", "cpu", tiny_data_dir)
 
 
+def write_old_format_adapter(pipeline: StableDiffusionPipeline, folder: Path, name: str, seed: int) -> Path:
+    """A LoRA file in the diffusers/peft format adapters had before the kohya format, written
+    without engine.train. "bravo" also adapts the text encoder."""
+    pipeline.unet.add_adapter(lora_config(), adapter_name=name)
+    randomize_lora_b(pipeline.unet, seed)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipeline.unet, adapter_name=name)}
+    if name == "bravo":
+        text_config = LoraConfig(
+            r=4, lora_alpha=4, target_modules=TEXT_ENCODER_TARGETS, init_lora_weights="gaussian"
+        )
+        pipeline.text_encoder.add_adapter(text_config, adapter_name=name)
+        randomize_lora_b(pipeline.text_encoder, seed)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(
+            pipeline.text_encoder, adapter_name=name
+        )
+    StableDiffusionPipeline.save_lora_weights(
+        folder, weight_name="adapter.safetensors", safe_serialization=True, **layers
+    )
+    pipeline.delete_adapters(name)
+    return folder / "adapter.safetensors"
+
+
 @pytest.fixture(scope="module")
 def adapter_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three LoRA files written without engine.train, on a separately loaded copy of the base.
-
-    "bravo" also adapts the text encoder, so loading, switching and unloading cover that component.
-    """
+    """Three old-format LoRA files on a separately loaded copy of the base (the generator rewrites
+    them in the kohya format when it first loads them)."""
     folder = tmp_path_factory.mktemp("adapters")
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    files = {}
-    for seed, name in enumerate(("alfa", "bravo", "charlie"), start=1):
-        pipeline.unet.add_adapter(lora_config(), adapter_name=name)
-        randomize_lora_b(pipeline.unet, seed)
-        layers = {"unet_lora_layers": get_peft_model_state_dict(pipeline.unet, adapter_name=name)}
-        if name == "bravo":
-            text_config = LoraConfig(
-                r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"
-            )
-            pipeline.text_encoder.add_adapter(text_config, adapter_name=name)
-            randomize_lora_b(pipeline.text_encoder, seed)
-            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(
-                pipeline.text_encoder, adapter_name=name
-            )
-        StableDiffusionPipeline.save_lora_weights(
-            folder / name, weight_name="adapter.safetensors", safe_serialization=True, **layers
-        )
-        pipeline.unet.delete_adapters(name)
-        files[name] = folder / name / "adapter.safetensors"
-    return files
+    return {
+        name: write_old_format_adapter(pipeline, folder / name, name, seed)
+        for seed, name in enumerate(("alfa", "bravo", "charlie"), start=1)
+    }
 
 
 def ref(files: dict[str, Path], name: str, class_word: str = "person") -> AdapterRef:
@@ -185,6 +195,8 @@ def test_png_parameters_round_trip(generator: Generator, tmp_path: Path) -> None
         assert parsed["Seed"] == str(seed)
         assert parsed["Size"] == "64x64"
         assert parsed["Model"] == "tiny"
+        assert parsed["Version"] == f"dreambot {package_version('dreambot')}"
+        assert "Model hash" not in parsed  # a Hub or folder base has none
         assert (
             pixels(PIL.Image.open(path).convert("RGB")).tolist() == pixels(result.images[seed - 7]).tolist()
         )
@@ -202,6 +214,22 @@ def test_a1111_parameters_layout() -> None:
         text
         == 'a cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 512x512, Model: m, Lora hashes: "x: 1, y: 2"'
     )
+    # A1111's order: the model's hash right before its name, the version last.
+    text = a1111_parameters(
+        "a cat",
+        "",
+        20,
+        "DPM++ 2M",
+        7,
+        1,
+        64,
+        64,
+        "m",
+        {"Lora hashes": "x: 1"},
+        model_hash="0123abcdef",
+        version="v9",
+    )
+    assert text.endswith('Size: 64x64, Model hash: 0123abcdef, Model: m, Lora hashes: "x: 1", Version: v9')
 
 
 def test_read_parameters_multiline_prompt_and_quoted_values(tmp_path: Path) -> None:
@@ -368,7 +396,7 @@ def test_adapter_changes_output_and_switching_never_reloads(
     assert cache.loads == loads + 2  # each file read once
     assert cache.loaded == ["bravo", "alfa"]
     assert generator.model.pipeline.unet is unet and unet.conv_in.weight is weight
-    assert with_a.parameters[0].splitlines()[0] == "a photo of alfa person"
+    assert with_a.parameters[0].splitlines()[0] == "a photo of alfa person <lora:alfa:1>"
     assert f'Lora hashes: "alfa: {cache.shorthash("alfa")}"' in with_a.parameters[0]
 
     # A fresh pipeline with only that adapter gives the same pixels.
@@ -383,7 +411,7 @@ def test_two_adapters_at_once(generator: Generator, adapter_files: dict[str, Pat
     only_a = generator.generate(request(prompt="alfa and bravo", adapters=(a,))).images[0]
     only_b = generator.generate(request(prompt="alfa and bravo", adapters=(b,))).images[0]
     both = generator.generate(request(prompt="alfa and bravo", adapters=(a, b)))
-    assert both.parameters[0].startswith("alfa person and bravo person\n")
+    assert both.parameters[0].startswith("alfa person and bravo person <lora:alfa:1> <lora:bravo:1>\n")
     assert max_diff(both.images[0], only_a) > 10
     assert max_diff(both.images[0], only_b) > 10
 
@@ -498,6 +526,52 @@ def test_training_adapter_is_ignored_and_restored(
                     [TRAINING_ADAPTER] if TRAINING_ADAPTER in layer.lora_A else []
                 )
                 assert not layer.disable_adapters
+
+
+def a1111_lora_hash(path: Path) -> str:
+    """A1111's addnet_hash_safetensors: sha256 of what follows the 8-byte length and the JSON header."""
+    data = path.read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header_length :]).hexdigest()[:12]
+
+
+def test_png_of_a_lora_generation_carries_the_tag_and_the_hash_of_the_file(
+    fresh_model: LoadedModel, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter in the old format is rewritten once in the kohya format when it loads; the PNG names
+    the file as it is then, the one exports send."""
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    path = write_old_format_adapter(pipeline, tmp_path / "alfa", "alfa", seed=1)
+    assert not is_kohya_adapter(path)
+    old_hash = a1111_lora_hash(path)
+    generator = Generator(fresh_model)
+    result = generator.generate(
+        request(prompt="alfa at the beach", adapters=(ref({"alfa": path}, "alfa"),)), tmp_path
+    )
+
+    assert is_kohya_adapter(path)
+    assert a1111_lora_hash(path) != old_hash
+    parsed = read_parameters(result.files[0])
+    assert parsed["prompt"] == "alfa person at the beach <lora:alfa:1>"
+    assert parsed["Lora hashes"] == f"alfa: {a1111_lora_hash(path)}"
+    assert parsed["Model"] == "tiny"
+    assert parsed["Version"] == f"dreambot {package_version('dreambot')}"
+
+    # The converted file is what the cache now holds: no second load, no second rewrite.
+    again = generator.generate(request(prompt="alfa", adapters=(ref({"alfa": path}, "alfa"),)))
+    assert generator.adapters.loads == 1
+    assert f'Lora hashes: "alfa: {a1111_lora_hash(path)}"' in again.parameters[0]
+
+
+def test_a_single_file_base_has_a1111s_model_hash(tiny_model_dir: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "my-model.safetensors"
+    checkpoint.write_bytes(np.random.default_rng(1).bytes(3 * 1024 * 1024 + 5))
+    pipeline = load_base_model("tiny", "cpu", tiny_model_dir.parent.parent).pipeline
+    # The tiny pipeline, named as if it came from that file (a real checkpoint is gigabytes).
+    generator = Generator(LoadedModel(pipeline, torch.device("cpu"), torch.float32, str(checkpoint)))
+    parsed = read_parameters(generator.generate(request(), tmp_path / "out").files[0])
+    assert parsed["Model hash"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    assert parsed["Model"] == "my-model"
 
 
 # ---------------------------------------------------------------------------------------------

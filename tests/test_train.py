@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,9 +216,10 @@ def test_training_learns_writes_a_loadable_adapter_and_leaves_the_pipeline_as_it
     for key in ("seconds", "final_loss", "created_at", "dreambot_version"):
         assert metadata[key]
 
-    # diffusers' LoRA format: "unet."-prefixed keys, peft config (alpha) in the file's metadata.
+    # The kohya format (tests/test_kohya.py checks its keys): UNet layers only, alpha 8 in the file.
     weights = load_file(result.adapter_path)
-    assert weights and all(key.startswith("unet.") for key in weights)
+    assert weights and all(key.startswith("lora_unet_") for key in weights)
+    assert {weights[key].item() for key in weights if key.endswith(".alpha")} == {8}
     fresh = load_base_model("tiny", "cpu", tiny_data_dir).pipeline
     base_image = render(fresh, INSTANCE_PROMPT, seed=0)
     fresh.load_lora_weights(
@@ -364,7 +366,7 @@ def test_generation_between_steps_does_not_change_the_training(
     assert trained.keys() == reference.keys()
     # The text encoder trained too (gaussian init starts its "up" matrices at zero).
     text_encoder_up = [
-        key for key in trained if key.startswith("text_encoder.") and key.endswith("up.weight")
+        key for key in trained if key.startswith("lora_te_") and key.endswith(".lora_up.weight")
     ]
     assert text_encoder_up and all(trained[key].abs().sum() > 0 for key in text_encoder_up)
     assert all(torch.equal(trained[key], reference[key]) for key in trained)
@@ -411,8 +413,8 @@ def test_sdxl_adapter_with_text_encoders_loads_back(
     for component in (sdxl.pipeline.unet, sdxl.pipeline.text_encoder, sdxl.pipeline.text_encoder_2):
         assert not any(isinstance(module, BaseTunerLayer) for module in component.modules())
 
-    prefixes = {key.split(".")[0] for key in load_file(result.adapter_path)}
-    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    prefixes = {re.match(r"lora_(unet|te1|te2)_", key)[0] for key in load_file(result.adapter_path)}  # type: ignore[index]
+    assert prefixes == {"lora_unet_", "lora_te1_", "lora_te2_"}
     fresh = load_base_model("tiny-sdxl", "cpu", tiny_data_dir).pipeline
     fresh.load_lora_weights(
         result.adapter_path.parent, weight_name=result.adapter_path.name, adapter_name="abraza"
