@@ -11,9 +11,11 @@ custom events, so a cog reacts to them with a listener:
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import discord
@@ -22,6 +24,7 @@ from discord.ext import commands
 
 from bot.db import Database, GenerationRow, JobRow
 from bot.jobs import JobQueue
+from bot.words import load_base_vocabulary
 from engine.config import Config
 
 if TYPE_CHECKING:
@@ -36,6 +39,12 @@ COGS = (
     "bot.cogs.gallery",
     "bot.cogs.admin",
 )
+
+
+# While the gateway is connected the bot touches data_dir/heartbeat this often; `dreambot health`
+# (the Docker HEALTHCHECK) calls it unhealthy once the file is older than HEARTBEAT_MAX_AGE.
+HEARTBEAT_INTERVAL = 20.0
+HEARTBEAT_MAX_AGE = 3 * HEARTBEAT_INTERVAL
 
 
 # Per-server overrides of the [limits] config that /admin limits stores (db.setting keys).
@@ -56,6 +65,8 @@ class MemberLimits:
 class DreamBot(commands.Bot):
     def __init__(self, config: Config) -> None:
         intents = discord.Intents.default()
+        # The bot never joins voice: no "PyNaCl is not installed" warnings at every start.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -66,12 +77,16 @@ class DreamBot(commands.Bot):
         self.config = config
         self.db = Database.in_data_dir(config.data_dir)
         self.jobs = JobQueue(self.db, config, on_event=self._on_job_event)
+        self._heartbeat: asyncio.Task[None] | None = None
+        # Model names are checked against the base model's tokenizer: read it once, here.
+        load_base_vocabulary(config.model.base)
 
     async def setup_hook(self) -> None:
         for extension in COGS:
             await self.load_extension(extension)
         self.tree.on_error = self.on_app_command_error
         await self.jobs.start()
+        self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
         await self.sync_commands()
 
     async def sync_commands(self) -> None:
@@ -86,9 +101,21 @@ class DreamBot(commands.Bot):
             await self.tree.sync(guild=guild)
 
     async def close(self) -> None:
+        """Stop taking jobs, let the engines checkpoint and exit, then close the gateway (a close frame)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        heartbeat_path(self.config).unlink(missing_ok=True)
         await self.jobs.stop()
         await super().close()
         self.db.close()
+
+    async def _beat(self) -> None:
+        path = heartbeat_path(self.config)
+        while True:
+            await self.wait_until_ready()
+            if self.ws is not None and self.ws.open:
+                path.touch()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _on_job_event(self, job: JobRow, event: Event) -> None:
         # "progress" -> on_job_progress(job, event), and so on for accepted, result and error.
@@ -122,18 +149,45 @@ class DreamBot(commands.Bot):
     def gallery_channel(self, guild: discord.Guild | None) -> discord.TextChannel | None:
         return _configured_channel(guild, self.config.discord.gallery_channel)
 
-    async def delete_generation_posts(self, row: GenerationRow) -> None:
-        """Take a picture down: its post where it was asked for, and its copy in the gallery."""
+    async def delete_generation_posts(self, row: GenerationRow) -> list[discord.PartialMessage]:
+        """Take a picture down: its post where it was asked for, and its copy in the gallery.
+
+        Returns the posts Discord refused to delete (see take_down)."""
         guild = self.get_guild(row.guild_id)
         posts = [
             (guild.get_channel_or_thread(row.channel_id) if guild else None, row.message_id),
             (self.gallery_channel(guild), row.gallery_message_id),
         ]
-        for channel, message_id in posts:
-            if isinstance(channel, discord.TextChannel | discord.Thread) and message_id is not None:
-                # Already deleted by hand: nothing left to do for that one.
-                with contextlib.suppress(discord.NotFound):
-                    await channel.get_partial_message(message_id).delete()
+        return await self.take_down(
+            channel.get_partial_message(message_id)
+            for channel, message_id in posts
+            if isinstance(channel, discord.TextChannel | discord.Thread) and message_id is not None
+        )
+
+    def record_post(self, message: discord.Message, job: JobRow) -> None:
+        """Remember a message about a member's job or model, so that /forget and /model delete find it."""
+        in_dm = isinstance(message.channel, discord.DMChannel)
+        self.db.add_post(
+            message_id=message.id,
+            channel_id=message.channel.id,
+            guild_id=None if in_dm else job.guild_id,
+            user_id=job.user_id,
+            model_id=job.model_id,
+            job_id=job.id,
+        )
+
+    async def take_down(self, messages: Iterable[discord.PartialMessage]) -> list[discord.PartialMessage]:
+        """Delete messages of the bot; returns those Discord refused (403: the bot lost access to the
+        channel), for the member to hear of. One already deleted by hand is down all the same."""
+        refused = []
+        for message in messages:
+            try:
+                await message.delete()
+            except discord.NotFound:
+                pass
+            except discord.Forbidden:
+                refused.append(message)
+        return refused
 
     # -- the one error handler ---------------------------------------------------------------
 
@@ -170,6 +224,10 @@ async def reply_privately(interaction: discord.Interaction, message: str) -> Non
             await interaction.response.send_message(message, ephemeral=True)
     except discord.HTTPException:
         log.warning("could not tell user %s: %s", interaction.user.id, message)
+
+
+def heartbeat_path(config: Config) -> Path:
+    return config.data_dir / "heartbeat"
 
 
 def _configured_channel(guild: discord.Guild | None, wanted: str) -> discord.TextChannel | None:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
 import random
 import shutil
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -27,15 +31,28 @@ from bot.safety import merge_negative
 from bot.storage import adapter_dir, generation_dir, photos_dir
 from engine.config import Config, ConfigError, load_config
 from engine.intake import check_files
-from engine.protocol import Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+from engine.protocol import LOG_FORMAT, Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+
+if TYPE_CHECKING:
+    from bot.bot import DreamBot
+
+log = logging.getLogger(__name__)
 
 # Loading the base model can take minutes on a first run (download), training far longer.
 ENGINE_START_TIMEOUT = 60 * 60
+# What a folder given to `check` or `train` is searched for: the formats photo intake reads.
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.command == "run" else logging.WARNING, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if args.command != "run":
+        # The CLI tells the outcome of its one job itself, a failure's reason included (an engine
+        # that cannot start too); the queue's log lines are for a bot's operator.
+        handler.addFilter(lambda record: not record.name.startswith("bot.jobs"))
+    logging.basicConfig(level=logging.INFO if args.command == "run" else logging.WARNING, handlers=[handler])
     try:
         config = load_config(args.config)
     except ConfigError as error:
@@ -46,11 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambot", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    config_help = "config file (default: ./config.toml if present)"
+    parser.add_argument("--config", type=Path, help=config_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+        # Before or after the command name; SUPPRESS keeps one given before from being reset here.
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
         return sub
 
     run = command("run", "run the Discord bot (the token comes from DISCORD_TOKEN)")
@@ -60,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--name", required=True, help="the rare token that will stand for the subject")
     train.add_argument("--class", dest="class_word", default="person", help="person, man, woman, dog, ...")
     train.add_argument("--steps", type=int, help="training steps (default: 100 per photo, capped)")
-    train.add_argument("photos", nargs="+", type=Path)
+    train.add_argument("photos", nargs="+", type=Path, help="photo files, or folders of them")
     train.set_defaults(handler=train_command)
 
     imagine = command("imagine", "generate images; tokens of trained models in the prompt select them")
@@ -80,9 +101,19 @@ def _parser() -> argparse.ArgumentParser:
     check = command("check", "check photos for training without training")
     check.add_argument("--class", dest="class_word", default="person")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("photos", nargs="+", type=Path)
+    check.add_argument("photos", nargs="+", type=Path, help="photo files, or folders of them")
     check.set_defaults(handler=check_command)
+
+    health = command("health", "exit 0 while a running bot is connected to Discord (for HEALTHCHECK)")
+    health.set_defaults(handler=health_command)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dreambot")
+    except importlib.metadata.PackageNotFoundError:  # run from a source folder, not installed
+        return "(not installed)"
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -95,10 +126,58 @@ def run_bot(config: Config, args: argparse.Namespace) -> int:
             "dreambot: set DISCORD_TOKEN to the bot's token (Discord developer portal > Bot)", file=sys.stderr
         )
         return 2
-    from bot.bot import DreamBot  # discord.py loads only for this command
+    # discord.py loads only for this command.
+    import aiohttp
+    import discord
 
-    # log_handler=None: logging is configured above; the token is never logged by discord.py.
-    DreamBot(config).run(token, log_handler=None)
+    from bot.bot import DreamBot
+
+    try:
+        asyncio.run(_serve(DreamBot(config), token))
+    except discord.LoginFailure:
+        print(
+            "dreambot: Discord refused the token: check that DISCORD_TOKEN holds the bot's token "
+            "(developer portal > your application > Bot > Reset Token), not the application id or secret",
+            file=sys.stderr,
+        )
+        return 1
+    except aiohttp.ClientConnectionError as error:
+        print(f"dreambot: cannot reach Discord: check the network ({error})", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(bot: DreamBot, token: str) -> None:
+    """Run the bot until Discord ends it, or SIGTERM (docker stop) or SIGINT (Ctrl-C) stops it: the
+    engines checkpoint and exit, then the gateway gets a close frame (DreamBot.close)."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    async with bot:
+        running = asyncio.create_task(bot.start(token), name="discord")
+        stopping = asyncio.create_task(stop_requested.wait(), name="stop signal")
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if stop_requested.is_set():
+            log.info("stop requested: stopping the engines and closing the Discord connection")
+            await bot.close()
+        await running
+
+
+def health_command(config: Config, args: argparse.Namespace) -> int:
+    from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
+
+    path = heartbeat_path(config)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: no bot is connected to Discord ({path} is missing)", file=sys.stderr)
+        return 1
+    if age > HEARTBEAT_MAX_AGE:
+        print(f"unhealthy: the bot's last heartbeat is {age:.0f} s old: it lost Discord", file=sys.stderr)
+        return 1
+    print(f"healthy: connected to Discord (heartbeat {age:.0f} s ago)")
     return 0
 
 
@@ -106,12 +185,44 @@ def run_bot(config: Config, args: argparse.Namespace) -> int:
 
 
 def check_command(config: Config, args: argparse.Namespace) -> int:
-    report = check_files(args.photos, args.class_word, None, config.intake, config.training.resolution)
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    photos = _photo_files(args.photos)
+    if not photos:
+        return _no_photos(args.photos)
+    report = check_files(photos, args.class_word, None, config.intake, config.training.resolution)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format(markdown=False))
     return 0 if report.ok else 1
 
 
+def _photo_files(paths: Sequence[Path]) -> list[Path]:
+    """The paths given, each folder among them replaced by the photo files in it, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+            files.extend(sorted(found))
+        else:
+            files.append(path)
+    return files
+
+
+def _no_photos(folders: Sequence[Path]) -> int:
+    names = ", ".join(str(folder) for folder in folders)
+    print(f"dreambot: no photos in {names} (JPEG, PNG, WebP or HEIC files)", file=sys.stderr)
+    return 2
+
+
 def train_command(config: Config, args: argparse.Namespace) -> int:
+    # The bot's own name rules, so that a name refused on Discord is refused here too; they bring
+    # discord.py and the tokenizer library, so they load for this command only.
+    from bot.cogs.training import normalize_token, token_problem
+    from bot.words import load_base_vocabulary
+
+    load_base_vocabulary(config.model.base)
+    args.name = normalize_token(args.name)
+    problem = token_problem(args.name)
+    if problem:
+        print(f"dreambot: {problem}", file=sys.stderr)
+        return 1
     db = Database.in_data_dir(config.data_dir)
     existing = db.model_by_token(LOCAL_GUILD_ID, args.name)
     if existing is not None and existing.owner_id != LOCAL_USER_ID:
@@ -119,10 +230,11 @@ def train_command(config: Config, args: argparse.Namespace) -> int:
         return 1
     job_id = new_job_id()
     prepared_dir = photos_dir(config, job_id)
-    report = check_files(
-        args.photos, args.class_word, prepared_dir, config.intake, config.training.resolution
-    )
-    print(report.format())
+    photos = _photo_files(args.photos)
+    if not photos:
+        return _no_photos(args.photos)
+    report = check_files(photos, args.class_word, prepared_dir, config.intake, config.training.resolution)
+    print(report.format(markdown=False))
     if not report.ok:
         shutil.rmtree(prepared_dir, ignore_errors=True)
         return 1

@@ -8,6 +8,7 @@ the bot is not running); WAL and a busy timeout let the other read meanwhile.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -19,6 +20,8 @@ from typing import Any, Literal
 import sqlite_utils
 
 from engine.protocol import AdapterRef
+
+log = logging.getLogger(__name__)
 
 DATABASE_FILE = "dreambot.sqlite3"
 # Discord ids are never 0: the CLI acts as user 0 in "guild" 0.
@@ -99,6 +102,19 @@ class GenerationRow:
     stars: int
     created_at: float
     parameters: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PostRow:
+    """A message the bot posted about a member's job or model (progress, samples, a notice)."""
+
+    message_id: int
+    channel_id: int
+    # None for a direct message.
+    guild_id: int | None
+    user_id: int
+    model_id: int | None
+    job_id: str | None
 
 
 _JSON_FIELDS = {"samples", "metadata", "context", "result", "tokens", "files", "parameters"}
@@ -201,7 +217,33 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (guild_id, key)
     );
     """,
+    """
+    CREATE TABLE posts (
+        message_id INTEGER PRIMARY KEY,
+        channel_id INTEGER NOT NULL,
+        guild_id INTEGER,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
+        job_id TEXT
+    );
+    CREATE INDEX posts_by_user ON posts (user_id);
+    CREATE INDEX posts_by_model ON posts (model_id);
+    """,
 ]
+
+# A generation or job made with one of the member's models shows her face, whoever asked for it.
+# `{rows}` is the table, `{tokens}` the JSON array of the tokens its prompt used.
+_WITH_HER_MODELS = """EXISTS (
+    SELECT 1 FROM models m, json_each({tokens}) t
+    WHERE m.owner_id = :user_id AND m.guild_id = {rows}.guild_id AND t.value = m.token
+)"""
+_HER_GENERATIONS = "generations.user_id = :user_id OR " + _WITH_HER_MODELS.format(
+    rows="generations", tokens="generations.tokens"
+)
+_HER_JOBS = "jobs.user_id = :user_id OR " + _WITH_HER_MODELS.format(
+    rows="jobs", tokens="json_extract(jobs.context, '$.tokens')"
+)
+_HER_POSTS = f"posts.user_id = :user_id OR posts.job_id IN (SELECT id FROM jobs WHERE {_HER_JOBS})"
 
 
 class Database:
@@ -215,6 +257,8 @@ class Database:
         self.db = sqlite_utils.Database(connection)
         self.db.execute("PRAGMA busy_timeout = 10000")
         self.db.execute("PRAGMA foreign_keys = ON")
+        # Deleted rows are overwritten with zeros, not just unlinked (see forget_user).
+        self.db.execute("PRAGMA secure_delete = ON")
         self.db.enable_wal()
         self._migrate()
 
@@ -423,6 +467,42 @@ class Database:
         columns = [c[0] for c in cursor.description]
         return [_row(GenerationRow, dict(zip(columns, raw, strict=True))) for raw in cursor.fetchall()], total
 
+    # -- posts (messages about a member's jobs and models, to take down) ---------------------
+
+    def add_post(
+        self,
+        *,
+        message_id: int,
+        channel_id: int,
+        guild_id: int | None,
+        user_id: int,
+        model_id: int | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        self.db["posts"].insert(
+            {
+                "message_id": message_id,
+                "channel_id": channel_id,
+                "guild_id": guild_id,
+                "user_id": user_id,
+                "model_id": model_id,
+                "job_id": job_id,
+            }
+        )
+
+    def posts_to_forget(self, user_id: int) -> list[PostRow]:
+        """The posts about a member's jobs and models, and about the jobs anyone ran with her models."""
+        rows = self.db["posts"].rows_where(_HER_POSTS, {"user_id": user_id}, order_by="message_id")
+        return [_row(PostRow, raw) for raw in rows]
+
+    def posts_of_model(self, model_id: int) -> list[PostRow]:
+        rows = self.db["posts"].rows_where("model_id = ?", [model_id], order_by="message_id")
+        return [_row(PostRow, raw) for raw in rows]
+
+    def delete_posts(self, message_ids: Collection[int]) -> None:
+        with self.db.conn:
+            self.db.conn.executemany("DELETE FROM posts WHERE message_id = ?", [[i] for i in message_ids])
+
     # -- settings (admin-set limits per server) ---------------------------------------------
 
     def setting(self, guild_id: int, key: str, default: int) -> int:
@@ -436,21 +516,52 @@ class Database:
 
     # -- forgetting a member ----------------------------------------------------------------
 
+    def generations_to_forget(self, user_id: int) -> list[GenerationRow]:
+        """A member's pictures, and every picture anyone made with one of her models."""
+        rows = self.db["generations"].rows_where(_HER_GENERATIONS, {"user_id": user_id}, order_by="id")
+        return [_row(GenerationRow, raw) for raw in rows]
+
+    def jobs_to_forget(self, user_id: int) -> list[JobRow]:
+        """A member's jobs, and every job anyone asked for with one of her models, oldest first."""
+        rows = self.db["jobs"].rows_where(_HER_JOBS, {"user_id": user_id}, order_by="created_at, rowid")
+        return [_row(JobRow, raw) for raw in rows]
+
     def forget_user(self, user_id: int) -> list[str]:
-        """Delete every row of a member and return the files those rows pointed to."""
+        """Delete every row of a member (and the pictures made with her models), leaving no trace of them
+        in the database file or its WAL; return the files those rows pointed to."""
         files: list[str] = []
         for model in self.models_of(user_id):
             files.extend(model.samples)
             if model.adapter_path:
                 files.append(model.adapter_path)
-        for raw in self.db["generations"].rows_where("user_id = ?", [user_id]):
-            files.extend(json.loads(raw["files"] or "[]"))
+        for generation in self.generations_to_forget(user_id):
+            files.extend(generation.files)
+        who = {"user_id": user_id}
         with self.db.conn:
-            self.db.execute("DELETE FROM generations WHERE user_id = ?", [user_id])
-            self.db.execute("DELETE FROM jobs WHERE user_id = ?", [user_id])
-            self.db.execute("DELETE FROM models WHERE owner_id = ?", [user_id])
-            self.db.execute("DELETE FROM users WHERE id = ?", [user_id])
+            # Before the models: which pictures used her models is read from them.
+            self.db.execute(f"DELETE FROM generations WHERE {_HER_GENERATIONS}", who)
+            self.db.execute(f"DELETE FROM posts WHERE {_HER_POSTS}", who)
+            self.db.execute(f"DELETE FROM jobs WHERE {_HER_JOBS}", who)
+            self.db.execute("DELETE FROM models WHERE owner_id = :user_id", who)
+            self.db.execute("DELETE FROM users WHERE id = :user_id", who)
+        self._scrub()
         return files
+
+    def _scrub(self) -> None:
+        """Leave no byte of deleted rows in the file: secure_delete zeroes their cells, but the FTS index
+        keeps a deleted prompt's terms until its segments are merged, a table's inner pages keep deleted
+        rowids as dividers until VACUUM rebuilds them, and the WAL keeps old copies of every page until
+        a checkpoint empties it."""
+        self.db.execute("INSERT INTO generations_fts (generations_fts) VALUES ('optimize')")
+        self.db.execute("VACUUM")
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            # Another process (the CLI) is reading: its snapshot needs the WAL's frames.
+            log.warning(
+                "could not empty the WAL of %s: another process is reading it, so deleted rows may stay "
+                "in the WAL until the next checkpoint overwrites them",
+                self.path,
+            )
 
 
 def new_job_id() -> str:

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 EventCallback = Callable[[JobRow, Event], Awaitable[None]]
 
-# A job is sent to a worker at most this often: once, and once more after the worker died under it.
+# A job runs on a worker at most this often: once, and once more after the worker died under it.
+# An attempt counts from the worker's Accepted: a job handed to a worker that was already dying
+# never ran there.
 MAX_ATTEMPTS = 2
 DROPPED_MESSAGE = (
     "The image engine stopped while running this job twice, so it has been dropped. "
@@ -120,6 +122,8 @@ class EngineWorker:
         self.ready = False
         # Jobs sent and not finished, with their rows as last written.
         self.in_flight: dict[str, JobRow] = {}
+        # Those of them the worker has accepted, each counted as an attempt.
+        self.accepted: set[str] = set()
         # Jobs a member cancelled while they ran: they end 'cancelled' even if the worker dies.
         self.cancelling: set[str] = set()
         # An error not about a job before Ready: this start failed for a reason stated there.
@@ -223,8 +227,12 @@ class JobQueue:
     start_backoff_max = 120.0
     # ... and one that said why it cannot start (a bad model path) only this often.
     broken_retry_delay = 600.0
-    # How long stop() waits for a worker to finish its current step before killing it.
-    stop_timeout = 30.0
+    # How long stop() waits for a worker to checkpoint a training and exit before killing it. A
+    # GPU training step is under 1 s and a checkpoint a few seconds; `docker stop` kills after 10 s,
+    # which must also leave time to close the Discord connection.
+    stop_timeout = 6.0
+    # Then how long it waits for the supervisors to see their processes gone.
+    stop_grace = 1.0
 
     def __init__(
         self,
@@ -280,11 +288,18 @@ class JobQueue:
         await asyncio.gather(*(worker.shutdown(self.stop_timeout) for worker in self._workers))
         # Supervisors return once their process has exited; one caught starting a new process
         # just now is cancelled, which kills and reaps that process.
-        _, pending = await asyncio.wait(self._tasks, timeout=5)
+        _, pending = await asyncio.wait(self._tasks, timeout=self.stop_grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        # Being stopped is not the engine dying under a job: the interrupted ones get their attempt back.
+        for worker in self._workers:
+            for job_id in worker.accepted:
+                row = self.db.find_job(job_id)
+                if row is not None and row.state == "running":
+                    self.db.update_job(job_id, attempts=row.attempts - 1)
+            worker.accepted.clear()
 
     def submit(self, job: JobRow) -> None:
         """`job` is already written as 'queued': wake the dispatcher to send it when a slot is free."""
@@ -348,6 +363,7 @@ class JobQueue:
         for job_id in list(worker.in_flight):
             await self._requeue_or_drop(worker, job_id)
         worker.in_flight.clear()
+        worker.accepted.clear()
         worker.cancelling.clear()
         if was_ready:
             log.warning("engine %s exited (status %s): restarting it", worker.device, status)
@@ -398,9 +414,11 @@ class JobQueue:
             return
         if event.job_id is None:
             assert isinstance(event, Error)
-            log.warning("engine %s: %s (%s)", worker.device, event.message, event.code)
             if not worker.ready:
+                # Why this start fails: said once, when the worker has exited (_after_exit).
                 worker.start_error = event.message
+            else:
+                log.warning("engine %s: %s (%s)", worker.device, event.message, event.code)
             return
         row = worker.in_flight.get(event.job_id)
         if row is None:
@@ -415,15 +433,21 @@ class JobQueue:
             # Deleted meanwhile (a member asked to be forgotten): nobody is left to tell.
             if isinstance(event, Result | Error):
                 del worker.in_flight[row.id]
+                worker.accepted.discard(row.id)
             return
         if isinstance(event, Progress):
             await self._tell(row, event)
         elif isinstance(event, Accepted):
-            row = self.db.update_job(row.id, state="running", started_at=time.time())
+            row = self.db.update_job(row.id, started_at=time.time(), attempts=row.attempts + 1)
             worker.in_flight[row.id] = row
+            worker.accepted.add(row.id)
+            log.info(
+                "job %s (%s) started on engine %s, attempt %d", row.id, row.kind, worker.device, row.attempts
+            )
             await self._tell(row, event)
         elif isinstance(event, Result | Error):
             del worker.in_flight[row.id]
+            worker.accepted.discard(row.id)
             worker.cancelling.discard(row.id)
             self._wakeup.set()
             await self._finish(row, event)
@@ -500,10 +524,11 @@ class JobQueue:
             message = "This job could not be started (its stored request is unreadable)."
             await self._finish(fresh, Error(fresh.id, message, "internal"))
             return
-        row = self.db.update_job(fresh.id, state="running", attempts=fresh.attempts + 1)
+        # 'running' from now on, so it is not sent twice; the attempt counts once the worker accepts it.
+        row = self.db.update_job(fresh.id, state="running")
         worker.in_flight[row.id] = row
         self._last_served[row.user_id] = next(self._serial)
-        log.info("job %s (%s) -> engine %s, attempt %d", row.id, row.kind, worker.device, row.attempts)
+        log.debug("job %s (%s) -> engine %s", row.id, row.kind, worker.device)
         # A failed write means the worker is dying: its death queues the job again.
         await worker.send(job)
 

@@ -3,9 +3,13 @@
 A DreamBooth token works because the text encoder has (almost) no meaning for it yet: training binds
 the member's face to an empty slot. A common word already means something ("max", "king", "rose"),
 and that meaning bleeds into every picture and fights the face. A made-up word like "abraza" does not.
+Stable Diffusion knows far more words than any list, names above all (thor, zeus, batman, paris), so
+the base model's own tokenizer decides too: a name that is one whole token of its vocabulary is taken.
 """
 
 from __future__ import annotations
+
+from engine.vocabulary import BaseVocabulary, load_vocabulary
 
 # Subjects offered by /train; a member may type another 1-3 word subject.
 CLASS_WORDS: tuple[str, ...] = (
@@ -117,3 +121,17 @@ mia mike nick noah olivia paul rose sam sara sarah tom will
 """
 
 COMMON_WORDS: frozenset[str] = frozenset(_COMMON.split()) | frozenset(CLASS_WORDS)
+
+# The base model's vocabulary in this process: none (the lists above only) until one is loaded.
+_base_vocabulary = BaseVocabulary()
+
+
+def load_base_vocabulary(base: str) -> None:
+    """Read the tokenizers of `base` ([model] base) once: the bot at start, the CLI before training."""
+    global _base_vocabulary
+    _base_vocabulary = load_vocabulary(base)
+
+
+def known_to_base_model(word: str) -> bool:
+    """True when the base model's tokenizer has `word` as one whole token (it means something already)."""
+    return _base_vocabulary.knows(word)

@@ -17,6 +17,8 @@ from typing import Any
 
 DEFAULT_CONFIG_FILE = Path("config.toml")
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Built-in tiny random models (engine/model.py) for tests and machines without a GPU.
+TINY_MODELS = ("tiny", "tiny-sdxl")
 
 
 class ConfigError(ValueError):

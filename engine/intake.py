@@ -128,11 +128,12 @@ class IntakeReport:
             ],
         }
 
-    def format(self) -> str:
+    def format(self, *, markdown: bool = True) -> str:
         """One line per photo, the set's warnings and a verdict, in under MESSAGE_LIMIT characters.
 
         When it does not fit, photos accepted without remarks are folded into one line first, then the
         last photo lines are cut ("… and N more"); warnings and the verdict are always shown.
+        `markdown=False` is for a terminal: file names as they are, no code spans, and no length limit.
         """
         accepted = sum(p.accepted for p in self.photos)
         if self.ok:
@@ -140,12 +141,12 @@ class IntakeReport:
         else:
             verdict = f"Not ready: {accepted} of {len(self.photos)} photos accepted, see above."
         tail = [_clip(f"⚠️ {w}", 300) for w in self.warnings] + [verdict]
-        lines = [_photo_line(p) for p in self.photos]
+        lines = [_photo_line(p, markdown) for p in self.photos]
 
         def text(body: list[str]) -> str:
             return "\n".join([*body, *tail])
 
-        if len(text(lines)) < MESSAGE_LIMIT:
+        if not markdown or len(text(lines)) < MESSAGE_LIMIT:
             return text(lines)
         plain = [p.accepted and not p.warnings for p in self.photos]
         lines = [line for line, fold in zip(lines, plain, strict=True) if not fold]
@@ -561,12 +562,13 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _photo_line(photo: PhotoVerdict) -> str:
-    # Names are the member's: no newlines or backticks, so they cannot break out of the code span.
-    name = "".join(c if c.isprintable() and c != "`" else "?" for c in photo.file) or "?"
-    if len(name) > 48:  # keep both ends: "IMG_2024…_0042.HEIC" tells photos apart, the middle rarely does
-        name = name[:28] + "…" + name[-19:]
-    name = f"`{name}`"
+def _photo_line(photo: PhotoVerdict, markdown: bool) -> str:
+    # Names are the member's: never a newline, and in Markdown no backtick, which would end the code span.
+    name = "".join(c if c.isprintable() and (c != "`" or not markdown) else "?" for c in photo.file) or "?"
+    if markdown:
+        if len(name) > 48:  # keep both ends: "IMG_2024…_0042.HEIC" tells photos apart, the middle rarely does
+            name = name[:28] + "…" + name[-19:]
+        name = f"`{name}`"
     if not photo.accepted:
         return _clip(f"❌ {name}: {photo.reason}", 300)
     return _clip(f"✅ {name}" + "".join(f" ⚠️ {w}" for w in photo.warnings), 300)

@@ -8,11 +8,15 @@ Nothing here is specific to SD 1.5: the pipeline class comes from the model's ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -25,9 +29,10 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from engine.config import TINY_MODELS
+
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny", "tiny-sdxl")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -149,16 +154,65 @@ def _from_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     variants = ["fp16", None] if dtype == torch.float16 else [None]
     last_error: Exception | None = None
     for local_only in (True, False):
+        if not local_only:
+            if huggingface_hub.constants.HF_HUB_OFFLINE:
+                raise ModelLoadError(_not_downloaded(repo_id, "HF_HUB_OFFLINE forbids downloading it"))
+            log.info("%s is not in the Hugging Face cache yet: downloading it once", repo_id)
         for variant in variants:
             try:
-                return DiffusionPipeline.from_pretrained(
-                    repo_id, dtype=dtype, variant=variant, use_safetensors=True, local_files_only=local_only
-                )
+                with _without_hub_fallback_warning():
+                    return DiffusionPipeline.from_pretrained(
+                        repo_id,
+                        dtype=dtype,
+                        variant=variant,
+                        use_safetensors=True,
+                        local_files_only=local_only,
+                    )
             except (OSError, ValueError) as error:
                 last_error = error
-        if local_only:
-            log.info("%s is not in the Hugging Face cache yet: downloading it once", repo_id)
-    raise ModelLoadError(f"base model {repo_id!r} could not be loaded from the Hub: {last_error}")
+    unreachable = _network_error(last_error)
+    if unreachable is not None:
+        reason = f"the Hugging Face Hub cannot be reached ({unreachable})"
+        raise ModelLoadError(_not_downloaded(repo_id, reason)) from last_error
+    raise ModelLoadError(
+        f"base model {repo_id!r} could not be loaded from the Hub: {last_error}"
+    ) from last_error
+
+
+def _not_downloaded(repo_id: str, reason: str) -> str:
+    return (
+        f"the base model {repo_id!r} is not downloaded yet and {reason}. Start once with a network "
+        "connection (and without HF_HUB_OFFLINE) to download it, or set [model] base to a local "
+        'diffusers folder or .safetensors file, or base = "tiny" to try the flow with a tiny random model'
+    )
+
+
+def _network_error(error: BaseException | None) -> BaseException | None:
+    """The connection failure (no network, no DNS, offline mode) behind a failed download, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError | socket.gaierror | TimeoutError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _HubFallbackFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Couldn't connect to the Hub")
+
+
+@contextlib.contextmanager
+def _without_hub_fallback_warning() -> Iterator[None]:
+    """Hide diffusers' "Couldn't connect to the Hub ... Will try to load from local cache": the cache
+    was tried first and came up empty, so that fallback can only fail, and the failure says why."""
+    logger, quiet = logging.getLogger("diffusers.pipelines.pipeline_utils"), _HubFallbackFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _enable_xformers(pipeline: DiffusionPipeline) -> None:

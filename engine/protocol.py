@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 # before training. A token also names the adapter on the pipeline.
 TOKEN_PATTERN = re.compile(r"[a-z0-9]{3,20}")
 CLASS_WORD_PATTERN = re.compile(r"[a-z]+(?: [a-z]+){0,2}")
+# The bot and its engine workers write their logs to one stderr, in this one format.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 # ---------------------------------------------------------------------------------------------
 # Jobs: bot -> worker

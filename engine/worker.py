@@ -42,6 +42,7 @@ from engine.generate import (
 )
 from engine.model import LoadedModel, ModelLoadError, load_base_model
 from engine.protocol import (
+    LOG_FORMAT,
     Accepted,
     CancelJob,
     Error,
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s engine[%(process)d] %(name)s: %(message)s",
+        format=LOG_FORMAT,
         force=True,
     )
     args = parse_args(argv)
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             safety_checker=config.model.safety_checker,
         )
     except ModelLoadError as error:
-        log.error("%s", error)
+        # Not logged here as well: the bot (or the CLI) that started this worker reports it, once.
         emit(Error(None, str(error), "bad_model"))
         return EXIT_BAD_MODEL
     generator = Generator(model, config.generation.adapter_cache)

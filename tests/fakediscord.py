@@ -909,6 +909,8 @@ class GatewayConnection:
         self.text_frames = 0
         self.closed = False
         self.close_code: int | None = None
+        # The code of the close frame the bot sent; None if it dropped the connection without one.
+        self.close_frame: int | None = None
         self.session: _Session | None = None
         self._lock = asyncio.Lock()
         self._compress = self._compressor(self.compress)
@@ -1590,7 +1592,9 @@ class FakeDiscord:
             await conn.send(
                 {"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval}, "s": None, "t": None}
             )
-            async for msg in ws:
+            # ws.receive(), not `async for`, which swallows the bot's close frame.
+            ends = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+            while (msg := await ws.receive()).type not in ends:
                 if msg.type == WSMsgType.TEXT:
                     try:
                         await self._on_gateway(conn, json.loads(msg.data))
@@ -1598,6 +1602,8 @@ class FakeDiscord:
                         _log.exception("fake gateway failed to handle %s", msg.data[:200])
                 elif msg.type == WSMsgType.ERROR:
                     break
+            if msg.type == WSMsgType.CLOSE:
+                conn.close_frame = msg.data
         finally:
             conn.closed = True
             conn.close_code = ws.close_code
@@ -2216,6 +2222,8 @@ class FakeDiscord:
 
     async def _r_delete_message(self, req: Request, p: dict[str, str]) -> Any:
         channel, guild = self._channel_or_404(p)
+        # Like Discord: a channel the bot cannot see refuses to delete even its own messages (403).
+        self._require(channel, guild, 0)
         msg = self._message_or_404(p)
         if msg.author_id != self.bot_id:
             self._require(channel, guild, P_MANAGE_MESSAGES)
@@ -3461,6 +3469,10 @@ class FakeDiscord:
         if dispatch:
             self._message_event("MESSAGE_CREATE", msg)
         return msg
+
+    def delete_message(self, message: FakeMessage | int) -> None:
+        """Delete a message as a moderator would by hand, and queue MESSAGE_DELETE."""
+        self._delete_message(self._message_of(message))
 
     def add_reaction(self, message: FakeMessage | int, user_id: int, emoji: str = "👍") -> None:
         """Record ``user_id``'s reaction and queue MESSAGE_REACTION_ADD (custom emoji: ``"name:id"``)."""

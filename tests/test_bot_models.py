@@ -156,7 +156,7 @@ def test_model_delete_asks_first(tmp_path: Path) -> None:
 
             question = await answer(h, h.alice, "model delete", name="abraza")
             await h.fake.click(h.alice, question, button(question, "Delete"))
-            await h.fake.wait_until(lambda: "Deleted **abraza**." in question.content, timeout=30)
+            await h.fake.wait_until(lambda: "Deleted **abraza**" in question.content, timeout=30)
             assert not (h.data_dir / "adapters" / str(h.guild_id)).exists()
             assert "no models here yet" in (await answer(h, h.alice, "models")).content
             assert h.fake.errors == []

@@ -21,10 +21,10 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
 
 
-def training_steps(message: FakeMessage, since: int = 0) -> list[int]:
+def training_steps(message: FakeMessage, since: int = 0, total: int = STEPS) -> list[int]:
     """The training steps a progress message showed, from its `since`-th version on, in order."""
     versions = [*(entry["content"] for entry in message.history[since:]), message.content]
-    return [int(found) for text in versions for found in re.findall(rf"Training: step (\d+)/{STEPS}", text)]
+    return [int(found) for text in versions for found in re.findall(rf"Training: step (\d+)/{total}", text)]
 
 
 async def ready_post(h: BotHarness, token: str) -> FakeMessage:

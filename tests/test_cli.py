@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from botharness import selfie_jpeg
+from conftest import PROJECT_ROOT
 from PIL import Image
 
+from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 from bot.cli import main
 from bot.db import LOCAL_GUILD_ID, Database
+from engine.config import DEFAULT_BASE_MODEL, load_config
 from engine.generate import read_parameters
 
 
@@ -65,7 +73,7 @@ def test_train_then_imagine_with_the_token(workdir: Path, capsys: pytest.Capture
     assert len(written) == 2
     assert Image.open(written[0]).size == (64, 64)
     parameters = read_parameters(written[0])
-    assert parameters["prompt"] == "abraza person as thor"
+    assert parameters["prompt"] == "abraza person as thor <lora:abraza:1>"
     assert parameters["Seed"] == "7"
     assert "abraza" in parameters["Lora hashes"]
     assert db.search_generations(LOCAL_GUILD_ID, search="thor")[1] == 1
@@ -82,18 +90,85 @@ def test_train_refuses_a_bad_photo_set_before_any_engine_starts(workdir: Path) -
     assert db.active_jobs() == []
 
 
-def test_a_bad_config_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text("[training]\nresolution = 'big'\n")
-    assert main(["models", "--config", str(config)]) == 2
-    assert (
-        capsys.readouterr().err.strip() == "dreambot: [training] resolution: expected an integer, got 'big'"
-    )
-
-
 def test_run_without_a_token_says_where_it_comes_from(
     workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("DISCORD_TOKEN", raising=False)
     assert main(["run"]) == 2
     assert "DISCORD_TOKEN" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dreambot {importlib.metadata.version('dreambot')}"
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before the command", "after the command"])
+def test_a_bad_config_key_is_one_line_wherever_config_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], before: bool
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[training]\nresolution = 'big'\n")
+    option = ["--config", str(config)]
+    assert main([*option, "models"] if before else ["models", *option]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "dreambot: [training] resolution: expected an integer, got 'big'"
+    )
+
+
+def test_check_takes_the_photos_in_a_folder_and_prints_plain_text(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (workdir / "photos" / "readme.txt").write_text("not a photo, and not named like one")
+    assert main(["check", "photos"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    # Every photo file of the folder, sorted; the text file is not one.
+    assert [line.split()[1].rstrip(":") for line in lines[:4]] == [
+        "notes.jpg",
+        "selfie0.jpg",
+        "selfie1.jpg",
+        "selfie2.jpg",
+    ]
+    assert lines[0].startswith("❌ notes.jpg: not an image")
+    assert "`" not in out and "readme.txt" not in out
+
+
+def test_check_on_a_folder_without_photos_says_so(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "empty").mkdir()
+    assert main(["check", "empty"]) == 2
+    assert capsys.readouterr().err.strip() == "dreambot: no photos in empty (JPEG, PNG, WebP or HEIC files)"
+
+
+def test_health_is_the_age_of_the_running_bots_heartbeat(workdir: Path) -> None:
+    heartbeat = heartbeat_path(load_config(workdir / "config.toml"))
+    assert main(["health"]) == 1  # no bot has run here
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    heartbeat.touch()
+    assert main(["health"]) == 0
+    long_ago = time.time() - HEARTBEAT_MAX_AGE - 1
+    os.utime(heartbeat, (long_ago, long_ago))
+    assert main(["health"]) == 1  # the bot lost Discord, or hangs
+
+
+def test_a_base_model_that_is_not_downloaded_is_explained_once(tmp_path: Path) -> None:
+    """Offline with an empty Hugging Face cache and the default base model: one clear line."""
+    (tmp_path / "config.toml").write_text('[model]\ndevice = "cpu"\n')
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "empty-hf-home"),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    dreambot = [sys.executable, "-c", "import sys; from bot.cli import main; sys.exit(main())"]
+    finished = subprocess.run(
+        [*dreambot, "imagine", "a castle"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert finished.returncode == 1
+    output = finished.stdout + finished.stderr
+    assert output.count(f"the base model '{DEFAULT_BASE_MODEL}' is not downloaded yet") == 1, output
+    assert "Start once with a network connection (and without HF_HUB_OFFLINE) to download it" in output
+    assert 'or base = "tiny" to try the flow' in output
+    assert "local_files_only" not in output and "Traceback" not in output, output

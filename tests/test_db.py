@@ -47,6 +47,19 @@ def test_migrations_run_once_and_wal_is_on(tmp_path: Path) -> None:
     assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_database_of_the_first_schema_gains_the_posts_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(f"{MIGRATIONS[0]}; PRAGMA user_version = 1;")
+    old.execute("INSERT INTO users (id, name, created_at) VALUES (1, 'alice', 0)")
+    old.commit()
+    old.close()
+    db = Database(path)
+    assert db.schema_version == len(MIGRATIONS) == 2
+    db.add_post(message_id=100, channel_id=5, guild_id=10, user_id=1)
+    assert [post.message_id for post in db.posts_to_forget(1)] == [100]
+
+
 def test_tokens_are_unique_per_server(db: Database) -> None:
     db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
     db.add_model(guild_id=11, owner_id=2, token="abraza", class_word="dog")
@@ -102,26 +115,68 @@ def test_forget_user_removes_every_row_and_returns_files(db: Database) -> None:
     db.update_model(
         model.id, adapter_path="/data/adapters/10/abraza/adapter.safetensors", samples=["/s/0.png"]
     )
-    db.add_job(kind="train", user_id=1, guild_id=10, channel_id=5, payload="{}", model_id=model.id)
+    train = db.add_job(kind="train", user_id=1, guild_id=10, channel_id=5, payload="{}", model_id=model.id)
+    db.add_post(message_id=100, channel_id=5, guild_id=10, user_id=1, model_id=model.id, job_id=train.id)
     _generation(db, 1, "abraza as thor", ["abraza"])
     bobs = _generation(db, 2, "a cat", [])
+    # Bob's picture with her model shows her face; another server's abraza is someone else.
+    with_her_face = _generation(db, 2, "abraza and a dog", ["abraza"])
+    bobs_job = db.add_job(
+        kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}", context={"tokens": ["abraza"]}
+    )
+    db.add_post(message_id=101, channel_id=5, guild_id=10, user_id=2, job_id=bobs_job.id)
+    elsewhere = db.add_generation(
+        job_id="k", guild_id=11, user_id=2, channel_id=6, prompt="abraza at sea", seed=1, steps=2,
+        guidance=7.5, width=64, height=64, tokens=["abraza"], files=[], kind="txt2img",
+    ).id  # fmt: skip
 
     files = db.forget_user(1)
 
     assert sorted(files) == sorted(
-        ["/data/adapters/10/abraza/adapter.safetensors", "/s/0.png", "/data/generations/abraza as thor.png"]
+        [
+            "/data/adapters/10/abraza/adapter.safetensors",
+            "/s/0.png",
+            "/data/generations/abraza as thor.png",
+            "/data/generations/abraza and a dog.png",
+        ]
     )
     for table, column in [
         ("models", "owner_id"),
         ("jobs", "user_id"),
         ("generations", "user_id"),
+        ("posts", "user_id"),
         ("users", "id"),
     ]:
         assert db.db[table].count_where(f"{column} = ?", [1]) == 0
     assert db.search_generations(10, search="thor")[1] == 0
-    assert db.find_generation(bobs) is not None
-    assert db.generations_of(1) == [] and [g.id for g in db.generations_of(2)] == [bobs]
+    assert db.find_generation(bobs) is not None and db.find_generation(elsewhere) is not None
+    assert db.find_generation(with_her_face) is None and db.find_job(bobs_job.id) is None
+    assert db.db["posts"].count == 0
+    assert [g.id for g in db.generations_of(2)] == [bobs, elsewhere]
     assert db.find_model(model.id) is None
+
+
+def test_posts_are_found_by_member_and_by_model(db: Database) -> None:
+    model = db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
+    train = db.add_job(kind="train", user_id=1, guild_id=10, channel_id=5, payload="{}", model_id=model.id)
+    with_her_model = db.add_job(
+        kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}", context={"tokens": ["abraza"]}
+    )
+    bobs = db.add_job(kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}")
+    db.add_post(message_id=100, channel_id=5, guild_id=10, user_id=1, model_id=model.id, job_id=train.id)
+    db.add_post(message_id=101, channel_id=77, guild_id=None, user_id=1, model_id=model.id, job_id=train.id)
+    db.add_post(message_id=102, channel_id=5, guild_id=10, user_id=2, job_id=with_her_model.id)
+    db.add_post(message_id=103, channel_id=5, guild_id=10, user_id=2, job_id=bobs.id)
+
+    assert [post.message_id for post in db.posts_of_model(model.id)] == [100, 101]
+    assert [post.message_id for post in db.posts_to_forget(1)] == [100, 101, 102]
+    assert db.posts_to_forget(1)[1].guild_id is None  # a DM
+    db.delete_posts([100])
+    # A deleted model's posts stay the member's, for /forget.
+    db.delete_model(model.id)
+    assert db.posts_of_model(model.id) == []
+    assert [(post.message_id, post.model_id) for post in db.posts_to_forget(1)] == [(101, None)]
+    assert [post.message_id for post in db.posts_to_forget(2)] == [102, 103]
 
 
 def test_settings_default_and_override(db: Database) -> None:

@@ -317,6 +317,41 @@ def test_a_job_killed_twice_is_dropped_and_the_queue_goes_on(
     asyncio.run(scenario())
 
 
+def test_a_job_handed_to_a_dying_engine_is_not_an_attempt(
+    config: Config, db: Database, data_dir: Path
+) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        try:
+            await queue.wait_ready(TIMEOUT)
+            (worker,) = queue.workers
+            assert worker.pid is not None
+            # Frozen, then killed: the job line reaches a process that never reads it.
+            os.kill(worker.pid, signal.SIGSTOP)
+            queue.submit(add_train(db, data_dir, "unlucky", steps=30))
+            async with asyncio.timeout(TIMEOUT):
+                while db.job("unlucky").state != "running":
+                    await asyncio.sleep(0.05)
+            kill_worker(queue)
+
+            # Its first real attempt, on the new engine, dies under it as well ...
+            await recorder.wait_for(lambda j, e: j.id == "unlucky" and isinstance(e, Accepted))
+            assert db.job("unlucky").attempts == 1
+            await recorder.training_progress("unlucky")
+            kill_worker(queue)
+            # ... and it gets the second one it is owed, and finishes.
+            _, event = await recorder.finished("unlucky")
+            assert isinstance(event, Result), event
+        finally:
+            await queue.stop()
+        final = db.job("unlucky")
+        assert final.state == "done" and final.attempts == 2
+
+    asyncio.run(scenario())
+
+
 def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
     async def scenario() -> None:
         recorder = Recorder(db)
@@ -351,6 +386,8 @@ def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
         finally:
             await queue.stop()
         assert db.job("in-flight").state == "running"
+        # Stopped, not crashed under: the attempt is given back for the run at the next start.
+        assert db.job("in-flight").attempts == 0
         assert not any(isinstance(e, Result | Error) for e in recorder.events_of("in-flight"))
         process = queue.workers[0].process
         assert process is not None and process.returncode == 0

@@ -253,6 +253,8 @@ class Imagine(commands.Cog):
                 async with waiting.lock:
                     message = await interaction.edit_original_response(content=status)
                     self.bot.db.update_job(job.id, progress_message_id=message.id)
+                    # It ends as the picture or as the reason there is none: either is about her job.
+                    self.bot.record_post(message, job)
             else:
                 await interaction.followup.send(
                     f"{status} The result will be posted in {channel.mention}.", ephemeral=True
@@ -476,7 +478,8 @@ class Imagine(commands.Cog):
         guild = self.bot.get_guild(job.guild_id)
         channel = guild.get_channel_or_thread(job.channel_id) if guild else None
         if isinstance(channel, discord.TextChannel | discord.Thread):
-            await channel.send(text, allowed_mentions=only_mentions(job.user_id))
+            message = await channel.send(text, allowed_mentions=only_mentions(job.user_id))
+            self.bot.record_post(message, job)
             await self._remove_status(job, channel)
 
     async def _remove_status(self, job: JobRow, channel: discord.TextChannel | discord.Thread) -> None:
@@ -577,7 +580,11 @@ class Imagine(commands.Cog):
         if interaction.user.id != row.user_id and not interaction.permissions.manage_guild:
             raise UserFacingError("Only the member who made this image, or a server manager, can delete it.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await self.bot.delete_generation_posts(row)
+        if refused := await self.bot.delete_generation_posts(row):
+            raise UserFacingError(
+                f"Discord didn't let me delete {' and '.join(message.jump_url for message in refused)}: "
+                "I can no longer see that channel. Ask a server manager to delete it, or to let me back in."
+            )
         self.bot.db.delete_generation(row.id)
         folder = generation_dir(self.bot.config, row.job_id)
         await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)

@@ -20,7 +20,7 @@ from discord.ext import commands
 
 from bot.bot import DreamBot, UserFacingError, reply_privately, report_error
 from bot.cogs.training import normalize_token
-from bot.db import ACTIVE_JOB_STATES, JobRow, ModelRow
+from bot.db import ACTIVE_JOB_STATES, JobRow, ModelRow, PostRow
 from bot.storage import adapter_dir, generation_dir, photos_dir, remove_paths
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
 from engine.protocol import GenerateJob, ProtocolError, decode
@@ -47,7 +47,8 @@ you posted, and I post a few samples when it's done.
 `/models` your models · `/model share` let others use one (off by default) · \
 `/model export` the LoRA file by DM · `/model delete`
 `/queue` your waiting and running jobs, with Cancel buttons
-`/forget` delete everything I keep about you: photos, models, pictures
+`/forget` delete everything I keep about you: your photos, models and pictures, the pictures \
+others made with your models, every message I posted about them, and every record of you
 
 **Tips for good photos**
 • Just you, face clearly visible, no sunglasses; a mix of close-ups and head-and-shoulders.
@@ -106,10 +107,11 @@ async def cancel_job(bot: DreamBot, job: JobRow, by: discord.abc.User) -> bool:
     if by.id != job.user_id:
         channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         try:
-            await channel.send(
+            notice = await channel.send(
                 f"<@{job.user_id}> a server manager cancelled your {describe_job(job)}.",
                 allowed_mentions=discord.AllowedMentions(users=[discord.Object(id=job.user_id)]),
             )
+            bot.record_post(notice, job)
         except discord.HTTPException as error:
             log.warning("cannot tell user %s that job %s was cancelled: %s", job.user_id, job.id, error)
     return True
@@ -283,6 +285,8 @@ class Models(commands.Cog):
         """Delete one of your models: the trained file, its samples and any training still running."""
         model = self._own_model(interaction, name)
         running = [job for job in self.bot.db.active_jobs(interaction.user.id) if job.model_id == model.id]
+        # Read first: the cancellation deletes the model row, which unlinks its posts.
+        posts = self.bot.db.posts_of_model(model.id)
         question = f"Delete **{model.token}** for good?" + (
             " Its training will be cancelled." if running else " Pictures already made stay."
         )
@@ -300,7 +304,10 @@ class Models(commands.Cog):
             paths.append(model.adapter_path)
         paths.extend(photos_dir(self.bot.config, job.id) for job in running)
         await asyncio.to_thread(remove_paths, self.bot.config, paths)
-        await interaction.edit_original_response(content=f"Deleted **{model.token}**.")
+        refused = await self._take_down(posts)
+        await interaction.edit_original_response(
+            content=f"Deleted **{model.token}**, its samples and its training messages.{_refusal(refused)}"
+        )
 
     @model.command(name="share")
     @app_commands.describe(
@@ -375,26 +382,28 @@ class Models(commands.Cog):
 
     @app_commands.command(name="forget")
     async def forget(self, interaction: discord.Interaction[DreamBot]) -> None:
-        """Delete everything I keep about you: photos, models, pictures and their records."""
+        """Delete everything I keep about you: photos, models, pictures, my messages and your records."""
         question = (
-            "Delete **everything** I keep about you, in every server: your training photos, models, "
-            "generated pictures and their records? Running jobs are cancelled. This cannot be undone."
+            "Delete **everything** I keep about you, in every server: your training photos, models and "
+            "pictures, the pictures others made with your models, my messages about them, and every "
+            "record of you? Running jobs are cancelled. This cannot be undone."
         )
         if not await confirm(interaction, question, "Delete everything"):
             return
         db, user_id = self.bot.db, interaction.user.id
         # Read first: a cancelled training's model row is deleted as the cancellation lands.
         models = db.models_of(user_id)
-        active = db.active_jobs(user_id)
+        active = [job for job in db.jobs_to_forget(user_id) if job.state in ACTIVE_JOB_STATES]
         for job in active:
             await self.bot.jobs.cancel(job.id)
         with contextlib.suppress(TimeoutError):  # what did not stop in time is deleted anyway
             await wait_until_finished(self.bot, [job.id for job in active])
 
-        jobs = db.jobs_of(user_id)
-        generations = db.generations_of(user_id)
+        jobs = db.jobs_to_forget(user_id)
+        generations = db.generations_to_forget(user_id)
+        refused = await self._take_down(db.posts_to_forget(user_id))
         for generation in generations:
-            await self.bot.delete_generation_posts(generation)
+            refused += await self.bot.delete_generation_posts(generation)
         config = self.bot.config
         paths: list[str | Path] = [adapter_dir(config, model.guild_id, model.token) for model in models]
         for job in jobs:
@@ -407,10 +416,22 @@ class Models(commands.Cog):
             content=(
                 f"Done. I deleted {_count(len(models), 'model')}, {_count(len(jobs), 'job')}, "
                 f"{_count(len(generations), 'picture')} (their posts and gallery copies too) and "
-                f"{_count(files, 'file')} (photos, model weights, samples and pictures). Nothing of yours "
-                "is left on my side."
+                f"{_count(files, 'file')} (photos, model weights, samples and pictures), and took down my "
+                "messages about your trainings and images. Nothing of yours is left in my records"
+                + (f".{_refusal(refused)}" if refused else " or in the channels.")
             )
         )
+
+    async def _take_down(self, posts: list[PostRow]) -> list[discord.PartialMessage]:
+        """Delete recorded posts and forget them, refused ones too (the member hears of those)."""
+        refused = await self.bot.take_down(
+            self.bot.get_partial_messageable(post.channel_id, guild_id=post.guild_id).get_partial_message(
+                post.message_id
+            )
+            for post in posts
+        )
+        self.bot.db.delete_posts([post.message_id for post in posts])
+        return refused
 
     @app_commands.command(name="help")
     async def help(self, interaction: discord.Interaction[DreamBot]) -> None:
@@ -432,6 +453,19 @@ def _model_line(model: ModelRow) -> str:
     if model.state == "failed" and model.error:
         line += f"\n  ↳ {model.error}"
     return line
+
+
+def _refusal(refused: list[discord.PartialMessage]) -> str:
+    """A line naming the messages Discord refused to delete, or '' when there are none."""
+    if not refused:
+        return ""
+    one = len(refused) == 1
+    links = " ".join(message.jump_url for message in refused)
+    return (
+        f"\n⚠️ Discord didn't let me delete {_count(len(refused), 'message')} of mine, as I can no longer "
+        f"see {'its' if one else 'their'} channel: {links}\nAsk a server manager to delete "
+        f"{'it' if one else 'them'}."
+    )
 
 
 def _count(number: int, noun: str) -> str:

@@ -10,10 +10,11 @@ queued, and it holds the progress message's id so that the message survives a re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from bot.bot import DreamBot, UserFacingError, report_error
 from bot.db import JobRow, new_job_id
 from bot.storage import adapter_dir, photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
-from bot.words import CLASS_WORDS, COMMON_WORDS
+from bot.words import CLASS_WORDS, COMMON_WORDS, known_to_base_model
 from engine.intake import IntakeReport, PhotoVerdict, check_photos
 from engine.protocol import (
     CLASS_WORD_PATTERN,
@@ -76,12 +77,15 @@ def token_problem(token: str) -> str | None:
         # A number in a prompt reads as a count ("3 dogs"), never as a name.
         return f"`{token}` is only digits: a model name needs at least one letter (for example `abraza7`)."
     if token in COMMON_WORDS:
-        return (
-            f"**{token}** is a common word, so Stable Diffusion already has a meaning for it, and that "
-            "meaning would blend into your face in every picture. The name works best when the model "
-            "knows nothing about it yet: pick a made-up word like 'abraza' or 'zorvik'."
-        )
-    return None
+        known = "is a common word, so Stable Diffusion already has a meaning for it"
+    elif known_to_base_model(token):
+        known = "is a word in Stable Diffusion's vocabulary, so it already has a meaning for it"
+    else:
+        return None
+    return (
+        f"**{token}** {known}, and that meaning would blend into your face in every picture. The name "
+        "works best when the model knows nothing about it yet: pick a made-up word like 'abraza' or 'zorvik'."
+    )
 
 
 def subject_problem(subject: str) -> str | None:
@@ -388,6 +392,7 @@ class Training(commands.Cog):
         except discord.HTTPException:
             log.warning("cannot post the progress message of job %s in channel %s", row.id, row.channel_id)
             return row
+        self.bot.record_post(message, row)
         return self.bot.db.update_job(row.id, progress_message_id=message.id)
 
     # -- the training's life in the channel ------------------------------------------------------
@@ -503,20 +508,25 @@ class Training(commands.Cog):
                 await self._edit_progress(job, text, final=False)
 
     async def _tell_member(self, job: JobRow, content: str, files: Sequence[Path] = ()) -> None:
-        """Post in the job's channel, pinging only the member; by DM when the channel refuses."""
+        """Post in the job's channel, pinging only the member; by DM when the channel refuses.
+
+        Every message sent is recorded as a post about the job, for /forget and /model delete."""
         guild = self.bot.get_guild(job.guild_id)
         limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
         existing = [path for path in files if path.is_file()]
         mention = discord.AllowedMentions(users=[discord.Object(id=job.user_id)])
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        record = functools.partial(self.bot.record_post, job=job)
         try:
-            await _send_with_files(channel, content, existing, f"sample-{job.id}", limit, mention)
+            await _send_with_files(channel, content, existing, f"sample-{job.id}", limit, mention, record)
             return
         except discord.HTTPException as error:
             log.warning("cannot post job %s's outcome in channel %s: %s", job.id, job.channel_id, error)
         try:
             user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
-            await _send_with_files(user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention)
+            await _send_with_files(
+                user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention, record
+            )
         except discord.HTTPException as error:
             log.warning("cannot tell user %s about job %s: %s", job.user_id, job.id, error)
 
@@ -564,14 +574,18 @@ async def _send_with_files(
     stem: str,
     size_limit: int,
     allowed_mentions: discord.AllowedMentions,
+    on_sent: Callable[[discord.Message], None],
 ) -> None:
+    """Send `content` with the pictures, in as many messages as the size limit needs; `on_sent` hears
+    of each message as it is sent (a later one may fail)."""
     batches = await asyncio.to_thread(image_files, paths, stem, size_limit) if paths else [[]]
     for index, batch in enumerate(batches):
         text = content if index == 0 else None
         if batch:
-            await destination.send(text, files=batch, allowed_mentions=allowed_mentions)
+            message = await destination.send(text, files=batch, allowed_mentions=allowed_mentions)
         else:
-            await destination.send(text, allowed_mentions=allowed_mentions)
+            message = await destination.send(text, allowed_mentions=allowed_mentions)
+        on_sent(message)
 
 
 async def setup(bot: DreamBot) -> None:
