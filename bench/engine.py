@@ -16,21 +16,16 @@ import dataclasses
 import resource
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
+from bench.workload import build_random_sd15, prepare_photos, timed
 from engine.config import TrainingSection
-from engine.generate import GenerationRequest, Generator
+from engine.generate import Generator
 from engine.model import LoadedModel, load_base_model
-from engine.protocol import AdapterRef
-from engine.train import TrainingRequest, train_lora
-
-PHOTO = Path(__file__).resolve().parent.parent.parent / "shared" / "photos" / "astronaut.png"
+from engine.protocol import AdapterRef, GenerateJob, TrainJob
+from engine.train import train_lora
 
 
 def main() -> None:
@@ -74,8 +69,12 @@ def bench(
     adapters = []
     for token in ("benchone", "benchtwo"):
         output_dir = data_dir / "adapters" / label.replace(" ", "-") / token
-        request = TrainingRequest(
-            token=token, class_word="person", photos=tuple(photos), output_dir=output_dir
+        request = TrainJob(
+            job_id=f"bench-{token}",
+            token=token,
+            class_word="person",
+            photos=[str(photo) for photo in photos],
+            output_dir=str(output_dir),
         )
         # The first training also renders and caches the class images; time the steps of the second.
         started: dict[str, float] = {}
@@ -97,16 +96,20 @@ def bench(
     )
 
     generator = Generator(model)
-    request = GenerationRequest(
-        prompt="portrait photo of benchone person", width=resolution, height=resolution
+    job = GenerateJob(
+        job_id="bench-generate",
+        prompt="portrait photo of benchone person",
+        output_dir=str(data_dir / "generations" / "bench"),
+        width=resolution,
+        height=resolution,
     )
-    generator.generate(request)  # warm-up: first call compiles kernels / allocates
+    generator.generate(job)  # warm-up: first call compiles kernels / allocates
     for count in (1, 4):
-        seconds, _ = timed(lambda count=count: generator.generate(dataclasses.replace(request, count=count)))
+        seconds, _ = timed(lambda count=count: generator.generate(dataclasses.replace(job, count=count)))
         print(f"[{label}] generation: {count / seconds:.2f} images/s (count {count}, 25 DPM++ steps)")
 
-    generator.generate(dataclasses.replace(request, adapters=(adapters[0],)))
-    generator.generate(dataclasses.replace(request, adapters=(adapters[1],)))
+    generator.generate(dataclasses.replace(job, adapters=[adapters[0]]))
+    generator.generate(dataclasses.replace(job, adapters=[adapters[1]]))
     switch_seconds, _ = timed(lambda: generator.adapters.activate([adapters[0]]))
     load_seconds_fresh, _ = timed(
         lambda: (generator.adapters.forget("benchone"), generator.adapters.activate([adapters[0]]))
@@ -119,14 +122,6 @@ def bench(
     print(f"[{label}] peak memory: {peak_memory(model)}")
 
 
-def timed(work: Callable[[], object]) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = work()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, result
-
-
 def reset_peak_memory(model: LoadedModel) -> None:
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
@@ -137,62 +132,6 @@ def peak_memory(model: LoadedModel) -> str:
     if model.device.type == "cuda":
         return f"GPU {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB allocated, {process}"
     return process
-
-
-def prepare_photos(folder: Path, resolution: int, count: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with Image.open(PHOTO) as image:
-        image = image.convert("RGB")
-        paths = []
-        for index in range(count):
-            inset = 20 * index
-            crop = image.crop((inset, inset, image.width - inset, image.height - inset))
-            path = folder / f"{index}.png"
-            crop.resize((resolution, resolution), Image.Resampling.LANCZOS).save(path)
-            paths.append(path)
-    return paths
-
-
-def build_random_sd15(folder: Path) -> Path:
-    """SD 1.5's architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder) with random weights."""
-    from engine.model import ensure_tiny_model
-
-    tiny = StableDiffusionPipeline.from_pretrained(ensure_tiny_model(folder.parent.parent))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            vocab_size=len(tiny.tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=tiny.tokenizer.bos_token_id,
-            eos_token_id=tiny.tokenizer.eos_token_id,
-            pad_token_id=tiny.tokenizer.pad_token_id,
-            hidden_act="quick_gelu",
-        )
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tiny.tokenizer,
-        unet=unet,
-        scheduler=DDPMScheduler.from_config(tiny.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder)
-    return folder
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """The Discord client: loads one cog per feature, owns the database and the job queue.
 
-Cogs talk to the engine only through `bot.jobs` (bot/jobs.py). Job events come back as discord.py
-custom events, so a cog reacts to them with a listener:
+Cogs turn requests into jobs through `bot.service` and talk to the engine only through `bot.jobs`.
+Job events come back as discord.py custom events named by the job's kind, so a cog listens to its
+own kind only:
 
     @commands.Cog.listener()
-    async def on_job_progress(self, job: JobRow, event: Progress) -> None: ...
+    async def on_training_progress(self, job: JobRow, event: Progress) -> None: ...
 
-    # also on_job_accepted(job, Accepted), on_job_result(job, Result), on_job_error(job, Error)
+    # on_{training,generation}_accepted(job, Accepted), ..._progress(job, Progress),
+    # on_training_finished(job, TrainingDone), on_generation_finished(job, GenerationDone),
+    # on_{training,generation}_failed(job, Error)
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +24,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.db import Database, GenerationRow, JobRow
+from bot.db import Database, GenerationRow, JobRow, PostRow
 from bot.jobs import JobQueue
+from bot.service import UserFacingError
 from bot.words import load_base_vocabulary
 from engine.config import Config
 
@@ -32,9 +35,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The name a job event is dispatched under: {kind}_{event}, as in on_generation_finished.
+JOB_EVENT_KINDS = {"train": "training", "generate": "generation"}
+JOB_EVENT_NAMES = {
+    "accepted": "accepted",
+    "progress": "progress",
+    "trained": "finished",
+    "generated": "finished",
+    "error": "failed",
+}
+
 COGS = (
     "bot.cogs.training",
     "bot.cogs.models",
+    "bot.cogs.queue",
+    "bot.cogs.privacy",
+    "bot.cogs.help",
     "bot.cogs.imagine",
     "bot.cogs.gallery",
     "bot.cogs.admin",
@@ -45,21 +61,6 @@ COGS = (
 # (the Docker HEALTHCHECK) calls it unhealthy once the file is older than HEARTBEAT_MAX_AGE.
 HEARTBEAT_INTERVAL = 20.0
 HEARTBEAT_MAX_AGE = 3 * HEARTBEAT_INTERVAL
-
-
-# Per-server overrides of the [limits] config that /admin limits stores (db.setting keys).
-MAX_MODELS_KEY = "max_models_per_user"
-MAX_QUEUED_KEY = "max_queued_jobs_per_user"
-
-
-class UserFacingError(Exception):
-    """A refusal or failure whose message is written for the member and shown as it is."""
-
-
-@dataclass(frozen=True)
-class MemberLimits:
-    max_models: int
-    max_queued_jobs: int
 
 
 class DreamBot(commands.Bot):
@@ -118,28 +119,8 @@ class DreamBot(commands.Bot):
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _on_job_event(self, job: JobRow, event: Event) -> None:
-        # "progress" -> on_job_progress(job, event), and so on for accepted, result and error.
-        self.dispatch(f"job_{event.type}", job, event)
-
-    # -- limits ------------------------------------------------------------------------------
-
-    def member_limits(self, guild_id: int) -> MemberLimits:
-        """What one member may have in a server: the admins' override, else the config."""
-        limits = self.config.limits
-        return MemberLimits(
-            max_models=self.db.setting(guild_id, MAX_MODELS_KEY, limits.max_models_per_user),
-            max_queued_jobs=self.db.setting(guild_id, MAX_QUEUED_KEY, limits.max_queued_jobs_per_user),
-        )
-
-    def check_queue_cap(self, guild_id: int, user_id: int) -> None:
-        """Refuse another job to a member who already has the most a server allows waiting or running."""
-        limit = self.member_limits(guild_id).max_queued_jobs
-        active = self.db.count_active_jobs(user_id, guild_id)
-        if active >= limit:
-            raise UserFacingError(
-                f"You already have {active} job{'s' * (active != 1)} waiting or running, the limit is "
-                f"{limit}. Wait for one to finish (see `/queue`) and try again."
-            )
+        # e.g. a training's Progress -> on_training_progress(job, event): each cog hears its own kind.
+        self.dispatch(f"{JOB_EVENT_KINDS[job.kind]}_{JOB_EVENT_NAMES[event.type]}", job, event)
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -175,6 +156,18 @@ class DreamBot(commands.Bot):
             model_id=job.model_id,
             job_id=job.id,
         )
+
+    async def take_down_posts(self, posts: Iterable[PostRow]) -> list[discord.PartialMessage]:
+        """Delete recorded posts and forget them, refused ones too (the member hears of those)."""
+        posts = list(posts)
+        refused = await self.take_down(
+            self.get_partial_messageable(post.channel_id, guild_id=post.guild_id).get_partial_message(
+                post.message_id
+            )
+            for post in posts
+        )
+        self.db.delete_posts([post.message_id for post in posts])
+        return refused
 
     async def take_down(self, messages: Iterable[discord.PartialMessage]) -> list[discord.PartialMessage]:
         """Delete messages of the bot; returns those Discord refused (403: the bot lost access to the

@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import sys
@@ -24,14 +23,37 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, Database, JobRow, new_job_id
+from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, LOCAL_USER_NAME, Database, JobRow, new_job_id
 from bot.jobs import JobQueue
-from bot.prompts import ASPECTS, models_in_prompt, size_for_aspect
+from bot.prompts import ASPECTS, size_for_aspect
 from bot.safety import merge_negative
-from bot.storage import adapter_dir, generation_dir, photos_dir
+from bot.service import (
+    ImageRequest,
+    UserFacingError,
+    check_generation_request,
+    check_training_request,
+    delete_model,
+    end_generation,
+    end_training,
+    finish_generation,
+    finish_training,
+    queue_generation,
+    queue_training,
+)
+from bot.storage import photos_dir
+from bot.words import load_base_vocabulary, normalize_subject, normalize_token, subject_problem, token_problem
 from engine.config import Config, ConfigError, load_config
-from engine.intake import check_files
-from engine.protocol import LOG_FORMAT, Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+from engine.intake import PHOTO_SUFFIXES, check_files
+from engine.protocol import (
+    LOG_FORMAT,
+    MAX_IMAGES,
+    Error,
+    Event,
+    GenerationDone,
+    Progress,
+    Result,
+    TrainingDone,
+)
 
 if TYPE_CHECKING:
     from bot.bot import DreamBot
@@ -40,8 +62,6 @@ log = logging.getLogger(__name__)
 
 # Loading the base model can take minutes on a first run (download), training far longer.
 ENGINE_START_TIMEOUT = 60 * 60
-# What a folder given to `check` or `train` is searched for: the formats photo intake reads.
-PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,10 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("--seed", type=int, help="random when not given")
     imagine.add_argument("--steps", type=int, help="denoising steps (default: [generation] steps)")
     imagine.add_argument("--guidance", type=float, help="CFG scale (default: [generation] guidance)")
-    imagine.add_argument("--count", type=int, default=1, choices=range(1, 5), metavar="1-4")
+    imagine.add_argument(
+        "--count", type=int, default=1, choices=range(1, MAX_IMAGES + 1), metavar=f"1-{MAX_IMAGES}"
+    )
     imagine.add_argument("--aspect", default="square", choices=sorted(ASPECTS))
     imagine.add_argument("--out", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
     imagine.set_defaults(handler=imagine_command)
+
+    delete = command("delete", "delete a trained model: its row, its weights and its samples")
+    delete.add_argument("name")
+    delete.set_defaults(handler=delete_command)
 
     models = command("models", "list the trained models")
     models.set_defaults(handler=models_command)
@@ -212,76 +238,63 @@ def _no_photos(folders: Sequence[Path]) -> int:
 
 
 def train_command(config: Config, args: argparse.Namespace) -> int:
-    # The bot's own name rules, so that a name refused on Discord is refused here too; they bring
-    # discord.py and the tokenizer library, so they load for this command only.
-    from bot.cogs.training import normalize_token, token_problem
-    from bot.words import load_base_vocabulary
-
+    token, class_word = normalize_token(args.name), normalize_subject(args.class_word)
+    # The bot's rules, before any photo is read, file written or engine started: a name Discord
+    # refuses is refused here; then what the database knows (taken names, limits).
     load_base_vocabulary(config.model.base)
-    args.name = normalize_token(args.name)
-    problem = token_problem(args.name)
-    if problem:
-        print(f"dreambot: {problem}", file=sys.stderr)
-        return 1
+    if problem := token_problem(token) or subject_problem(class_word):
+        return _refuse(UserFacingError(problem))
     db = Database.in_data_dir(config.data_dir)
-    existing = db.model_by_token(LOCAL_GUILD_ID, args.name)
-    if existing is not None and existing.owner_id != LOCAL_USER_ID:
-        print(f"dreambot: the name {args.name!r} is taken", file=sys.stderr)
-        return 1
-    job_id = new_job_id()
-    prepared_dir = photos_dir(config, job_id)
+    try:
+        check_training_request(db, config, LOCAL_GUILD_ID, LOCAL_USER_ID, token, class_word)
+    except UserFacingError as error:
+        return _refuse(error)
     photos = _photo_files(args.photos)
     if not photos:
         return _no_photos(args.photos)
-    report = check_files(photos, args.class_word, prepared_dir, config.intake, config.training.resolution)
+    job_id = new_job_id()
+    prepared_dir = photos_dir(config, job_id)
+    report = check_files(photos, class_word, prepared_dir, config.intake, config.training.resolution)
     print(report.format(markdown=False))
     if not report.ok:
         shutil.rmtree(prepared_dir, ignore_errors=True)
         return 1
-
-    db.ensure_user(LOCAL_USER_ID, "local")
-    if existing is not None:
-        db.delete_model(existing.id)
-    model = db.add_model(
-        guild_id=LOCAL_GUILD_ID, owner_id=LOCAL_USER_ID, token=args.name, class_word=args.class_word
-    )
-    train_job = TrainJob(
+    row = queue_training(
+        db,
+        config,
+        guild_id=LOCAL_GUILD_ID,
+        user_id=LOCAL_USER_ID,
+        user_name=LOCAL_USER_NAME,
+        channel_id=0,
+        token=token,
+        class_word=class_word,
         job_id=job_id,
-        token=args.name,
-        class_word=args.class_word,
-        photos=[str(path) for path in report.prepared],
-        output_dir=str(adapter_dir(config, LOCAL_GUILD_ID, args.name)),
+        photos=report.prepared,
         steps=args.steps,
     )
-    row = db.add_job(
-        kind="train",
-        user_id=LOCAL_USER_ID,
-        guild_id=LOCAL_GUILD_ID,
-        channel_id=0,
-        payload=encode(train_job),
-        model_id=model.id,
-        job_id=job_id,
-    )
-    db.update_model(model.id, state="training")
     finished = asyncio.run(_run_until_finished(config, db, row))
-    if not config.storage.keep_photos:
-        shutil.rmtree(prepared_dir, ignore_errors=True)
-    if finished.state != "done":
-        db.update_model(model.id, state="failed", error=finished.error)
+    result = finished.outcome
+    if not isinstance(result, TrainingDone):
+        end_training(db, config, finished, Error(finished.id, finished.error or "stopped", "internal"))
         print(f"dreambot: training failed: {finished.error}", file=sys.stderr)
         return 1
-    result = finished.result
-    db.update_model(
-        model.id,
-        state="ready",
-        adapter_path=result["adapter_path"],
-        samples=result["files"],
-        metadata=result["metadata"],
-    )
-    print(f"trained {args.name!r} in {result['seconds']:.0f} s: {result['adapter_path']}")
-    for sample in result["files"]:
+    model = finish_training(db, config, finished, result)
+    assert model is not None
+    print(f"trained {token!r} in {result.seconds:.0f} s: {result.adapter_path}")
+    for sample in result.files:
         print(f"sample: {sample}")
-    print(f'now try: dreambot imagine "{args.name} as a viking"')
+    print(f'now try: dreambot imagine "{token} as a viking"')
+    return 0
+
+
+def delete_command(config: Config, args: argparse.Namespace) -> int:
+    db = Database.in_data_dir(config.data_dir)
+    model = db.model_by_token(LOCAL_GUILD_ID, normalize_token(args.name))
+    if model is None:
+        print(f"dreambot: there is no model called {args.name!r} (see dreambot models)", file=sys.stderr)
+        return 1
+    files = delete_model(db, config, model)
+    print(f"deleted {model.token!r} ({files} files)")
     return 0
 
 
@@ -290,60 +303,64 @@ def train_command(config: Config, args: argparse.Namespace) -> int:
 
 def imagine_command(config: Config, args: argparse.Namespace) -> int:
     db = Database.in_data_dir(config.data_dir)
-    models = models_in_prompt(args.prompt, db.ready_models(LOCAL_GUILD_ID))
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
     width, height = size_for_aspect(args.aspect, config.training.resolution)
-    job_id = new_job_id()
-    generate_job = GenerateJob(
-        job_id=job_id,
+    request = ImageRequest(
         prompt=args.prompt,
-        output_dir=str(generation_dir(config, job_id)),
         negative_prompt=merge_negative(config.safety.default_negative_prompt, args.negative),
-        seed=seed,
+        seed=args.seed,
+        count=args.count,
+        width=width,
+        height=height,
         steps=args.steps or config.generation.steps,
         guidance=config.generation.guidance if args.guidance is None else args.guidance,
-        width=width,
-        height=height,
-        count=args.count,
-        adapters=[model.adapter_ref() for model in models],
     )
-    db.ensure_user(LOCAL_USER_ID, "local")
-    row = db.add_job(
-        kind="generate",
-        user_id=LOCAL_USER_ID,
-        guild_id=LOCAL_GUILD_ID,
-        channel_id=0,
-        payload=encode(generate_job),
-        job_id=job_id,
-    )
+    try:
+        models = check_generation_request(
+            db, config, LOCAL_GUILD_ID, LOCAL_USER_ID, request, nsfw_allowed=False
+        )
+        row = queue_generation(
+            db,
+            config,
+            guild_id=LOCAL_GUILD_ID,
+            user_id=LOCAL_USER_ID,
+            user_name=LOCAL_USER_NAME,
+            channel_id=0,
+            request=request,
+            models=models,
+        )
+    except UserFacingError as error:
+        return _refuse(error)
     finished = asyncio.run(_run_until_finished(config, db, row))
-    if finished.state != "done":
+    result = finished.outcome
+    if not isinstance(result, GenerationDone):
+        end_generation(config, finished)
         print(f"dreambot: generation failed: {finished.error}", file=sys.stderr)
         return 1
-    result = finished.result
+    # The safety checker's verdict holds here too: a flagged image is deleted, never written out.
+    generation = finish_generation(db, config, finished, result)
+    if generation.hidden:
+        print(
+            f"dreambot: the safety checker flagged {generation.hidden} image(s); they were deleted",
+            file=sys.stderr,
+        )
+    if generation.row is None:
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    for index, source in enumerate(result["files"]):
-        target = args.out / f"dreambot-{job_id}-{index}.png"
+    for index, source in enumerate(generation.row.files):
+        target = args.out / f"dreambot-{row.id}-{index}.png"
         shutil.copyfile(source, target)
         print(target)
-    db.add_generation(
-        job_id=job_id,
-        guild_id=LOCAL_GUILD_ID,
-        user_id=LOCAL_USER_ID,
-        channel_id=0,
-        prompt=args.prompt,
-        negative_prompt=generate_job.negative_prompt,
-        seed=seed,
-        steps=generate_job.steps,
-        guidance=generate_job.guidance,
-        width=width,
-        height=height,
-        tokens=[model.token for model in models],
-        files=result["files"],
-        parameters=result["parameters"],
-        kind="txt2img",
-    )
     return 0
+
+
+def _refuse(error: UserFacingError) -> int:
+    print(f"dreambot: {terminal_text(str(error))}", file=sys.stderr)
+    return 1
+
+
+def terminal_text(message: str) -> str:
+    """A message written for Discord, without its markdown (bold, code) for a terminal."""
+    return message.replace("**", "").replace("`", "")
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -360,7 +377,7 @@ def models_command(config: Config, args: argparse.Namespace) -> int:
         model = db.model(model_id)
         where = "local" if model.guild_id == LOCAL_GUILD_ID else f"server {model.guild_id}"
         steps = model.metadata.get("steps", "")
-        photos = model.metadata.get("photo_count", "")
+        photos = model.metadata.get("photos", "")
         print(
             f"{model.token:<20} {model.class_word:<10} {model.state:<9} {steps!s:>6} {photos!s:>6}  {where}"
         )

@@ -19,13 +19,23 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from engine.protocol import AdapterRef
+from engine.protocol import (
+    RESULT_TYPES,
+    AdapterRef,
+    GenerateJob,
+    GenerationDone,
+    ProtocolError,
+    TrainingDone,
+    TrainJob,
+    decode,
+)
 
 log = logging.getLogger(__name__)
 
 DATABASE_FILE = "dreambot.sqlite3"
 # Discord ids are never 0: the CLI acts as user 0 in "guild" 0.
 LOCAL_USER_ID = 0
+LOCAL_USER_NAME = "local"
 LOCAL_GUILD_ID = 0
 
 JobKind = Literal["train", "generate"]
@@ -64,19 +74,35 @@ class JobRow:
     guild_id: int
     channel_id: int
     state: JobState
-    # The protocol job (engine.protocol.encode output) the engine will receive.
+    # The protocol job (engine.protocol.encode output) the engine will receive: see `request`.
     payload: str
     model_id: int | None
     attempts: int
     error: str | None
     # The message kept up to date with progress, and the interaction that started the job.
     progress_message_id: int | None
-    # What the bot needs to finish the job (e.g. the generation's parent, the photos folder).
+    # What the bot needs beside the request to finish the job (a variation's parent generation).
     context: dict[str, Any]
+    # The fields of the job's TrainingDone or GenerationDone once it is done: see `outcome`.
     result: dict[str, Any]
     created_at: float
     started_at: float | None
     finished_at: float | None
+
+    @property
+    def request(self) -> TrainJob | GenerateJob:
+        """The job as the engine runs it (ProtocolError for a payload that is not one)."""
+        job = decode(self.payload)
+        if not isinstance(job, TrainJob | GenerateJob) or job.type != self.kind or job.job_id != self.id:
+            raise ProtocolError(f"expected a {self.kind!r} job with job_id {self.id!r}")
+        return job
+
+    @property
+    def outcome(self) -> TrainingDone | GenerationDone | None:
+        """The job's result, once it is done."""
+        if self.state != "done":
+            return None
+        return RESULT_TYPES[self.kind](job_id=self.id, **self.result)
 
 
 @dataclass
@@ -235,13 +261,14 @@ MIGRATIONS: list[str] = [
 # `{rows}` is the table, `{tokens}` the JSON array of the tokens its prompt used.
 _WITH_HER_MODELS = """EXISTS (
     SELECT 1 FROM models m, json_each({tokens}) t
-    WHERE m.owner_id = :user_id AND m.guild_id = {rows}.guild_id AND t.value = m.token
+    WHERE m.owner_id = :user_id AND m.guild_id = {rows}.guild_id AND {token} = m.token
 )"""
 _HER_GENERATIONS = "generations.user_id = :user_id OR " + _WITH_HER_MODELS.format(
-    rows="generations", tokens="generations.tokens"
+    rows="generations", tokens="generations.tokens", token="t.value"
 )
+# A job names the models it uses in its request: the adapters of a GenerateJob.
 _HER_JOBS = "jobs.user_id = :user_id OR " + _WITH_HER_MODELS.format(
-    rows="jobs", tokens="json_extract(jobs.context, '$.tokens')"
+    rows="jobs", tokens="jobs.payload, '$.adapters'", token="json_extract(t.value, '$.token')"
 )
 _HER_POSTS = f"posts.user_id = :user_id OR posts.job_id IN (SELECT id FROM jobs WHERE {_HER_JOBS})"
 

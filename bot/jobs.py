@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict
 
 from bot.db import ACTIVE_JOB_STATES, Database, JobKind, JobRow
 from engine.config import Config
@@ -27,14 +28,12 @@ from engine.protocol import (
     CancelJob,
     Error,
     Event,
-    GenerateJob,
     Job,
     Progress,
     ProtocolError,
     Ready,
     Result,
     ShutdownJob,
-    TrainJob,
     decode,
     encode,
 )
@@ -326,15 +325,25 @@ class JobQueue:
         await self._finish(row, Error(job_id, CANCELLED_MESSAGE, "cancelled"))
         return True
 
+    async def wait_finished(self, job_ids: Iterable[str], timeout: float) -> None:
+        """Wait (up to `timeout`, then TimeoutError) until none of the jobs is queued or running."""
+        pending = set(job_ids)
+        async with asyncio.timeout(timeout):
+            while pending:
+                pending = {
+                    job_id
+                    for job_id in pending
+                    if (job := self.db.find_job(job_id)) is not None and job.state in ACTIVE_JOB_STATES
+                }
+                if pending:
+                    await asyncio.sleep(0.2)
+
     async def wait_ready(self, timeout: float) -> None:
         """Wait until every worker has loaded its model (TimeoutError; EngineUnavailable if none can)."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: self._all_ready() or self._all_broken())
         if not self._all_ready():
             raise EngineUnavailable(self._broken_message())
-
-    def ready_workers(self) -> int:
-        return sum(worker.ready for worker in self._workers)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -457,7 +466,7 @@ class JobQueue:
             row = self.db.update_job(
                 row.id,
                 state="done",
-                result={"files": event.files, **event.data},
+                result={key: value for key, value in asdict(event).items() if key != "job_id"},
                 error=None,
                 finished_at=time.time(),
             )
@@ -512,13 +521,7 @@ class JobQueue:
         if fresh is None or fresh.state != "queued" or not worker.ready or self._stopping.is_set():
             return
         try:
-            job = decode(fresh.payload)
-            if (
-                not isinstance(job, TrainJob | GenerateJob)
-                or job.job_id != fresh.id
-                or job.type != fresh.kind
-            ):
-                raise ProtocolError(f"expected a {fresh.kind!r} job with job_id {fresh.id!r}")
+            job = fresh.request
         except ProtocolError as error:
             log.error("job %s has an unusable payload: %s", fresh.id, error)
             message = "This job could not be started (its stored request is unreadable)."

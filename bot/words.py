@@ -1,4 +1,6 @@
-"""Words a model token must not be: common English, the subject (class) words, and prompt vocabulary.
+"""Model names and subjects: the rules a name and a subject follow, wherever a member types one.
+
+Words a model token must not be: common English, the subject (class) words, and prompt vocabulary.
 
 A DreamBooth token works because the text encoder has (almost) no meaning for it yet: training binds
 the member's face to an empty slot. A common word already means something ("max", "king", "rose"),
@@ -9,6 +11,9 @@ the base model's own tokenizer decides too: a name that is one whole token of it
 
 from __future__ import annotations
 
+import discord.utils
+
+from engine.protocol import CLASS_WORD_PATTERN, TOKEN_PATTERN
 from engine.vocabulary import BaseVocabulary, load_vocabulary
 
 # Subjects offered by /train; a member may type another 1-3 word subject.
@@ -135,3 +140,45 @@ def load_base_vocabulary(base: str) -> None:
 def known_to_base_model(word: str) -> bool:
     """True when the base model's tokenizer has `word` as one whole token (it means something already)."""
     return _base_vocabulary.knows(word)
+
+
+def normalize_token(name: str) -> str:
+    # Phones capitalise the first letter of whatever is typed; "Abraza" means "abraza".
+    return name.strip().lower()
+
+
+def normalize_subject(subject: str) -> str:
+    return " ".join(subject.lower().split())
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` (already normalized) cannot name a model, or None when it can."""
+    if not TOKEN_PATTERN.fullmatch(token):
+        shown = discord.utils.escape_markdown(token[:40]) or "(empty)"
+        return (
+            f"`{shown}` can't be a model name: use 3 to 20 lowercase letters or digits, "
+            "no spaces or symbols (for example `abraza`)."
+        )
+    if token.isdigit():
+        # A number in a prompt reads as a count ("3 dogs"), never as a name.
+        return f"`{token}` is only digits: a model name needs at least one letter (for example `abraza7`)."
+    if token in COMMON_WORDS:
+        known = "is a common word, so Stable Diffusion already has a meaning for it"
+    elif known_to_base_model(token):
+        known = "is a word in Stable Diffusion's vocabulary, so it already has a meaning for it"
+    else:
+        return None
+    return (
+        f"**{token}** {known}, and that meaning would blend into your face in every picture. The name "
+        "works best when the model knows nothing about it yet: pick a made-up word like 'abraza' or 'zorvik'."
+    )
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why `subject` (already normalized) cannot be a class word, or None when it can."""
+    if CLASS_WORD_PATTERN.fullmatch(subject):
+        return None
+    return (
+        "The subject says what kind of thing you are teaching: 1 to 3 lowercase words, "
+        f"like {', '.join(f'`{word}`' for word in CLASS_WORDS[:5])}."
+    )

@@ -46,16 +46,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from engine import kohya
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
-from engine.protocol import AdapterRef
+from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
 from engine.train import dreambot_version
 
 log = logging.getLogger(__name__)
 
 SAMPLER_NAME = "DPM++ 2M"
-MAX_IMAGES = 4
-MAX_STEPS = 150
-MIN_SIDE, MAX_SIDE = 64, 2048
-UPSCALE_FACTOR = 2
 # Every adapter acts at full strength.
 LORA_WEIGHT = 1.0
 
@@ -69,100 +65,7 @@ class GenerationCancelled(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests and results
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 25
-    guidance: float = 7.5
-    width: int = 512
-    height: int = 512
-    # Images made in ONE batched pipeline call, with seeds seed, seed + 1, ...
-    count: int = 1
-    adapters: tuple[AdapterRef, ...] = ()
-    # A variation (img2img at `strength`, resized to width x height) or, with upscale, the image to
-    # upscale 2x (width and height are then ignored).
-    init_image: Path | None = None
-    # Required with an init image (the worker fills in [generation]'s); ignored without one.
-    strength: float | None = None
-    upscale: bool = False
-
-    def __post_init__(self) -> None:
-        # The protocol hands lists and strings over; normalise so the request is hashable and typed.
-        object.__setattr__(self, "adapters", tuple(self.adapters))
-        if self.init_image is not None:
-            object.__setattr__(self, "init_image", Path(self.init_image))
-
-        if not self.prompt or not self.prompt.strip():
-            raise ValueError(f"`prompt` has to be a non-empty string but is {self.prompt!r}")
-        if not 1 <= self.count <= MAX_IMAGES:
-            raise ValueError(f"`count` has to be between 1 and {MAX_IMAGES} but is {self.count}")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"`steps` has to be between 1 and {MAX_STEPS} but is {self.steps}")
-        # torch seeds are unsigned 64-bit; every image of the batch needs its own.
-        if not 0 <= self.seed <= 2**64 - self.count:
-            raise ValueError(f"`seed` has to be between 0 and 2**64 - count but is {self.seed}")
-        for name, side in (("width", self.width), ("height", self.height)):
-            if side % 8 or not MIN_SIDE <= side <= MAX_SIDE:
-                raise ValueError(
-                    f"`{name}` has to be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} but is {side}"
-                )
-        if self.strength is not None and not 0 < self.strength <= 1:
-            raise ValueError(f"`strength` has to be in (0, 1] but is {self.strength}")
-        tokens = [adapter.token for adapter in self.adapters]
-        if len(set(tokens)) != len(tokens):
-            raise ValueError(f"`adapters` has to name each token once but names {tokens}")
-        for token in tokens:
-            # Tokens become peft adapter names, which are torch ModuleDict keys.
-            if not token or "." in token or any(c.isspace() for c in token):
-                raise ValueError(f"adapter token {token!r} has to be a non-empty word without dots")
-
-        if self.upscale and self.init_image is None:
-            raise ValueError("`upscale` needs an `init_image` but `init_image` is None")
-        if self.init_image is None:
-            return
-        if not self.init_image.is_file():
-            raise ValueError(f"`init_image` has to be an existing file but is {str(self.init_image)!r}")
-        if self.strength is None:
-            raise ValueError("`strength` is required with an `init_image` but is None")
-        init_width, init_height = _image_size(self.init_image)
-        if self.upscale:
-            width, height = self.output_size(init_width, init_height)
-            if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-                raise ValueError(
-                    f"`init_image` {str(self.init_image)!r} is {init_width}x{init_height}: upscaled "
-                    f"{UPSCALE_FACTOR}x it would be {width}x{height}, outside {MIN_SIDE}..{MAX_SIDE}"
-                )
-        # img2img runs int(steps * strength) of the steps (as A1111 does); zero would be an error.
-        if int(self.steps * self.effective_strength) < 1:
-            raise ValueError(
-                f"`steps`={self.steps} at `strength`={self.effective_strength} leaves no denoising step "
-                f"(steps x strength has to be at least 1)"
-            )
-
-    @property
-    def effective_strength(self) -> float | None:
-        """The img2img strength used; None for text-to-image."""
-        return None if self.init_image is None else self.strength
-
-    def output_size(self, init_width: int, init_height: int) -> tuple[int, int]:
-        """(width, height) of the images made from an init image of the given size."""
-        if not self.upscale:
-            return self.width, self.height
-        # Latents need multiples of 8: round the 2x size down.
-        return (init_width * UPSCALE_FACTOR) // 8 * 8, (init_height * UPSCALE_FACTOR) // 8 * 8
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with PIL.Image.open(path) as image:
-            return image.size
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"`init_image` {str(path)!r} is not a readable image: {error}") from None
+# Results
 
 
 @dataclass
@@ -187,22 +90,17 @@ class GenerationResult:
 def expand_tokens(prompt: str, adapters: Sequence[AdapterRef]) -> str:
     """Write each adapter's token as "{token} {class_word}", the phrase the adapter was trained on.
 
-    Whole words only, case-insensitive; a token already followed by its class word is left alone.
+    Whole words by engine.protocol's definition (the one that selects the adapters, so
+    "abraza_viking" gets the class word too), any case; a token already followed by its class word
+    is left alone.
     """
     for adapter in adapters:
         if not adapter.class_word:
             continue
-        token = re.escape(adapter.token)
-        class_word = re.escape(adapter.class_word)
-        pattern = rf"(?<!\w){token}(?!\w)(?!\s+{class_word}(?!\w))"
-        prompt = re.sub(
-            pattern, lambda m, c=adapter.class_word: f"{m.group(0)} {c}", prompt, flags=re.IGNORECASE
-        )
+        token, class_word = whole_word(adapter.token).pattern, whole_word(adapter.class_word).pattern
+        unexpanded = re.compile(rf"{token}(?!\s+{class_word})", re.IGNORECASE)
+        prompt = unexpanded.sub(lambda m, c=adapter.class_word: f"{m.group(0)} {c}", prompt)
     return prompt
-
-
-# AUTOMATIC1111's `re_param` (modules/infotext_utils.py): "key: value" pairs, values maybe JSON-quoted.
-_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def _quote(value: str) -> str:
@@ -210,15 +108,6 @@ def _quote(value: str) -> str:
     if "," not in value and "\n" not in value and ":" not in value:
         return value
     return json.dumps(value, ensure_ascii=False)
-
-
-def _unquote(value: str) -> str:
-    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
 
 
 def a1111_parameters(
@@ -254,34 +143,6 @@ def a1111_parameters(
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items())
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{line}"
-
-
-def read_parameters(png: Path) -> dict[str, str]:
-    """Parse a PNG's A1111 "parameters" text back (A1111's `parse_generation_parameters`).
-
-    Keys: "prompt", "negative_prompt" and each "Key: value" of the last line ("Steps", "Seed", ...).
-    """
-    with PIL.Image.open(png) as image:
-        text = image.text.get("parameters") if hasattr(image, "text") else None
-    if text is None:
-        raise ValueError(f"{str(png)!r} has no 'parameters' text chunk")
-    *lines, last = text.strip().split("\n")
-    # As A1111: a last line with fewer than 3 "key: value" pairs is part of the prompt.
-    if len(_PARAM_RE.findall(last)) < 3:
-        lines.append(last)
-        last = ""
-    prompt: list[str] = []
-    negative: list[str] = []
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            negative.append(line.removeprefix("Negative prompt:").strip())
-        else:
-            (negative if negative else prompt).append(line)
-    result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
-    for key, value in _PARAM_RE.findall(last):
-        result[key] = _unquote(value)
-    return result
 
 
 def model_display_name(base: str) -> str:
@@ -508,71 +369,72 @@ class Generator:
 
     def generate(
         self,
-        request: GenerationRequest,
+        job: GenerateJob,
         output_dir: Path | None = None,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        """Make `request.count` images in one batched call; write them to output_dir as {i}.png."""
+        """Make `job.count` images in one batched call; write them to output_dir as {i}.png (the
+        worker passes job.output_dir; None writes nothing).
+
+        The job's values were checked when it was made; ValueError says why its init image cannot
+        serve (missing, unreadable, too big to upscale)."""
         started = time.perf_counter()
         stop = should_stop or (lambda: False)
         if stop():
             raise GenerationCancelled("generation cancelled before it started")
 
-        prompt = expand_tokens(request.prompt, request.adapters)
-        seeds = [request.seed + index for index in range(request.count)]
+        prompt = expand_tokens(job.prompt, job.adapters)
+        # Up to MAX_SEED + count - 1: torch takes any 64-bit seed.
+        seeds = [job.seed + index for index in range(job.count)]
         kwargs: dict[str, Any] = dict(
             prompt=prompt,
             # None, not "": SDXL then uses zero embeddings for "no negative prompt", as it was trained.
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            num_images_per_prompt=request.count,
+            negative_prompt=job.negative_prompt or None,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            num_images_per_prompt=job.count,
             # CPU generators: the same seed gives the same noise on any device.
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             callback_on_step_end=_step_callback(on_step, stop),
             output_type="pil",
         )
         extra: dict[str, str] = {}
-        if request.init_image is None:
+        if job.init_image is None:
             pipeline = self._text2image
-            width, height = request.width, request.height
+            width, height = job.width, job.height
             kwargs.update(width=width, height=height)
         else:
             pipeline = self._image2image
-            with PIL.Image.open(request.init_image) as opened:
-                init = opened.convert("RGB")
-            width, height = request.output_size(*init.size)
-            # Lanczos: the hires-fix resize; img2img then redraws detail at the new size.
-            kwargs.update(
-                image=init.resize((width, height), PIL.Image.LANCZOS), strength=request.effective_strength
-            )
-            extra["Denoising strength"] = f"{request.effective_strength:g}"
-            if request.upscale:
+            init = _init_image(Path(job.init_image), job)
+            width, height = init.size
+            kwargs.update(image=init, strength=job.effective_strength)
+            extra["Denoising strength"] = f"{job.effective_strength:g}"
+            if job.upscale:
                 extra["Postprocess upscale by"] = str(UPSCALE_FACTOR)
                 extra["Postprocess upscaler"] = "Lanczos"
 
         with _inference_state(self.model.pipeline):
-            self.adapters.activate(request.adapters)
+            self.adapters.activate(job.adapters)
             for component in _modules(self.model.pipeline):
                 component.eval()
             images = pipeline(**kwargs).images
             nsfw = self._nsfw_flags(images)
 
         written_prompt = prompt
-        if request.adapters:
-            written_prompt = f"{prompt} {lora_tags(request.adapters)}"
+        if job.adapters:
+            written_prompt = f"{prompt} {lora_tags(job.adapters)}"
             extra["Lora hashes"] = ", ".join(
-                f"{adapter.token}: {self.adapters.shorthash(adapter.token)}" for adapter in request.adapters
+                f"{adapter.token}: {self.adapters.shorthash(adapter.token)}" for adapter in job.adapters
             )
         model_name = model_display_name(self.model.base)
         parameters = [
             a1111_parameters(
                 written_prompt,
-                request.negative_prompt,
-                request.steps,
+                job.negative_prompt,
+                job.steps,
                 SAMPLER_NAME,
-                request.guidance,
+                job.guidance,
                 seed,
                 width,
                 height,
@@ -612,6 +474,26 @@ class Generator:
         pixels = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
         _, flags = checker(images=pixels, clip_input=clip_input)
         return [bool(flag) for flag in flags]
+
+
+def _init_image(path: Path, job: GenerateJob) -> PIL.Image.Image:
+    """The init image at `path` in RGB, resized to the size `job` makes."""
+    if not path.is_file():
+        raise ValueError(f"`init_image` has to be an existing file but is {str(path)!r}")
+    try:
+        with PIL.Image.open(path) as opened:
+            width, height = job.output_size(*opened.size)
+            # Checked on the header, before a too-big image is decoded.
+            if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+                raise ValueError(
+                    f"`init_image` {str(path)!r} is {opened.width}x{opened.height}: upscaled "
+                    f"{UPSCALE_FACTOR}x it would be {width}x{height}, outside {MIN_SIDE}..{MAX_SIDE}"
+                )
+            init = opened.convert("RGB")
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"`init_image` {str(path)!r} is not a readable image: {error}") from None
+    # Lanczos: the hires-fix resize; img2img then redraws detail at the new size.
+    return init.resize((width, height), PIL.Image.LANCZOS)
 
 
 def _step_callback(

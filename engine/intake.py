@@ -38,6 +38,8 @@ PERSON_CLASSES = frozenset(
 )  # fmt: skip
 
 SUPPORTED = "send JPEG, PNG, WebP or HEIC"
+# The file names of those formats: what a folder of photos or a message's attachments are searched for.
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"})
 # Faces are searched on a greyscale copy whose long side is at most this many pixels, for faces at
 # least MIN_FACE_FRACTION of its shortest side wide, in steps of FACE_SCALE_STEP: a selfie's face is
 # far above that minimum, and the search takes ~50 ms of CPU on the benchmark photo (steps of 1.1

@@ -3,6 +3,10 @@
 Jobs go to the worker on its stdin, events come back on its stdout. Every message carries a `type`
 field naming its dataclass below. Images never travel in the pipe, only paths under the data
 directory. This module imports neither torch nor discord, so both sides can use it.
+
+It is also the one contract of a job: the cogs and the CLI write a job as a TrainJob or GenerateJob,
+the bot stores it as the row's payload, the engine runs it as it is, and its result comes back and
+is stored as a TrainingDone or GenerationDone. Each value is checked once, in the job's dataclass.
 """
 
 from __future__ import annotations
@@ -21,6 +25,30 @@ CLASS_WORD_PATTERN = re.compile(r"[a-z]+(?: [a-z]+){0,2}")
 # The bot and its engine workers write their logs to one stderr, in this one format.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
+# The limits of one generation: the bot's command options and the checks below both read them.
+MAX_IMAGES = 4
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MIN_SIDE, MAX_SIDE = 64, 2048
+# Image i of a batch is made with seed + i; 32 bits is what A1111 and every UI show and accept.
+MAX_SEED = 2**32 - 1
+UPSCALE_FACTOR = 2
+
+# A word, wherever a prompt is read for tokens: letters and digits, so "abraza_viking" and
+# "abraza," both hold the word "abraza".
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words_in(text: str) -> set[str]:
+    """The lowercase words of a text, the way tokens are matched (whole words only)."""
+    return set(_WORD.findall(text.lower()))
+
+
+def whole_word(word: str) -> re.Pattern[str]:
+    """A pattern for `word` as a whole word (any case), by the same definition as words_in."""
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", re.IGNORECASE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Jobs: bot -> worker
 
@@ -36,6 +64,8 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class TrainJob:
+    """A DreamBooth LoRA training; every value is checked here, once, wherever the job is made."""
+
     type: ClassVar[str] = "train"
     job_id: str
     token: str
@@ -49,25 +79,91 @@ class TrainJob:
     # Continue from the newest checkpoint in output_dir when there is one.
     resume: bool = True
 
+    def __post_init__(self) -> None:
+        if not TOKEN_PATTERN.fullmatch(self.token):
+            raise ValueError(f"`token` has to be 3-20 lowercase letters or digits but is {self.token!r}")
+        if not CLASS_WORD_PATTERN.fullmatch(self.class_word):
+            raise ValueError(
+                f"`class_word` has to be 1-3 lowercase words like 'person' or 'dog' but is {self.class_word!r}"
+            )
+        if not self.photos:
+            raise ValueError("`photos` has to name at least one photo but is empty")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"`steps` has to be at least 1 but is {self.steps!r}")
+
 
 @dataclass(frozen=True)
 class GenerateJob:
+    """Text-to-image, a variation or an upscale; every value is checked here, once, wherever the job
+    is made (the bot before queuing, the engine on arrival). The engine checks the files."""
+
     type: ClassVar[str] = "generate"
     job_id: str
     prompt: str
     output_dir: str
     negative_prompt: str = ""
+    # Image i of the batch is made with seed + i.
     seed: int = 0
     steps: int = 25
     guidance: float = 7.5
     width: int = 512
     height: int = 512
+    # Images made in ONE batched pipeline call.
     count: int = 1
     adapters: list[AdapterRef] = field(default_factory=list)
-    # A variation (img2img at `strength`) or, with upscale, a 2x hires-fix of this image.
+    # A variation (img2img at `strength`, resized to width x height) or, with upscale, the image to
+    # upscale 2x (width and height are then ignored).
     init_image: str | None = None
     strength: float | None = None
     upscale: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError(f"`prompt` has to be a non-empty string but is {self.prompt!r}")
+        if not 1 <= self.count <= MAX_IMAGES:
+            raise ValueError(f"`count` has to be between 1 and {MAX_IMAGES} but is {self.count}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"`steps` has to be between 1 and {MAX_STEPS} but is {self.steps}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise ValueError(f"`guidance` has to be between 0 and {MAX_GUIDANCE:g} but is {self.guidance}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"`seed` has to be between 0 and {MAX_SEED} but is {self.seed}")
+        for name, side in (("width", self.width), ("height", self.height)):
+            if side % 8 or not MIN_SIDE <= side <= MAX_SIDE:
+                raise ValueError(
+                    f"`{name}` has to be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} but is {side}"
+                )
+        tokens = [adapter.token for adapter in self.adapters]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"`adapters` has to name each token once but names {tokens}")
+        for token in tokens:
+            # Tokens become peft adapter names and are matched as words in the prompt.
+            if not TOKEN_PATTERN.fullmatch(token):
+                raise ValueError(f"adapter token {token!r} has to be 3-20 lowercase letters or digits")
+        if self.upscale and self.init_image is None:
+            raise ValueError("`upscale` needs an `init_image` but `init_image` is None")
+        if self.init_image is None:
+            return
+        if self.strength is None or not 0 < self.strength <= 1:
+            raise ValueError(f"`strength` has to be in (0, 1] with an `init_image` but is {self.strength}")
+        # img2img runs int(steps * strength) of the steps (as A1111 does); zero would be an error.
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"`steps`={self.steps} at `strength`={self.strength} leaves no denoising step "
+                "(steps x strength has to be at least 1)"
+            )
+
+    @property
+    def effective_strength(self) -> float | None:
+        """The img2img strength used; None for text-to-image."""
+        return None if self.init_image is None else self.strength
+
+    def output_size(self, init_width: int, init_height: int) -> tuple[int, int]:
+        """(width, height) of the images made from an init image of the given size."""
+        if not self.upscale:
+            return self.width, self.height
+        # Latents need multiples of 8: round the 2x size down.
+        return (init_width * UPSCALE_FACTOR) // 8 * 8, (init_height * UPSCALE_FACTOR) // 8 * 8
 
 
 @dataclass(frozen=True)
@@ -113,14 +209,38 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class Result:
-    type: ClassVar[str] = "result"
+class TrainingDone:
+    """A training's result. The bot stores these fields as the job's result (JobRow.outcome)."""
+
+    type: ClassVar[str] = "trained"
     job_id: str
-    # Images written, in order (training: samples; generation: one PNG per image).
+    # The sample images, in order.
     files: list[str]
-    # Job-kind specific facts: for training the adapter and metadata paths and the metadata itself;
-    # for generation the seed and the A1111 parameters line of each image.
-    data: dict[str, Any] = field(default_factory=dict)
+    adapter_path: str
+    metadata_path: str
+    metadata: dict[str, Any]
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """A generation's result, one entry per image in each list."""
+
+    type: ClassVar[str] = "generated"
+    job_id: str
+    files: list[str]
+    # Image i is reproducible alone with seeds[i].
+    seeds: list[int]
+    # The A1111 "parameters" text written into each PNG.
+    parameters: list[str]
+    # The base's safety checker flagged the image (all False without a checker); the bot never
+    # posts a flagged one.
+    nsfw: list[bool]
+    seconds: float
+
+
+Result = TrainingDone | GenerationDone
 
 
 ErrorCode = Literal["cancelled", "out_of_memory", "bad_model", "bad_adapter", "bad_request", "internal"]
@@ -137,16 +257,36 @@ class Error:
 
 
 Job = TrainJob | GenerateJob | CancelJob | ShutdownJob
-Event = Ready | Accepted | Progress | Result | Error
+Event = Ready | Accepted | Progress | TrainingDone | GenerationDone | Error
 
 _MESSAGE_TYPES: dict[str, type] = {
     cls.type: cls
-    for cls in (TrainJob, GenerateJob, CancelJob, ShutdownJob, Ready, Accepted, Progress, Result, Error)
+    for cls in (
+        TrainJob,
+        GenerateJob,
+        CancelJob,
+        ShutdownJob,
+        Ready,
+        Accepted,
+        Progress,
+        TrainingDone,
+        GenerationDone,
+        Error,
+    )
+}
+# The result each kind of job ends with.
+RESULT_TYPES: dict[str, type[TrainingDone] | type[GenerationDone]] = {
+    TrainJob.type: TrainingDone,
+    GenerateJob.type: GenerationDone,
 }
 
 
 class ProtocolError(ValueError):
-    """A line that is not a well-formed message."""
+    """A line that is not a well-formed message; `job_id` is the job it was about, when it says."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 def encode(message: Job | Event) -> str:
@@ -169,7 +309,10 @@ def decode(line: str) -> Job | Event:
     try:
         return _build(cls, raw)
     except (TypeError, ValueError) as error:
-        raise ProtocolError(f"bad {kind!r} message: {error}") from None
+        job_id = raw.get("job_id")
+        raise ProtocolError(
+            f"bad {kind!r} message: {error}", job_id if isinstance(job_id, str) else None
+        ) from None
 
 
 def _build(cls: type, raw: dict[str, Any]) -> Any:

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from engine import kohya
 from engine.config import TrainingSection
 from engine.model import LoadedModel
-from engine.protocol import CLASS_WORD_PATTERN, TOKEN_PATTERN
+from engine.protocol import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -73,43 +73,8 @@ MAX_GRAD_NORM = 1.0
 LOSS_SMOOTHING = 0.9
 
 
-class BadTrainingRequest(ValueError):
-    """A request that cannot be trained; the message names the value and is fit to show to a user."""
-
-
 class TrainingCancelled(Exception):
     """`should_stop` asked for it; the pipeline is clean again and checkpoints are kept for a resume."""
-
-
-@dataclass(frozen=True)
-class TrainingRequest:
-    token: str
-    class_word: str
-    # Prepared square RGB images, normally at the training resolution already.
-    photos: tuple[Path, ...]
-    output_dir: Path
-    # None: default_steps(len(photos), settings).
-    steps: int | None = None
-    # Continue from the newest checkpoint in output_dir/checkpoints when there is a compatible one.
-    resume: bool = True
-
-    def __post_init__(self) -> None:
-        # TrainJob carries lists of strings; store the documented types.
-        object.__setattr__(self, "photos", tuple(Path(photo) for photo in self.photos))
-        object.__setattr__(self, "output_dir", Path(self.output_dir))
-        if not TOKEN_PATTERN.fullmatch(self.token):
-            raise BadTrainingRequest(f"token: expected 3-20 lowercase letters or digits, got {self.token!r}")
-        if not CLASS_WORD_PATTERN.fullmatch(self.class_word):
-            raise BadTrainingRequest(
-                f"class word: expected 1-3 lowercase words like 'person' or 'dog', got {self.class_word!r}"
-            )
-        if not self.photos:
-            raise BadTrainingRequest("photos: expected at least one photo, got none")
-        missing = [str(photo) for photo in self.photos if not photo.is_file()]
-        if missing:
-            raise BadTrainingRequest(f"photos: no such file {missing[0]!r} ({len(missing)} missing)")
-        if self.steps is not None and self.steps < 1:
-            raise BadTrainingRequest(f"steps: expected at least 1, got {self.steps!r}")
 
 
 @dataclass(frozen=True)
@@ -144,7 +109,7 @@ def default_steps(photo_count: int, settings: TrainingSection) -> int:
 
 def train_lora(
     model: LoadedModel,
-    request: TrainingRequest,
+    job: TrainJob,
     settings: TrainingSection,
     class_images_dir: Path,
     *,
@@ -152,7 +117,9 @@ def train_lora(
     should_stop: Callable[[], bool] | None = None,
     between_steps: Callable[[], bool] | None = None,
 ) -> TrainingResult:
-    """Train a LoRA adapter for `request` on `model`'s pipeline and write it under request.output_dir.
+    """Train a LoRA adapter for `job` on `model`'s pipeline and write it under job.output_dir.
+
+    The job's values were checked when it was made; ValueError says that a photo is missing.
 
     `should_stop` is polled before every step and every denoising step of the images rendered here;
     True raises TrainingCancelled. `between_steps` runs after every optimizer step (and after every
@@ -162,13 +129,17 @@ def train_lora(
     TRAINING_ADAPTER, no LoRA active, nothing requiring grad, everything in eval mode.
     """
     started = time.monotonic()
+    photos = [Path(photo) for photo in job.photos]
+    missing = [str(photo) for photo in photos if not photo.is_file()]
+    if missing:
+        raise ValueError(f"photos: no such file {missing[0]!r} ({len(missing)} missing)")
     pipeline = model.pipeline
     report = on_progress or (lambda _progress: None)
     stop = should_stop or (lambda: False)
-    total = request.steps if request.steps is not None else default_steps(len(request.photos), settings)
-    instance_prompt = f"photo of {request.token} {request.class_word}"
-    class_prompt = f"photo of a {request.class_word}"
-    output_dir = request.output_dir
+    total = job.steps if job.steps is not None else default_steps(len(photos), settings)
+    instance_prompt = f"photo of {job.token} {job.class_word}"
+    class_prompt = f"photo of a {job.class_word}"
+    output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpointing_was_on = pipeline.unet.is_gradient_checkpointing
 
@@ -182,7 +153,7 @@ def train_lora(
             class_paths = _class_images(
                 model,
                 class_prompt,
-                request.class_word,
+                job.class_word,
                 settings,
                 class_images_dir,
                 report,
@@ -190,21 +161,21 @@ def train_lora(
                 between_steps,
             )
         prompts = [instance_prompt, class_prompt] if class_paths else [instance_prompt]
-        examples = _encode_examples(model, request.photos, class_paths, prompts, settings)
+        examples = _encode_examples(model, photos, class_paths, prompts, settings)
 
         trainer = _Trainer(model, settings, examples, prompts)
         fingerprint = {
             "base_model": model.base,
             "dtype": str(model.dtype),  # an fp16 (GPU) run's optimizer and loss scaler do not fit an fp32 one
-            "token": request.token,
-            "class_word": request.class_word,
-            "photo_count": len(request.photos),
+            "token": job.token,
+            "class_word": job.class_word,
+            "photo_count": len(photos),
             "class_images": len(class_paths),
             "steps": total,
             **{key: getattr(settings, key) for key in _FINGERPRINT_SETTINGS},
         }
         checkpoints = output_dir / CHECKPOINTS_DIR
-        resumed = _load_checkpoint(checkpoints, fingerprint, trainer) if request.resume else None
+        resumed = _load_checkpoint(checkpoints, fingerprint, trainer) if job.resume else None
         if resumed is None:
             shutil.rmtree(checkpoints, ignore_errors=True)
         step, losses, smoothed, earlier_seconds = resumed or (0, [], None, 0.0)
@@ -233,15 +204,15 @@ def train_lora(
         metadata = {
             "base_model": model.base,
             "pipeline": type(pipeline).__name__,
-            "token": request.token,
-            "class_word": request.class_word,
+            "token": job.token,
+            "class_word": job.class_word,
             "instance_prompt": instance_prompt,
             "class_prompt": class_prompt if class_paths else None,
             "steps": total,
             "rank": settings.rank,
             "alpha": settings.alpha,
             "learning_rate": settings.learning_rate,
-            "photo_count": len(request.photos),
+            "photo_count": len(photos),
             "resolution": settings.resolution,
             "train_text_encoder": settings.train_text_encoder,
             "prior_preservation": bool(class_paths),
@@ -262,7 +233,7 @@ def train_lora(
         _select_adapter(trainer.models.values(), TRAINING_ADAPTER)
         for module in trainer.models.values():
             module.eval()
-        samples = _render_samples(pipeline, request, settings, output_dir / SAMPLES_DIR, report, stop)
+        samples = _render_samples(pipeline, job, settings, output_dir / SAMPLES_DIR, report, stop)
         shutil.rmtree(checkpoints, ignore_errors=True)
         return TrainingResult(adapter_path, metadata_path, samples, total, seconds, losses, metadata)
     finally:
@@ -319,7 +290,7 @@ class _Trainer:
         self.generator = torch.Generator(self.device).manual_seed(settings.seed)
         self._epoch: tuple[int, list[int]] = (-1, [])
 
-        # Seeded so that the same request and settings give the same adapter.
+        # Seeded so that the same job and settings give the same adapter.
         with torch.random.fork_rng(devices=[]):  # peft initializes the weights on the CPU
             torch.default_generator.manual_seed(settings.seed)
             for name, module in self.models.items():
@@ -468,13 +439,13 @@ def _class_images(
 
 def _render_samples(
     pipeline: DiffusionPipeline,
-    request: TrainingRequest,
+    job: TrainJob,
     settings: TrainingSection,
     folder: Path,
     report: Callable[[TrainingProgress], None],
     stop: Callable[[], bool],
 ) -> list[Path]:
-    prompt = settings.sample_prompt.replace("{token}", request.token).replace("{class}", request.class_word)
+    prompt = settings.sample_prompt.replace("{token}", job.token).replace("{class}", job.class_word)
     shutil.rmtree(folder, ignore_errors=True)  # No stale samples from an earlier run with more of them.
     folder.mkdir(parents=True)
     samples: list[Path] = []
@@ -758,10 +729,8 @@ def dreambot_version() -> str:
 
 __all__ = [
     "TRAINING_ADAPTER",
-    "BadTrainingRequest",
     "TrainingCancelled",
     "TrainingProgress",
-    "TrainingRequest",
     "TrainingResult",
     "default_steps",
     "dreambot_version",

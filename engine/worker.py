@@ -33,13 +33,7 @@ from typing import TextIO
 import torch
 
 from engine.config import Config, ConfigError, load_config
-from engine.generate import (
-    AdapterLoadError,
-    GenerationCancelled,
-    GenerationRequest,
-    GenerationResult,
-    Generator,
-)
+from engine.generate import AdapterLoadError, GenerationCancelled, GenerationResult, Generator
 from engine.model import LoadedModel, ModelLoadError, load_base_model
 from engine.protocol import (
     LOG_FORMAT,
@@ -48,16 +42,17 @@ from engine.protocol import (
     Error,
     Event,
     GenerateJob,
+    GenerationDone,
     Progress,
     ProtocolError,
     Ready,
-    Result,
     ShutdownJob,
+    TrainingDone,
     TrainJob,
     decode,
     encode,
 )
-from engine.train import TrainingCancelled, TrainingProgress, TrainingRequest, TrainingResult, train_lora
+from engine.train import TrainingCancelled, TrainingProgress, TrainingResult, train_lora
 
 log = logging.getLogger("engine.worker")
 
@@ -119,7 +114,6 @@ class _Throttle:
 @dataclass
 class _Task:
     job: TrainJob | GenerateJob
-    request: TrainingRequest | GenerationRequest
     # Set by a cancel or a shutdown; the job's should_stop reads it once a step.
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -174,7 +168,11 @@ class Worker:
         try:
             job = decode(line)
         except ProtocolError as error:
-            self.emit(Error(None, f"could not read the job: {error}", "bad_request"))
+            if error.job_id is None:
+                self.emit(Error(None, f"could not read the job: {error}", "bad_request"))
+            else:
+                # A job with a bad value (a job's dataclass checks them all): that job failed.
+                self.emit(Error(error.job_id, f"refused: {error}", "bad_request"))
             return True
         if isinstance(job, ShutdownJob):
             log.info("shutdown requested")
@@ -185,7 +183,8 @@ class Worker:
             try:
                 task = self.prepare(job)
             except (TypeError, ValueError) as error:
-                # decode() checks field names, not types: a "steps": "many" fails here.
+                # decode() checks the values a job's dataclass knows, not every type: a path that
+                # is not a string fails here.
                 self.emit(Error(job.job_id, f"refused: {error}", "bad_request"))
             else:
                 self.submit(task)
@@ -194,42 +193,15 @@ class Worker:
         return True
 
     def prepare(self, job: TrainJob | GenerateJob) -> _Task:
-        """The engine request for a job; ValueError says why it is refused."""
+        """The task that runs a job; ValueError says why it is refused (a path it may not use)."""
+        self._check_paths("output_dir", [job.output_dir])
         if isinstance(job, TrainJob):
             self._check_paths("photos", job.photos)
-            self._check_paths("output_dir", [job.output_dir])
-            request: TrainingRequest | GenerationRequest = TrainingRequest(
-                token=job.token,
-                class_word=job.class_word,
-                photos=tuple(Path(photo) for photo in job.photos),
-                output_dir=Path(job.output_dir),
-                steps=job.steps,
-                resume=job.resume,
-            )
         else:
-            self._check_paths("output_dir", [job.output_dir])
             self._check_paths("adapter path", [adapter.path for adapter in job.adapters])
-            strength = job.strength
             if job.init_image is not None:
                 self._check_paths("init_image", [job.init_image])
-                if strength is None:
-                    settings = self.config.generation
-                    strength = settings.upscale_strength if job.upscale else settings.variation_strength
-            request = GenerationRequest(
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
-                seed=job.seed,
-                steps=job.steps,
-                guidance=job.guidance,
-                width=job.width,
-                height=job.height,
-                count=job.count,
-                adapters=tuple(job.adapters),
-                init_image=Path(job.init_image) if job.init_image is not None else None,
-                strength=strength,
-                upscale=job.upscale,
-            )
-        return _Task(job, request)
+        return _Task(job)
 
     def _check_paths(self, what: str, paths: list[str]) -> None:
         # Paths come from the bot, which builds them from ids; a path escaping the data directory
@@ -309,14 +281,13 @@ class Worker:
         return ran
 
     def _execute(self, task: _Task) -> None:
-        """Run one job to its Result or Error event; never raises."""
+        """Run one job to its TrainingDone, GenerationDone or Error event; never raises."""
         self.emit(Accepted(task.job_id))
         try:
-            if isinstance(task.request, TrainingRequest):
-                self._train(task, task.request)
+            if isinstance(task.job, TrainJob):
+                self._train(task, task.job)
             else:
-                assert isinstance(task.request, GenerationRequest)
-                self._generate(task, task.request)
+                self._generate(task, task.job)
         except (TrainingCancelled, GenerationCancelled):
             with self._state:
                 closing = self._closing
@@ -340,7 +311,7 @@ class Worker:
             with self._state:
                 del self._running[task.job_id]
 
-    def _train(self, task: _Task, request: TrainingRequest) -> None:
+    def _train(self, task: _Task, job: TrainJob) -> None:
         throttle = _Throttle(TRAINING_PROGRESS_INTERVAL)
 
         def on_progress(progress: TrainingProgress) -> None:
@@ -359,7 +330,7 @@ class Worker:
         try:
             result: TrainingResult = train_lora(
                 self.model,
-                request,
+                job,
                 self.config.training,
                 self.config.data_dir / "class_images",
                 on_progress=on_progress,
@@ -368,24 +339,20 @@ class Worker:
             )
         finally:
             # A retrained token must not be served from the adapter cache's old weights.
-            self.generator.adapters.forget(request.token)
+            self.generator.adapters.forget(job.token)
         self.emit(
-            Result(
+            TrainingDone(
                 task.job_id,
-                [str(path) for path in result.samples],
-                {
-                    "adapter_path": str(result.adapter_path),
-                    "metadata_path": str(result.metadata_path),
-                    "metadata": result.metadata,
-                    "steps": result.steps,
-                    "seconds": result.seconds,
-                },
+                files=[str(path) for path in result.samples],
+                adapter_path=str(result.adapter_path),
+                metadata_path=str(result.metadata_path),
+                metadata=result.metadata,
+                steps=result.steps,
+                seconds=result.seconds,
             )
         )
 
-    def _generate(self, task: _Task, request: GenerationRequest) -> None:
-        job = task.job
-        assert isinstance(job, GenerateJob)
+    def _generate(self, task: _Task, job: GenerateJob) -> None:
         throttle = _Throttle(GENERATION_PROGRESS_INTERVAL)
 
         def on_step(step: int, total: int) -> None:
@@ -393,18 +360,16 @@ class Worker:
                 self.emit(Progress(task.job_id, "generating", step, total))
 
         result: GenerationResult = self.generator.generate(
-            request, Path(job.output_dir), on_step=on_step, should_stop=task.stop.is_set
+            job, Path(job.output_dir), on_step=on_step, should_stop=task.stop.is_set
         )
         self.emit(
-            Result(
+            GenerationDone(
                 task.job_id,
-                [str(path) for path in result.files],
-                {
-                    "seeds": result.seeds,
-                    "parameters": result.parameters,
-                    "nsfw": result.nsfw,
-                    "seconds": result.seconds,
-                },
+                files=[str(path) for path in result.files],
+                seeds=result.seeds,
+                parameters=result.parameters,
+                nsfw=result.nsfw,
+                seconds=result.seconds,
             )
         )
 

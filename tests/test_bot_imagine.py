@@ -15,17 +15,10 @@ from botharness import JOB_TIMEOUT, BotHarness, imagine, running_bot
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
-from bot.cogs.imagine import (
-    GRID_FILE,
-    base_size,
-    generation_embed,
-    generation_view,
-    make_grid,
-    post_image,
-    replace_tokens,
-)
+from bot.cogs.imagine import base_size, generation_view, make_grid, replace_tokens
 from bot.db import GenerationRow, new_job_id
-from engine.protocol import GenerateJob, Result, encode
+from bot.views import GRID_FILE, generation_embed, post_image
+from engine.protocol import GenerateJob, GenerationDone, encode
 
 
 def _row(tmp_path: Path, **changes: Any) -> GenerationRow:
@@ -184,12 +177,13 @@ async def deliver_flagged(h: BotHarness, cog: Any, prompt: str, nsfw: list[bool]
         channel_id=h.prompts_channel_id,
         payload=encode(request),
         job_id=job_id,
-        context={"kind": "txt2img", "parent_id": None, "tokens": ["abraza"]},
+        context={"parent_id": None},
     )
     # Finished already: the queue must not run it.
     job = h.db.update_job(job.id, state="done")
-    data = {"nsfw": nsfw, "seeds": [7, 8], "parameters": ["parameters 0", "parameters 1"]}
-    await cog.on_job_result(job, Result(job_id, files, data))
+    seeds = [7 + index for index in range(len(nsfw))]
+    parameters = [f"parameters {index}" for index in range(len(nsfw))]
+    await cog.on_generation_finished(job, GenerationDone(job_id, files, seeds, parameters, nsfw, 0.1))
     return files
 
 

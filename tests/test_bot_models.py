@@ -12,9 +12,9 @@ import pytest
 from botharness import BotHarness, files_under, running_bot, start_training
 from fakediscord import CommandUnavailable, FakeMessage
 
-from bot.cogs.models import CANCEL_TEMPLATE, CancelJobButton, describe_job
 from bot.db import Database
 from bot.storage import remove_path
+from bot.views import CANCEL_TEMPLATE, CancelJobButton, describe_job
 from engine.config import Config, StorageSection
 from engine.protocol import GenerateJob, TrainJob, encode
 
@@ -36,9 +36,10 @@ def test_jobs_are_described_by_model_or_prompt(tmp_path: Path) -> None:
         user_id=1,
         guild_id=5,
         channel_id=6,
-        payload=encode(TrainJob(job_id="aa", token="abraza", class_word="person", photos=[], output_dir="x")),
+        payload=encode(
+            TrainJob(job_id="aa", token="abraza", class_word="person", photos=["p.png"], output_dir="x")
+        ),
         job_id="aa",
-        context={"token": "abraza"},
     )
     prompt = "abraza as a *viking* on a longship in a storm, oil painting, dramatic light, very detailed"
     generate = db.add_job(
@@ -101,6 +102,7 @@ async def answer(h: BotHarness, user_id: int, command: str, **options: Any) -> F
     return message
 
 
+@pytest.mark.slow
 def test_models_share_and_export(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -142,6 +144,7 @@ def test_models_share_and_export(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_model_delete_asks_first(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -164,6 +167,7 @@ def test_model_delete_asks_first(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_queue_cancel_buttons_work_after_a_restart_and_for_admins(tmp_path: Path) -> None:
     async def scenario() -> None:
         # Long trainings: they are cancelled long before they could finish.
@@ -174,7 +178,7 @@ def test_queue_cancel_buttons_work_after_a_restart_and_for_admins(tmp_path: Path
 
             listing = await answer(h, h.alice, "queue")
             assert "1. training **abraza**" in listing.content and "2. training **zorvik**" in listing.content
-            jobs = {job.context["token"]: job.id for job in h.db.active_jobs(h.alice)}
+            jobs = {job.request.token: job.id for job in h.db.active_jobs(h.alice)}  # type: ignore[union-attr]
             assert listing.custom_ids == [
                 f"dreambot:cancel:{jobs['abraza']}",
                 f"dreambot:cancel:{jobs['zorvik']}",
@@ -212,6 +216,7 @@ def test_queue_cancel_buttons_work_after_a_restart_and_for_admins(tmp_path: Path
     run(scenario())
 
 
+@pytest.mark.slow
 def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path, training={"max_steps": 500}) as h:
@@ -242,6 +247,7 @@ def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_admin_commands_need_manage_server(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -277,6 +283,7 @@ def test_admin_commands_need_manage_server(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_help(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from botharness import JOB_TIMEOUT, TRAIN_TIMEOUT, BotHarness, start_training, write_config
 from botprocess import start_bot_process
 from fakediscord import FakeDiscord, FakeGuild
@@ -23,6 +24,9 @@ from test_bot_resilience import training_steps
 from bot.cli import main
 from bot.storage import adapter_dir
 from engine.config import DEFAULT_BASE_MODEL, load_config
+
+# Every test here starts an engine process (and the bot, where it runs one).
+pytestmark = pytest.mark.slow
 
 # Long enough for the resumed run to show its steps in the progress message.
 STEPS = 120

@@ -9,8 +9,12 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
 from botharness import JOB_TIMEOUT, TRAIN_TIMEOUT, BotHarness, running_bot, start_training
 from fakediscord import FakeMessage
+
+# Every test here starts an engine process (and the bot, where it runs one).
+pytestmark = pytest.mark.slow
 
 STEPS = 40
 # Three selfies at 20 steps each, capped at STEPS: long enough to interrupt, short enough to finish.

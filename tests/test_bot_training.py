@@ -12,17 +12,15 @@ from typing import Any
 import pytest
 from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, files_under, running_bot
 
-from bot.cogs.training import (
-    PROGRESS_EDIT_INTERVAL,
-    format_duration,
+from bot.cogs.training import PROGRESS_EDIT_INTERVAL, format_duration, progress_bar, progress_status
+from bot.words import (
+    CLASS_WORDS,
+    COMMON_WORDS,
     normalize_subject,
     normalize_token,
-    progress_bar,
-    progress_status,
     subject_problem,
     token_problem,
 )
-from bot.words import CLASS_WORDS, COMMON_WORDS
 
 # -- pure logic --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from a1111 import read_parameters
 from botharness import selfie_jpeg
 from conftest import PROJECT_ROOT
 from PIL import Image
@@ -19,7 +20,6 @@ from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 from bot.cli import main
 from bot.db import LOCAL_GUILD_ID, Database
 from engine.config import DEFAULT_BASE_MODEL, load_config
-from engine.generate import read_parameters
 
 
 @pytest.fixture
@@ -56,6 +56,7 @@ def test_check_prints_the_report_and_exits_by_verdict(
     assert "not an image" in report["photos"][1]["reason"]
 
 
+@pytest.mark.slow
 def test_train_then_imagine_with_the_token(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     photos = sorted(str(p) for p in (workdir / "photos").glob("selfie*.jpg"))
     assert main(["train", "--name", "abraza", "--class", "person", *photos]) == 0
@@ -153,6 +154,7 @@ def test_health_is_the_age_of_the_running_bots_heartbeat(workdir: Path) -> None:
     assert main(["health"]) == 1  # the bot lost Discord, or hangs
 
 
+@pytest.mark.slow
 def test_a_base_model_that_is_not_downloaded_is_explained_once(tmp_path: Path) -> None:
     """Offline with an empty Hugging Face cache and the default base model: one clear line."""
     (tmp_path / "config.toml").write_text('[model]\ndevice = "cpu"\n')

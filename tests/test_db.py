@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.db import MIGRATIONS, Database, fts_query
+from bot.db import MIGRATIONS, Database, JobRow, fts_query, new_job_id
+from engine.protocol import AdapterRef, GenerateJob, TrainingDone, TrainJob, encode
 
 
 @pytest.fixture
@@ -121,9 +122,7 @@ def test_forget_user_removes_every_row_and_returns_files(db: Database) -> None:
     bobs = _generation(db, 2, "a cat", [])
     # Bob's picture with her model shows her face; another server's abraza is someone else.
     with_her_face = _generation(db, 2, "abraza and a dog", ["abraza"])
-    bobs_job = db.add_job(
-        kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}", context={"tokens": ["abraza"]}
-    )
+    bobs_job = _job_using(db, 2, "abraza")
     db.add_post(message_id=101, channel_id=5, guild_id=10, user_id=2, job_id=bobs_job.id)
     elsewhere = db.add_generation(
         job_id="k", guild_id=11, user_id=2, channel_id=6, prompt="abraza at sea", seed=1, steps=2,
@@ -159,9 +158,7 @@ def test_forget_user_removes_every_row_and_returns_files(db: Database) -> None:
 def test_posts_are_found_by_member_and_by_model(db: Database) -> None:
     model = db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
     train = db.add_job(kind="train", user_id=1, guild_id=10, channel_id=5, payload="{}", model_id=model.id)
-    with_her_model = db.add_job(
-        kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}", context={"tokens": ["abraza"]}
-    )
+    with_her_model = _job_using(db, 2, "abraza")
     bobs = db.add_job(kind="generate", user_id=2, guild_id=10, channel_id=5, payload="{}")
     db.add_post(message_id=100, channel_id=5, guild_id=10, user_id=1, model_id=model.id, job_id=train.id)
     db.add_post(message_id=101, channel_id=77, guild_id=None, user_id=1, model_id=model.id, job_id=train.id)
@@ -197,3 +194,45 @@ def test_only_a_model_with_an_adapter_gives_the_engine_a_reference(db: Database)
     reference = ready.adapter_ref()
     assert (reference.token, reference.class_word) == ("abraza", "person")
     assert reference.path == "/data/adapters/10/abraza/adapter.safetensors"
+
+
+def _job_using(db: Database, user_id: int, token: str) -> JobRow:
+    """A generation job of `user_id` in server 10 whose request uses the model `token`."""
+    job_id = new_job_id()
+    request = GenerateJob(
+        job_id=job_id,
+        prompt=f"{token} at sea",
+        output_dir=f"/data/generations/{job_id}",
+        adapters=[AdapterRef(token, "person", f"/data/adapters/10/{token}/adapter.safetensors")],
+    )
+    return db.add_job(
+        kind="generate", user_id=user_id, guild_id=10, channel_id=5, payload=encode(request), job_id=job_id
+    )
+
+
+def test_a_job_row_of_the_previous_version_reads_as_the_typed_contract(db: Database) -> None:
+    """Rows written before the typed results (payload, context and result as the bot stored them
+    then) load as the same TrainJob and TrainingDone a new row holds."""
+    train = TrainJob(job_id="old", token="abraza", class_word="person", photos=["/p/0.png"], output_dir="/a")
+    db.add_job(
+        kind="train",
+        user_id=1,
+        guild_id=10,
+        channel_id=5,
+        payload=encode(train),
+        job_id="old",
+        # What the training cog kept beside the payload, and the queue's {"files": ..., **data}.
+        context={"token": "abraza", "class_word": "person", "photos": 1, "photos_dir": "/data/photos/old"},
+    )
+    old_result = {
+        "files": ["/a/samples/0.png"],
+        "adapter_path": "/a/adapter.safetensors",
+        "metadata_path": "/a/training.json",
+        "metadata": {"steps": 4},
+        "steps": 4,
+        "seconds": 1.5,
+    }
+    row = db.update_job("old", state="done", result=old_result)
+    assert row.request == train
+    assert row.outcome == TrainingDone(job_id="old", **old_result)
+    assert db.update_job("old", state="failed").outcome is None

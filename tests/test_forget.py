@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import discord
+import pytest
 from botharness import TRAIN_TIMEOUT, BotHarness, imagine, running_bot, start_training
 from fakediscord import FakeMessage
 from test_bot_models import answer, button
 
-from bot.cogs.models import HELP_TEXT
+from bot.cogs.help import HELP_TEXT
 from bot.db import DATABASE_FILE, Database
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -64,6 +65,7 @@ async def forget(h: BotHarness, user_id: int) -> FakeMessage:
 # -- messages on Discord --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_delete_and_forget_take_down_every_message_about_her(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -121,6 +123,7 @@ def test_model_delete_and_forget_take_down_every_message_about_her(tmp_path: Pat
     run(scenario())
 
 
+@pytest.mark.slow
 def test_a_picture_the_bot_can_no_longer_delete_is_named_to_the_member(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
@@ -176,6 +179,7 @@ def id_needles(name: str, value: int) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_forget_leaves_no_byte_of_the_member_in_the_database_files(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_bot(tmp_path, training={"max_steps": 500}) as h:

@@ -12,24 +12,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from a1111 import read_parameters
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL.PngImagePlugin import PngInfo
 
-from engine.generate import (
-    AdapterLoadError,
-    GenerationCancelled,
-    GenerationRequest,
-    Generator,
-    a1111_parameters,
-    expand_tokens,
-    read_parameters,
-)
+from engine.generate import AdapterLoadError, GenerationCancelled, Generator, a1111_parameters, expand_tokens
 from engine.kohya import is_kohya_adapter
 from engine.model import LoadedModel, load_base_model
-from engine.protocol import AdapterRef
+from engine.protocol import AdapterRef, GenerateJob, words_in
 
 TRAINING_ADAPTER = "dreambot_training"  # engine.train's name; not imported, as in engine.generate
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -40,10 +33,13 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 BATCH_TOLERANCE = 2
 
 
-def request(**overrides: object) -> GenerationRequest:
-    values: dict[str, object] = dict(prompt="a photo of a cat", steps=2, width=64, height=64, seed=7)
+def job(**overrides: object) -> GenerateJob:
+    """A small job; Generator.generate writes where the test says, not to the job's output_dir."""
+    values: dict[str, object] = dict(
+        job_id="test", output_dir="unused", prompt="a photo of a cat", steps=2, width=64, height=64, seed=7
+    )
     values.update(overrides)
-    return GenerationRequest(**values)  # type: ignore[arg-type]
+    return GenerateJob(**values)  # type: ignore[arg-type]
 
 
 def pixels(image: PIL.Image.Image) -> np.ndarray:
@@ -148,7 +144,7 @@ def test_pipelines_share_the_base_modules(generator: Generator, model: LoadedMod
 def test_text_to_image_makes_count_images_in_one_call(generator: Generator) -> None:
     steps: list[tuple[int, int]] = []
     result = generator.generate(
-        request(count=3, steps=3, width=64, height=96), on_step=lambda *s: steps.append(s)
+        job(count=3, steps=3, width=64, height=96), on_step=lambda *s: steps.append(s)
     )
     assert len(result.images) == 3
     assert all(image.size == (64, 96) for image in result.images)
@@ -161,17 +157,17 @@ def test_text_to_image_makes_count_images_in_one_call(generator: Generator) -> N
 
 
 def test_same_seed_same_pixels_other_seed_differs(generator: Generator) -> None:
-    first = generator.generate(request(seed=11)).images[0]
-    again = generator.generate(request(seed=11)).images[0]
-    other = generator.generate(request(seed=12)).images[0]
+    first = generator.generate(job(seed=11)).images[0]
+    again = generator.generate(job(seed=11)).images[0]
+    other = generator.generate(job(seed=12)).images[0]
     assert max_diff(first, again) == 0
     assert max_diff(first, other) > 10
 
 
 def test_batch_image_matches_single_run(generator: Generator) -> None:
-    batch = generator.generate(request(count=3, seed=100))
+    batch = generator.generate(job(count=3, seed=100))
     for index, seed in enumerate(batch.seeds):
-        alone = generator.generate(request(count=1, seed=seed)).images[0]
+        alone = generator.generate(job(count=1, seed=seed)).images[0]
         # Same initial noise (one CPU generator per image); the batched UNet/VAE only reorder
         # float sums, which can move a pixel by 1/255 on CPU.
         assert max_diff(batch.images[index], alone) <= BATCH_TOLERANCE
@@ -181,7 +177,7 @@ def test_png_parameters_round_trip(generator: Generator, tmp_path: Path) -> None
     prompt = "a portrait, oil painting, by someone: 'famous' ✨"
     negative = "blurry, lowres"
     result = generator.generate(
-        request(prompt=prompt, negative_prompt=negative, count=2, guidance=6.5), output_dir=tmp_path / "out"
+        job(prompt=prompt, negative_prompt=negative, count=2, guidance=6.5), output_dir=tmp_path / "out"
     )
     assert result.files == [tmp_path / "out" / "0.png", tmp_path / "out" / "1.png"]
     for path, seed, text in zip(result.files, result.seeds, result.parameters, strict=True):
@@ -254,17 +250,17 @@ def test_read_parameters_multiline_prompt_and_quoted_values(tmp_path: Path) -> N
 
 
 def test_variation_and_upscale(generator: Generator, tmp_path: Path) -> None:
-    source = generator.generate(request(seed=5), output_dir=tmp_path / "source")
+    source = generator.generate(job(seed=5), output_dir=tmp_path / "source")
     init = source.files[0]
 
-    variation = generator.generate(request(init_image=init, strength=0.6, count=2, steps=4, seed=5))
+    variation = generator.generate(job(init_image=str(init), strength=0.6, count=2, steps=4, seed=5))
     assert [image.size for image in variation.images] == [(64, 64), (64, 64)]
     assert max_diff(variation.images[0], source.images[0]) > 10
     assert max_diff(variation.images[0], variation.images[1]) > 0
     assert "Denoising strength: 0.6" in variation.parameters[0]
 
     upscale = generator.generate(
-        request(init_image=str(init), upscale=True, strength=0.35, steps=6), output_dir=tmp_path / "up"
+        job(init_image=str(init), upscale=True, strength=0.35, steps=6), output_dir=tmp_path / "up"
     )
     assert upscale.images[0].size == (128, 128)
     resized = source.images[0].resize((128, 128), PIL.Image.LANCZOS)
@@ -279,45 +275,21 @@ def test_variation_and_upscale(generator: Generator, tmp_path: Path) -> None:
 # Validation and helpers
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"prompt": "  "}, "'  '"),
-        ({"count": 5}, "but is 5"),
-        ({"count": 0}, "but is 0"),
-        ({"steps": 151}, "but is 151"),
-        ({"steps": 0}, "but is 0"),
-        ({"width": 100}, "`width`.*but is 100"),
-        ({"height": 4096}, "`height`.*but is 4096"),
-        ({"width": 56}, "but is 56"),
-        ({"strength": 1.5}, "but is 1.5"),
-        ({"strength": 0}, "but is 0"),
-        ({"upscale": True}, "`init_image` is None"),
-        ({"init_image": "/nonexistent/x.png"}, "/nonexistent/x.png"),
-        ({"seed": -1}, "but is -1"),
-    ],
-)
-def test_request_validation_names_the_bad_value(overrides: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        request(**overrides)
-
-
-def test_request_validation_of_init_images(tmp_path: Path) -> None:
-    big = tmp_path / "big.png"
-    PIL.Image.new("RGB", (1200, 800)).save(big)
-    with pytest.raises(ValueError, match=r"1200x800: upscaled 2x it would be 2400x1600"):
-        request(init_image=big, upscale=True, strength=0.35)
-    with pytest.raises(ValueError, match=r"`strength` is required with an `init_image`"):
-        request(init_image=big)
-    with pytest.raises(ValueError, match=r"`steps`=2 at `strength`=0.3"):
-        request(init_image=big, strength=0.3, steps=2)
+def test_an_init_image_that_cannot_serve_is_refused_by_name(generator: Generator, tmp_path: Path) -> None:
+    """The values are GenerateJob's to check (tests/test_protocol.py); the files are the engine's."""
+    output_dir = tmp_path / "out"
+    missing = tmp_path / "gone.png"
+    with pytest.raises(ValueError, match=r"`init_image` has to be an existing file but is '.*gone\.png'"):
+        generator.generate(job(init_image=str(missing), strength=0.6), output_dir)
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
-    with pytest.raises(ValueError, match=r"notes\.png"):
-        request(init_image=not_image, strength=0.6)
-    duplicate = AdapterRef("abraza", "person", "x")
-    with pytest.raises(ValueError, match="abraza"):
-        request(adapters=[duplicate, duplicate])
+    with pytest.raises(ValueError, match=r"`init_image` '.*notes\.png' is not a readable image"):
+        generator.generate(job(init_image=str(not_image), strength=0.6), output_dir)
+    big = tmp_path / "big.png"
+    PIL.Image.new("RGB", (1200, 800)).save(big)
+    with pytest.raises(ValueError, match=r"big\.png' is 1200x800: upscaled 2x it would be 2400x1600"):
+        generator.generate(job(init_image=str(big), upscale=True, strength=0.35, steps=6), output_dir)
+    assert not output_dir.exists()
 
 
 def test_expand_tokens() -> None:
@@ -335,19 +307,32 @@ def test_expand_tokens() -> None:
     assert expand_tokens("abrazadera, xabraza", both) == "abrazadera, xabraza"
     assert expand_tokens("(abraza:1.2) in paris", both) == "(abraza person:1.2) in paris"
     assert expand_tokens("a dog", both) == "a dog"
+    # A word by engine.protocol's definition: what selects abraza's adapter gets abraza's class word.
+    assert expand_tokens("abraza_viking, ABRAZA-2", both) == "abraza person_viking, ABRAZA person-2"
+    assert expand_tokens("young abraza", [AdapterRef("abraza", "young man", "a")]) == "young abraza young man"
+    assert expand_tokens("abraza young man", [AdapterRef("abraza", "young man", "a")]) == "abraza young man"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["abraza_viking", "abraza, thor", "(abraza:1.2)", "ABRAZA-viking", "abrazadera", "xabraza", "abraza2"],
+)
+def test_the_prompts_that_select_an_adapter_are_the_ones_that_get_its_class_word(prompt: str) -> None:
+    abraza = AdapterRef("abraza", "person", "a")
+    assert (expand_tokens(prompt, [abraza]) != prompt) is ("abraza" in words_in(prompt))
 
 
 def test_cancel_within_a_step(generator: Generator) -> None:
     seen: list[tuple[int, int]] = []
     with pytest.raises(GenerationCancelled):
         generator.generate(
-            request(steps=5), on_step=lambda *s: seen.append(s), should_stop=lambda: len(seen) >= 2
+            job(steps=5), on_step=lambda *s: seen.append(s), should_stop=lambda: len(seen) >= 2
         )
     assert seen == [(1, 5), (2, 5)]
     with pytest.raises(GenerationCancelled):
-        generator.generate(request(), should_stop=lambda: True)
+        generator.generate(job(), should_stop=lambda: True)
     # Still usable afterwards.
-    assert len(generator.generate(request()).images) == 1
+    assert len(generator.generate(job()).images) == 1
 
 
 def test_safety_checker_flags_are_reported_and_images_kept(fresh_model: LoadedModel) -> None:
@@ -363,7 +348,7 @@ def test_safety_checker_flags_are_reported_and_images_kept(fresh_model: LoadedMo
 
     fresh_model.pipeline.feature_extractor = CLIPImageProcessor()
     fresh_model.pipeline.safety_checker = FlagFirst()
-    result = Generator(fresh_model).generate(request(count=2))
+    result = Generator(fresh_model).generate(job(count=2))
     assert result.nsfw == [True, False]
     assert pixels(result.images[0]).max() > 0  # written as generated; the caller decides
 
@@ -382,13 +367,11 @@ def test_adapter_changes_output_and_switching_never_reloads(
     weight = unet.conv_in.weight
     loads = cache.loads
 
-    base = generator.generate(request()).images[0]
-    with_a = generator.generate(request(prompt="a photo of alfa", adapters=(ref(adapter_files, "alfa"),)))
-    with_b = generator.generate(request(prompt="a photo of bravo", adapters=(ref(adapter_files, "bravo"),)))
-    with_a_again = generator.generate(
-        request(prompt="a photo of alfa", adapters=(ref(adapter_files, "alfa"),))
-    )
-    plain_again = generator.generate(request()).images[0]
+    base = generator.generate(job()).images[0]
+    with_a = generator.generate(job(prompt="a photo of alfa", adapters=[ref(adapter_files, "alfa")]))
+    with_b = generator.generate(job(prompt="a photo of bravo", adapters=[ref(adapter_files, "bravo")]))
+    with_a_again = generator.generate(job(prompt="a photo of alfa", adapters=[ref(adapter_files, "alfa")]))
+    plain_again = generator.generate(job()).images[0]
 
     assert max_diff(with_a.images[0], base) > 10
     assert max_diff(with_a.images[0], with_a_again.images[0]) == 0
@@ -402,15 +385,15 @@ def test_adapter_changes_output_and_switching_never_reloads(
     # A fresh pipeline with only that adapter gives the same pixels.
     for name, switched in (("alfa", with_a_again), ("bravo", with_b)):
         alone = Generator(load_base_model("tiny", "cpu", tiny_data_dir))
-        fresh = alone.generate(request(prompt=f"a photo of {name}", adapters=(ref(adapter_files, name),)))
+        fresh = alone.generate(job(prompt=f"a photo of {name}", adapters=[ref(adapter_files, name)]))
         assert max_diff(fresh.images[0], switched.images[0]) == 0
 
 
 def test_two_adapters_at_once(generator: Generator, adapter_files: dict[str, Path]) -> None:
     a, b = ref(adapter_files, "alfa"), ref(adapter_files, "bravo")
-    only_a = generator.generate(request(prompt="alfa and bravo", adapters=(a,))).images[0]
-    only_b = generator.generate(request(prompt="alfa and bravo", adapters=(b,))).images[0]
-    both = generator.generate(request(prompt="alfa and bravo", adapters=(a, b)))
+    only_a = generator.generate(job(prompt="alfa and bravo", adapters=[a])).images[0]
+    only_b = generator.generate(job(prompt="alfa and bravo", adapters=[b])).images[0]
+    both = generator.generate(job(prompt="alfa and bravo", adapters=[a, b]))
     assert both.parameters[0].startswith("alfa person and bravo person <lora:alfa:1> <lora:bravo:1>\n")
     assert max_diff(both.images[0], only_a) > 10
     assert max_diff(both.images[0], only_b) > 10
@@ -418,16 +401,16 @@ def test_two_adapters_at_once(generator: Generator, adapter_files: dict[str, Pat
 
 def test_capacity_one_evicts(fresh_model: LoadedModel, adapter_files: dict[str, Path]) -> None:
     generator = Generator(fresh_model, adapter_cache_size=1)
-    a_first = generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0]
-    generator.generate(request(adapters=(ref(adapter_files, "bravo"),)))
+    a_first = generator.generate(job(adapters=[ref(adapter_files, "alfa")])).images[0]
+    generator.generate(job(adapters=[ref(adapter_files, "bravo")]))
     assert generator.adapters.loaded == ["bravo"]
     assert "alfa" not in {n for names in fresh_model.pipeline.get_list_adapters().values() for n in names}
-    a_again = generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0]
+    a_again = generator.generate(job(adapters=[ref(adapter_files, "alfa")])).images[0]
     assert generator.adapters.loads == 3
     assert generator.adapters.loaded == ["alfa"]
     assert max_diff(a_first, a_again) == 0
     # Two requested at once stay loaded together, even over capacity.
-    generator.generate(request(adapters=(ref(adapter_files, "alfa"), ref(adapter_files, "bravo"))))
+    generator.generate(job(adapters=[ref(adapter_files, "alfa"), ref(adapter_files, "bravo")]))
     assert sorted(generator.adapters.loaded) == ["alfa", "bravo"]
 
 
@@ -436,20 +419,20 @@ def test_retrained_adapter_is_reloaded(
 ) -> None:
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(adapter_files["alfa"].read_bytes())
-    adapter = AdapterRef("me", "person", str(path))
+    adapter = AdapterRef("mine", "person", str(path))
     generator = Generator(fresh_model)
-    before = generator.generate(request(adapters=(adapter,))).images[0]
-    generator.generate(request(adapters=(adapter,)))
+    before = generator.generate(job(adapters=[adapter])).images[0]
+    generator.generate(job(adapters=[adapter]))
     assert generator.adapters.loads == 1
 
     path.write_bytes(adapter_files["charlie"].read_bytes())  # same size: only the mtime tells
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    after = generator.generate(request(adapters=(adapter,))).images[0]
+    after = generator.generate(job(adapters=[adapter])).images[0]
     assert generator.adapters.loads == 2
     assert max_diff(before, after) > 10
 
-    generator.adapters.forget("me")
+    generator.adapters.forget("mine")
     assert generator.adapters.loaded == []
     assert not any(fresh_model.pipeline.get_list_adapters().values())
 
@@ -458,7 +441,7 @@ def test_bad_adapter_files_raise_and_leave_the_pipeline_usable(
     generator: Generator, adapter_files: dict[str, Path], tmp_path: Path
 ) -> None:
     a = ref(adapter_files, "alfa")
-    with_a = generator.generate(request(adapters=(a,))).images[0]
+    with_a = generator.generate(job(adapters=[a])).images[0]
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     truncated = tmp_path / "truncated.safetensors"
@@ -468,19 +451,19 @@ def test_bad_adapter_files_raise_and_leave_the_pipeline_usable(
     for path in (corrupt, truncated, missing):
         bad = AdapterRef("bad", "person", str(path))
         with pytest.raises(AdapterLoadError, match=path.name):
-            generator.generate(request(adapters=(a, bad)))
+            generator.generate(job(adapters=[a, bad]))
         present = {n for names in generator.model.pipeline.get_list_adapters().values() for n in names}
         assert "bad" not in present and "bad" not in generator.adapters.loaded
 
-    assert max_diff(generator.generate(request(adapters=(a,))).images[0], with_a) == 0
+    assert max_diff(generator.generate(job(adapters=[a])).images[0], with_a) == 0
 
 
 def test_adapter_for_another_base_is_refused(tiny_data_dir: Path, adapter_files: dict[str, Path]) -> None:
     sdxl = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir))
     with pytest.raises(AdapterLoadError, match="does not fit this base model"):
-        sdxl.generate(request(adapters=(ref(adapter_files, "alfa"),)))
+        sdxl.generate(job(adapters=[ref(adapter_files, "alfa")]))
     assert not any(sdxl.model.pipeline.get_list_adapters().values())
-    assert len(sdxl.generate(request()).images) == 1
+    assert len(sdxl.generate(job()).images) == 1
 
 
 def test_training_adapter_is_ignored_and_restored(
@@ -489,8 +472,8 @@ def test_training_adapter_is_ignored_and_restored(
     """An adapter the cache did not load (the trainer's) never shows in a generation, and the
     trainer finds it as it left it: active, trainable, in training mode."""
     generator = Generator(fresh_model)
-    base = generator.generate(request()).images[0]
-    with_alfa = generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0]
+    base = generator.generate(job()).images[0]
+    with_alfa = generator.generate(job(adapters=[ref(adapter_files, "alfa")])).images[0]
     generator.adapters.forget("alfa")
 
     # What a trainer does between two steps: frozen base, its own adapter on UNet and text encoder.
@@ -507,13 +490,10 @@ def test_training_adapter_is_ignored_and_restored(
     grads = {(key, n): p.requires_grad for key, m in modules.items() for n, p in m.named_parameters()}
     assert sum(grads.values()) > 0
 
-    assert max_diff(generator.generate(request()).images[0], base) == 0
+    assert max_diff(generator.generate(job()).images[0], base) == 0
     # Loading a new adapter while the training one is there, then using it.
-    assert (
-        max_diff(generator.generate(request(adapters=(ref(adapter_files, "alfa"),))).images[0], with_alfa)
-        == 0
-    )
-    assert max_diff(generator.generate(request()).images[0], base) == 0
+    assert max_diff(generator.generate(job(adapters=[ref(adapter_files, "alfa")])).images[0], with_alfa) == 0
+    assert max_diff(generator.generate(job()).images[0], base) == 0
 
     for key, module in modules.items():
         assert module.training and all(sub.training for sub in module.modules())
@@ -546,7 +526,7 @@ def test_png_of_a_lora_generation_carries_the_tag_and_the_hash_of_the_file(
     old_hash = a1111_lora_hash(path)
     generator = Generator(fresh_model)
     result = generator.generate(
-        request(prompt="alfa at the beach", adapters=(ref({"alfa": path}, "alfa"),)), tmp_path
+        job(prompt="alfa at the beach", adapters=[ref({"alfa": path}, "alfa")]), tmp_path
     )
 
     assert is_kohya_adapter(path)
@@ -558,7 +538,7 @@ def test_png_of_a_lora_generation_carries_the_tag_and_the_hash_of_the_file(
     assert parsed["Version"] == f"dreambot {package_version('dreambot')}"
 
     # The converted file is what the cache now holds: no second load, no second rewrite.
-    again = generator.generate(request(prompt="alfa", adapters=(ref({"alfa": path}, "alfa"),)))
+    again = generator.generate(job(prompt="alfa", adapters=[ref({"alfa": path}, "alfa")]))
     assert generator.adapters.loads == 1
     assert f'Lora hashes: "alfa: {a1111_lora_hash(path)}"' in again.parameters[0]
 
@@ -569,7 +549,7 @@ def test_a_single_file_base_has_a1111s_model_hash(tiny_model_dir: Path, tmp_path
     pipeline = load_base_model("tiny", "cpu", tiny_model_dir.parent.parent).pipeline
     # The tiny pipeline, named as if it came from that file (a real checkpoint is gigabytes).
     generator = Generator(LoadedModel(pipeline, torch.device("cpu"), torch.float32, str(checkpoint)))
-    parsed = read_parameters(generator.generate(request(), tmp_path / "out").files[0])
+    parsed = read_parameters(generator.generate(job(), tmp_path / "out").files[0])
     assert parsed["Model hash"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
     assert parsed["Model"] == "my-model"
 
@@ -580,16 +560,15 @@ def test_a_single_file_base_has_a1111s_model_hash(tiny_model_dir: Path, tmp_path
 
 def test_sdxl_text_to_image_and_variation(tiny_data_dir: Path, tmp_path: Path) -> None:
     generator = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir))
-    result = generator.generate(request(count=2, width=64, height=96), output_dir=tmp_path)
+    result = generator.generate(job(count=2, width=64, height=96), output_dir=tmp_path)
     assert [image.size for image in result.images] == [(64, 96), (64, 96)]
     assert (
-        max_diff(result.images[0], generator.generate(request(width=64, height=96)).images[0])
-        <= BATCH_TOLERANCE
+        max_diff(result.images[0], generator.generate(job(width=64, height=96)).images[0]) <= BATCH_TOLERANCE
     )
     assert read_parameters(result.files[0])["Model"] == "tiny-sdxl"
 
-    variation = generator.generate(request(init_image=result.files[0], strength=0.5, width=64, height=96))
+    variation = generator.generate(job(init_image=str(result.files[0]), strength=0.5, width=64, height=96))
     assert variation.images[0].size == (64, 96)
     assert max_diff(variation.images[0], result.images[0]) > 10
-    upscale = generator.generate(request(init_image=result.files[0], upscale=True, strength=0.35, steps=3))
+    upscale = generator.generate(job(init_image=str(result.files[0]), upscale=True, strength=0.35, steps=3))
     assert upscale.images[0].size == (128, 192)

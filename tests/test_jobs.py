@@ -19,7 +19,17 @@ from PIL import Image
 from bot.db import Database, JobRow
 from bot.jobs import DROPPED_MESSAGE, MAX_ATTEMPTS, EngineUnavailable, JobQueue, dispatch_order, plan_dispatch
 from engine.config import Config, load_config
-from engine.protocol import Accepted, Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+from engine.protocol import (
+    Accepted,
+    Error,
+    Event,
+    GenerateJob,
+    GenerationDone,
+    Progress,
+    Result,
+    TrainJob,
+    encode,
+)
 
 TIMEOUT = 180.0
 ALICE, BOB, CAROL = 101, 102, 103
@@ -211,6 +221,7 @@ def kill_worker(queue: JobQueue) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_jobs_left_by_a_dead_bot_and_new_ones_run_with_rows_written_first(
     config: Config, db: Database, data_dir: Path
 ) -> None:
@@ -225,7 +236,7 @@ def test_jobs_left_by_a_dead_bot_and_new_ones_run_with_rows_written_first(
         await queue.start()
         try:
             await queue.wait_ready(TIMEOUT)
-            assert queue.ready_workers() == 1
+            assert sum(worker.ready for worker in queue.workers) == 1
             new = add_generate(db, data_dir, "new", user_id=ALICE)
             queue.submit(new)
             for job_id in ("left-queued", "left-running", "new"):
@@ -243,20 +254,22 @@ def test_jobs_left_by_a_dead_bot_and_new_ones_run_with_rows_written_first(
             assert [Path(file).is_file() for file in final.result["files"]] == [True]
             assert final.result["seeds"] == [0]
             kinds = [type(event) for event in recorder.events_of(job_id)]
-            assert kinds[0] is Accepted and kinds[-1] is Result and Progress in kinds
+            assert kinds[0] is Accepted and kinds[-1] is GenerationDone and Progress in kinds
         assert db.job("left-running").attempts == 2
         assert db.job("new").attempts == 1
         # Every event reached on_event after its row was written, and with that very row.
         for job, event, stored in recorder.calls:
             assert job == stored
-            expected = {Accepted: "running", Progress: "running", Result: "done"}[type(event)]
+            expected = {Accepted: "running", Progress: "running", GenerationDone: "done"}[type(event)]
             assert job.state == expected, (event, job)
-        result = next(e for e in recorder.events_of("new") if isinstance(e, Result))
-        assert db.job("new").result == {"files": result.files, **result.data}
+        result = next(e for e in recorder.events_of("new") if isinstance(e, GenerationDone))
+        # The row holds the typed result, and reads back as the very event.
+        assert db.job("new").outcome == result
 
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_job_whose_worker_is_killed_is_retried_once_and_completes(
     config: Config, db: Database, data_dir: Path
 ) -> None:
@@ -283,6 +296,7 @@ def test_a_job_whose_worker_is_killed_is_retried_once_and_completes(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_job_killed_twice_is_dropped_and_the_queue_goes_on(
     config: Config, db: Database, data_dir: Path
 ) -> None:
@@ -317,6 +331,7 @@ def test_a_job_killed_twice_is_dropped_and_the_queue_goes_on(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_job_handed_to_a_dying_engine_is_not_an_attempt(
     config: Config, db: Database, data_dir: Path
 ) -> None:
@@ -352,6 +367,7 @@ def test_a_job_handed_to_a_dying_engine_is_not_an_attempt(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
     async def scenario() -> None:
         recorder = Recorder(db)
@@ -395,6 +411,7 @@ def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_its_model_fails_the_queued_jobs(
     db: Database, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,7 +436,7 @@ def test_a_worker_that_cannot_load_its_model_fails_the_queued_jobs(
             # Not restarted in a tight loop: one start, the next one only after a long delay.
             await asyncio.sleep(1)
             assert queue.workers[0].failed_starts == 1
-            assert queue.ready_workers() == 0
+            assert sum(worker.ready for worker in queue.workers) == 0
         finally:
             await queue.stop()
 

@@ -23,7 +23,8 @@ from transformers import CLIPTextModelWithProjection
 from engine.config import TrainingSection
 from engine.kohya import is_kohya_adapter, upgrade_adapter
 from engine.model import load_base_model
-from engine.train import TrainingRequest, train_lora
+from engine.protocol import TrainJob
+from engine.train import train_lora
 
 TOKEN = "abraza"
 RANK, ALPHA = 4, 8  # alpha != rank: a file or loader that assumed alpha = rank would show
@@ -133,6 +134,7 @@ def targeted_modules(pipeline: DiffusionPipeline, table: dict[str, torch.nn.Modu
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
 def test_trained_adapter_keys_alpha_and_metadata_are_what_kohya_loaders_expect(
     base: str, tiny_data_dir: Path, photos: tuple[Path, ...], tmp_path: Path
@@ -148,8 +150,15 @@ def test_trained_adapter_keys_alpha_and_metadata_are_what_kohya_loaders_expect(
         sample_count=0,
         gradient_checkpointing=False,
     )
-    request = TrainingRequest(TOKEN, "person", photos, tmp_path / "out", steps=2)
-    result = train_lora(model, request, training, tmp_path / "class_images")
+    job = TrainJob(
+        job_id="test",
+        token=TOKEN,
+        class_word="person",
+        photos=[str(photo) for photo in photos],
+        output_dir=str(tmp_path / "out"),
+        steps=2,
+    )
+    result = train_lora(model, job, training, tmp_path / "class_images")
 
     weights = load_file(result.adapter_path)
     table = kohya_module_table(load_base_model(base, "cpu", tiny_data_dir).pipeline)
@@ -229,6 +238,7 @@ def write_old_format_adapter(pipeline: DiffusionPipeline, folder: Path) -> Path:
     return folder / "adapter.safetensors"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny", "tiny-sdxl"])
 def test_old_adapter_loads_and_renders_the_same_in_the_kohya_format(
     base: str, tiny_data_dir: Path, tmp_path: Path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from safetensors.torch import load_file
 
 from engine.config import TrainingSection
 from engine.model import LoadedModel, load_base_model
+from engine.protocol import TrainJob
 from engine.train import (
     TRAINING_ADAPTER,
-    BadTrainingRequest,
     TrainingCancelled,
     TrainingProgress,
-    TrainingRequest,
     TrainingResult,
     default_steps,
     train_lora,
@@ -48,6 +46,26 @@ def settings(**overrides: object) -> TrainingSection:
     )
     values.update(overrides)
     return TrainingSection(**values)  # type: ignore[arg-type]
+
+
+def train_job(
+    photos: tuple[Path, ...],
+    output_dir: Path,
+    *,
+    class_word: str = "person",
+    steps: int | None = None,
+    resume: bool = True,
+) -> TrainJob:
+    """The job as the bot writes it: paths as strings."""
+    return TrainJob(
+        job_id="test",
+        token=TOKEN,
+        class_word=class_word,
+        photos=[str(photo) for photo in photos],
+        output_dir=str(output_dir),
+        steps=steps,
+        resume=resume,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +110,10 @@ def run(
     def should_stop() -> bool:
         return stop_after is not None and len(training_steps(events)) >= stop_after
 
-    request = TrainingRequest(TOKEN, "person", photos, output_dir, steps=steps, resume=resume)
     try:
         result = train_lora(
             model,
-            request,
+            train_job(photos, output_dir, steps=steps, resume=resume),
             training,
             class_images_dir,
             on_progress=events.append,
@@ -164,22 +181,14 @@ def render(pipeline: object, prompt: str, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_request_errors_name_the_value(photos: tuple[Path, ...], tmp_path: Path) -> None:
-    cases = {
-        "'Ab'": dict(token="Ab"),
-        "'a dog with a hat'": dict(class_word="a dog with a hat"),
-        "none": dict(photos=()),
-        "nope.png": dict(photos=(tmp_path / "nope.png",)),
-        "0": dict(steps=0),
-    }
-    for expected, overrides in cases.items():
-        values: dict[str, object] = dict(token=TOKEN, class_word="person", photos=photos, output_dir=tmp_path)
-        values.update(overrides)
-        with pytest.raises(BadTrainingRequest, match=expected):
-            TrainingRequest(**values)  # type: ignore[arg-type]
-    # TrainJob carries strings; the request stores paths.
-    request = TrainingRequest(TOKEN, "young man", [str(p) for p in photos], str(tmp_path))  # type: ignore[arg-type]
-    assert request.photos == photos and request.output_dir == tmp_path
+def test_a_missing_photo_is_named(sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path) -> None:
+    """The values are TrainJob's to check (tests/test_protocol.py); the files are the engine's."""
+    gone = tmp_path / "nope.png"
+    job = train_job((*photos, gone, tmp_path / "gone too.png"), tmp_path / "out", steps=1)
+    with pytest.raises(ValueError, match=r"photos: no such file '.*nope\.png' \(2 missing\)"):
+        train_lora(sd, job, settings(), tmp_path / "class_images")
+    # Refused before anything was written or rendered.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_default_steps() -> None:
@@ -189,6 +198,7 @@ def test_default_steps() -> None:
     assert default_steps(30, training) == 2000
 
 
+@pytest.mark.slow
 def test_training_learns_writes_a_loadable_adapter_and_leaves_the_pipeline_as_it_was(
     sd: LoadedModel, photos: tuple[Path, ...], tiny_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -237,15 +247,16 @@ def test_training_learns_writes_a_loadable_adapter_and_leaves_the_pipeline_as_it
     assert np.abs(render(fresh, prompt, seed=training.seed) - sample_pixels).max() <= 1
 
 
+@pytest.mark.slow
 def test_class_images_are_rendered_once_per_base_and_class(
     sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path
 ) -> None:
     cache = tmp_path / "class_images"
     folder = cache / "tiny" / "young-man" / "64px"
     training = settings(class_images=3, sample_count=0)
-    request = TrainingRequest(TOKEN, "young man", photos, tmp_path / "a", steps=1)
+    job = train_job(photos, tmp_path / "a", class_word="young man", steps=1)
     first: list[TrainingProgress] = []
-    train_lora(sd, request, dataclasses.replace(training, class_images=2), cache, on_progress=first.append)
+    train_lora(sd, job, dataclasses.replace(training, class_images=2), cache, on_progress=first.append)
     assert sorted(path.name for path in folder.iterdir()) == ["0.png", "1.png"]
     mtimes = {path: path.stat().st_mtime_ns for path in folder.iterdir()}
 
@@ -253,7 +264,7 @@ def test_class_images_are_rendered_once_per_base_and_class(
     second: list[TrainingProgress] = []
     train_lora(
         sd,
-        dataclasses.replace(request, output_dir=tmp_path / "b"),
+        dataclasses.replace(job, output_dir=str(tmp_path / "b")),
         training,
         cache,
         on_progress=second.append,
@@ -263,12 +274,17 @@ def test_class_images_are_rendered_once_per_base_and_class(
 
     third: list[TrainingProgress] = []
     train_lora(
-        sd, dataclasses.replace(request, output_dir=tmp_path / "c"), training, cache, on_progress=third.append
+        sd,
+        dataclasses.replace(job, output_dir=str(tmp_path / "c")),
+        training,
+        cache,
+        on_progress=third.append,
     )
     assert not [event for event in third if event.phase == "class images"]
     assert len(list(folder.iterdir())) == 3
 
 
+@pytest.mark.slow
 def test_should_stop_ends_the_run_within_one_step(
     sd: LoadedModel, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
 ) -> None:
@@ -291,7 +307,7 @@ def test_should_stop_ends_the_run_within_one_step(
     with pytest.raises(TrainingCancelled):
         train_lora(
             sd,
-            TrainingRequest(TOKEN, "person", photos, output_dir, steps=2),
+            train_job(photos, output_dir, steps=2),
             settings(prior_preservation=False),
             class_images_dir,
             should_stop=stop_on_fifth_poll,
@@ -300,6 +316,7 @@ def test_should_stop_ends_the_run_within_one_step(
     assert_pristine(sd, probe)
 
 
+@pytest.mark.slow
 def test_an_error_propagates_after_the_cleanup(
     sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path
 ) -> None:
@@ -318,6 +335,7 @@ def test_an_error_propagates_after_the_cleanup(
 
 # peft's note on a second adapter beside the training one, and transformers' "MISSING" load report for the
 # training adapter's weights when the user's adapter loads into the text encoder: both harmless.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_generation_between_steps_does_not_change_the_training(
     sd: LoadedModel, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
@@ -373,6 +391,7 @@ def test_generation_between_steps_does_not_change_the_training(
     assert_pristine(sd, probe)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(
     sd: LoadedModel, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
 ) -> None:
@@ -401,6 +420,7 @@ def test_resume_continues_from_the_checkpoint(
     assert fresh is not None and training_steps(events)[0] == 1
 
 
+@pytest.mark.slow
 def test_sdxl_adapter_with_text_encoders_loads_back(
     tiny_data_dir: Path, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
 ) -> None:
@@ -423,22 +443,3 @@ def test_sdxl_adapter_with_text_encoders_loads_back(
     prompt = training.sample_prompt.format(token=TOKEN, **{"class": "person"})
     sample = np.asarray(PIL.Image.open(result.samples[0]), dtype=np.int16)
     assert np.abs(render(fresh, prompt, seed=training.seed) - sample).max() <= 1
-
-
-def test_training_speed(
-    sd: LoadedModel, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
-) -> None:
-    """Steps per second for the README (printed, not asserted): 64 px, prior preservation, rank 4."""
-    times: list[float] = []
-
-    def clock(event: TrainingProgress) -> None:
-        if event.phase == "training":
-            times.append(time.perf_counter())
-
-    request = TrainingRequest(TOKEN, "person", photos, tmp_path, steps=30)
-    train_lora(
-        sd, request, settings(sample_count=0, checkpoint_every=1000), class_images_dir, on_progress=clock
-    )
-    # The median step: robust to the warm-up step and to other processes competing for the CPU.
-    median = float(np.median(np.diff(times)))
-    print(f"\ntiny SD, 64 px, 1+1 images a step, rank 4: {1 / median:.1f} steps/s")

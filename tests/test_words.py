@@ -17,8 +17,7 @@ from botharness import imagine, running_bot
 from conftest import PROJECT_ROOT
 
 from bot.cli import main
-from bot.cogs.training import token_problem
-from bot.words import known_to_base_model, load_base_vocabulary
+from bot.words import known_to_base_model, load_base_vocabulary, token_problem
 
 KNOWN = "a word in Stable Diffusion's vocabulary"
 
@@ -109,8 +108,7 @@ def test_the_hub_cache_and_single_files_are_read_without_torch(tmp_path: Path) -
 
     script = textwrap.dedent(f"""
         import sys
-        from bot.cogs.training import token_problem
-        from bot.words import load_base_vocabulary
+        from bot.words import load_base_vocabulary, token_problem
 
         load_base_vocabulary("someone/sdxl-model")
         assert token_problem("thor") and token_problem("zeus"), "the Hub model's tokenizers were not read"
@@ -180,7 +178,9 @@ def cli_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("name", "said"), [("thor", f"**thor** is {KNOWN}"), ("King", "**king** is a common word")]
+    # In the terminal without Discord's markdown.
+    ("name", "said"),
+    [("thor", f"thor is {KNOWN}"), ("King", "king is a common word")],
 )
 def test_cli_train_refuses_a_known_name_before_anything_starts(
     cli_workdir: Path, capsys: pytest.CaptureFixture[str], restore_vocabulary: None, name: str, said: str

@@ -23,16 +23,21 @@ from engine.protocol import (
     Error,
     Event,
     GenerateJob,
+    GenerationDone,
     Job,
     Progress,
     ProtocolError,
     Ready,
     Result,
     ShutdownJob,
+    TrainingDone,
     TrainJob,
     decode,
     encode,
 )
+
+# Every test here starts an engine process (and the bot, where it runs one).
+pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The machine running the tests is often shared: one thread per worker avoids the OpenMP
@@ -201,11 +206,11 @@ def test_ready_comes_first_and_a_generation_writes_pngs(engine: EngineProcess, d
     engine.send(generate_job("gen1", data_dir, count=2, seed=7))
     result = engine.finished("gen1")
 
-    assert isinstance(result, Result), result
+    assert isinstance(result, GenerationDone), result
     kinds = [type(event) for event in engine.of("gen1")]
     assert kinds[0] is Accepted
     assert Progress in kinds
-    assert kinds[-1] is Result
+    assert kinds[-1] is GenerationDone
     progress = [e for e in engine.of("gen1") if isinstance(e, Progress)]
     assert progress[-1].step == progress[-1].total == 4
     assert {e.phase for e in progress} == {"generating"}
@@ -215,42 +220,69 @@ def test_ready_comes_first_and_a_generation_writes_pngs(engine: EngineProcess, d
         assert Path(file).resolve().is_relative_to(data_dir.resolve())
         with Image.open(file) as image:
             assert image.size == (64, 64)
-    assert result.data["seeds"] == [7, 8]
-    assert len(result.data["parameters"]) == 2
-    assert result.data["nsfw"] == [False, False]
-    assert result.data["seconds"] > 0
+    assert result.seeds == [7, 8]
+    assert [parameters.splitlines()[0] for parameters in result.parameters] == ["a photo of an astronaut"] * 2
+    assert "Seed: 8," in result.parameters[1]
+    assert result.nsfw == [False, False]
+    assert result.seconds > 0
 
-    # A variation that names no strength gets [generation] variation_strength from the config.
-    engine.send(generate_job("gen1-variation", data_dir, init_image=result.files[0]))
+    # A variation runs at the strength its job names (the bot chooses it, the engine fills nothing in).
+    engine.send(generate_job("gen1-variation", data_dir, init_image=result.files[0], strength=0.45))
     variation = engine.finished("gen1-variation")
-    assert isinstance(variation, Result), variation
-    assert "Denoising strength: 0.6" in variation.data["parameters"][0]
+    assert isinstance(variation, GenerationDone), variation
+    assert "Denoising strength: 0.45" in variation.parameters[0]
     assert engine.not_protocol == []
 
 
 def test_a_bad_line_is_refused_and_the_worker_keeps_serving(engine: EngineProcess, data_dir: Path) -> None:
     seen = len(engine.events)
     engine.send("this is not json")
-    engine.send('{"type": "generate", "job_id": "x"}')  # required fields missing
-    # Well-formed, but a value of the wrong type: refused as that job's error.
+    engine.send('{"type": "generate", "prompt": "no job id"}')
+    # A line that names its job is answered as that job's error, so the bot can fail the job.
+    engine.send('{"type": "generate", "job_id": "missing-fields"}')
     wrong_type = encode(generate_job("wrong-type", data_dir)).replace('"steps":4', '"steps":"many"')
     engine.send(wrong_type)
     engine.send(generate_job("gen-after-bad-lines", data_dir))
 
-    assert isinstance(engine.finished("gen-after-bad-lines"), Result)
+    assert isinstance(engine.finished("gen-after-bad-lines"), GenerationDone)
     errors = [e for e in engine.events[seen:] if isinstance(e, Error) and e.job_id is None]
     assert [e.code for e in errors] == ["bad_request", "bad_request"]
-    refused = engine.finished("wrong-type")
-    assert isinstance(refused, Error) and refused.code == "bad_request"
+    assert all(e.message.startswith("could not read the job: ") for e in errors)
+    for job_id in ("missing-fields", "wrong-type"):
+        refused = engine.finished(job_id)
+        assert isinstance(refused, Error) and refused.code == "bad_request"
+        assert refused.message.startswith("refused: bad 'generate' message: ")
+        assert [type(e) for e in engine.of(job_id)] == [Error]
     assert engine.not_protocol == []
 
 
-def test_a_request_the_engine_cannot_make_is_refused(engine: EngineProcess, data_dir: Path) -> None:
-    engine.send(generate_job("too-many-steps", data_dir, steps=10_000))
-    error = engine.finished("too-many-steps")
-    assert isinstance(error, Error)
-    assert error.code == "bad_request"
-    assert "steps" in error.message
+def test_a_job_with_a_bad_value_is_refused_as_that_job(engine: EngineProcess, data_dir: Path) -> None:
+    """GenerateJob checks every value as the worker decodes the line; the job's own Error says which."""
+    job = encode(generate_job("too-many-steps", data_dir))
+    engine.send(job.replace('"steps":4', '"steps":10000'))
+    # An init image without a strength: the engine no longer fills one in.
+    engine.send(
+        encode(
+            generate_job("no-strength", data_dir, init_image=str(data_dir / "x.png"), strength=0.5)
+        ).replace('"strength":0.5', '"strength":null')
+    )
+    too_many = engine.finished("too-many-steps")
+    assert isinstance(too_many, Error) and too_many.code == "bad_request"
+    assert too_many.message.startswith("refused: ")
+    assert "`steps` has to be between 1 and 150 but is 10000" in too_many.message
+    no_strength = engine.finished("no-strength")
+    assert isinstance(no_strength, Error) and no_strength.code == "bad_request"
+    assert "`strength` has to be in (0, 1] with an `init_image` but is None" in no_strength.message
+    for job_id in ("too-many-steps", "no-strength"):
+        assert [type(e) for e in engine.of(job_id)] == [Error]
+
+
+def test_an_init_image_that_is_gone_fails_its_job(engine: EngineProcess, data_dir: Path) -> None:
+    gone = data_dir / "generations" / "deleted" / "0.png"
+    engine.send(generate_job("init-gone", data_dir, init_image=str(gone), strength=0.5))
+    error = engine.finished("init-gone")
+    assert isinstance(error, Error) and error.code == "bad_request"
+    assert error.message == f"`init_image` has to be an existing file but is {str(gone)!r}"
 
 
 def test_paths_outside_the_data_dir_are_refused(
@@ -310,7 +342,7 @@ def test_a_corrupt_adapter_fails_alone(engine: EngineProcess, data_dir: Path) ->
     assert "brk" in error.message
 
     engine.send(generate_job("after-corrupt", data_dir))
-    assert isinstance(engine.finished("after-corrupt"), Result)
+    assert isinstance(engine.finished("after-corrupt"), GenerationDone)
 
 
 def test_a_generation_runs_between_training_steps_and_cancel_stops_the_training(
@@ -322,7 +354,7 @@ def test_a_generation_runs_between_training_steps_and_cancel_stops_the_training(
 
     engine.send(generate_job("during-training", data_dir))
     result = engine.finished("during-training")
-    assert isinstance(result, Result)
+    assert isinstance(result, GenerationDone)
     assert all(Path(file).is_file() for file in result.files)
     # It did not wait for the training: that is far from its end and goes on afterwards.
     steps_before = engine.training_steps("long-train")
@@ -347,7 +379,7 @@ def test_a_generation_runs_between_training_steps_and_cancel_stops_the_training(
     engine.send(CancelJob("long-train"))
     engine.send(CancelJob("no-such-job"))
     engine.send(generate_job("after-cancel", data_dir))
-    assert isinstance(engine.finished("after-cancel"), Result)
+    assert isinstance(engine.finished("after-cancel"), GenerationDone)
     assert [type(e) for e in engine.of("long-train")].count(Error) == 1
     assert engine.not_protocol == []
 
@@ -393,16 +425,18 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_shutdown_interrupts_o
     try:
         second.send(job)
         result = second.finished("resumed")
-        assert isinstance(result, Result), result
+        assert isinstance(result, TrainingDone), result
         steps = second.training_steps("resumed")
         # The first step it ran is one after the newest checkpoint (a later one if the first worker
         # got further than its last progress event said before it was killed).
         assert steps[0] > checkpoint_step
         assert steps[-1] == total
-        assert result.data["steps"] == total
-        assert Path(result.data["adapter_path"]).is_file()
-        assert Path(result.data["metadata_path"]).is_file()
-        assert result.data["metadata"]["token"] == "zwx"
+        assert result.steps == total
+        assert Path(result.adapter_path).is_file()
+        assert Path(result.metadata_path).is_file()
+        assert result.metadata["token"] == "zwx"
+        assert result.metadata["steps"] == total
+        assert result.seconds > 0
         assert [Path(file).is_file() for file in result.files] == [True]
 
         # Shutdown stops a training at its next step; the bot keeps the job 'running' and re-runs

@@ -10,9 +10,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import MAX_MODELS_KEY, MAX_QUEUED_KEY, DreamBot, UserFacingError
-from bot.cogs.models import cancel_job, describe_job, jobs_message
+from bot.bot import DreamBot
 from bot.db import ACTIVE_JOB_STATES
+from bot.service import MAX_MODELS_KEY, MAX_QUEUED_KEY, UserFacingError, member_limits
+from bot.views import cancel_job, describe_job, jobs_message
 
 
 @app_commands.guild_only()
@@ -70,7 +71,7 @@ class Admin(
             self.bot.db.set_setting(interaction.guild_id, MAX_QUEUED_KEY, max_queued_jobs)
         if max_models is not None:
             self.bot.db.set_setting(interaction.guild_id, MAX_MODELS_KEY, max_models)
-        limits = self.bot.member_limits(interaction.guild_id)
+        limits = member_limits(self.bot.db, self.bot.config, interaction.guild_id)
         changed = max_queued_jobs is not None or max_models is not None
         await interaction.response.send_message(
             f"{'Limits updated' if changed else 'Limits'} for each member of this server:\n"

@@ -15,10 +15,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import DreamBot, UserFacingError
-from bot.cogs.imagine import generation_embed, image_upload
+from bot.bot import DreamBot
 from bot.db import GenerationRow
+from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
+from bot.views import generation_embed, image_upload
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine

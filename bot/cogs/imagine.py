@@ -12,11 +12,8 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
-import re
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,29 +24,28 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.bot import DreamBot, UserFacingError, report_error
-from bot.db import GenerationRow, JobRow, ModelRow, new_job_id
-from bot.prompts import models_in_prompt, size_for_aspect
-from bot.safety import merge_negative, prompt_refusal
+from bot.bot import DreamBot, report_error
+from bot.db import GenerationRow, JobRow
+from bot.prompts import size_for_aspect
+from bot.safety import merge_negative
+from bot.service import (
+    ImageRequest,
+    UserFacingError,
+    check_generation_request,
+    end_generation,
+    finish_generation,
+    queue_generation,
+)
 from bot.storage import generation_dir
-from bot.uploads import image_file
-from engine.protocol import Accepted, Error, GenerateJob, Result, decode, encode
+from bot.views import GRID_FILE, generation_embed, image_upload, only_mentions
+from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone, whole_word
 
 log = logging.getLogger(__name__)
 
-GenerationKind = Literal["txt2img", "variation", "upscale"]
-MAX_SEED = 2**32 - 1
-MAX_IMAGES = 4
 # Interaction tokens live 15 minutes; past 14 the result goes to the channel instead.
 INTERACTION_LIFETIME = 14 * 60
-GRID_FILE = "grid.png"
-
-
-def only_mentions(user_id: int) -> discord.AllowedMentions:
-    """Ping exactly this member and no one else (not roles, not @everyone written in a prompt)."""
-    return discord.AllowedMentions(
-        everyone=False, roles=False, replied_user=False, users=[discord.Object(id=user_id)]
-    )
+# What /imagine offers; the engine takes up to engine.protocol.MAX_STEPS.
+MAX_COMMAND_STEPS = 100
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -76,21 +72,8 @@ def make_grid(paths: Sequence[Path], target: Path) -> Path:
 def replace_tokens(prompt: str, tokens: Sequence[str], replacement: str) -> str:
     """The prompt with each whole-word occurrence of `tokens` (any case) replaced by `replacement`."""
     for token in tokens:
-        prompt = _whole_word(token).sub(replacement, prompt)
+        prompt = whole_word(token).sub(replacement, prompt)
     return prompt
-
-
-def _whole_word(word: str) -> re.Pattern[str]:
-    # The same notion of a word as bot.prompts.tokens_in: letters and digits.
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", re.IGNORECASE)
-
-
-def post_image(row: GenerationRow) -> Path | None:
-    """The picture a generation is shown as: its only image, or the grid of several beside them."""
-    if not row.files:
-        return None
-    path = Path(row.files[0]) if len(row.files) == 1 else Path(row.files[0]).parent / GRID_FILE
-    return path if path.is_file() else None
 
 
 def base_size(row: GenerationRow) -> tuple[int, int]:
@@ -100,52 +83,7 @@ def base_size(row: GenerationRow) -> tuple[int, int]:
     return row.width, row.height
 
 
-def generation_embed(row: GenerationRow, image_name: str | None) -> discord.Embed:
-    """The prompt, seed, model and author of a generation; the image as an attachment name."""
-    titles = {"txt2img": "Imagined", "variation": "Variation", "upscale": "Upscaled"}
-    embed = discord.Embed(
-        title=titles.get(row.kind, "Imagined"),
-        description=discord.utils.escape_markdown(row.prompt)[:4000],
-        colour=discord.Colour.blurple(),
-    )
-    embed.add_field(name="Seed", value=str(row.seed))
-    embed.add_field(name="Model", value=", ".join(row.tokens) or "base model")
-    embed.add_field(name="Size", value=f"{row.width}×{row.height}")
-    embed.add_field(name="Author", value=f"<@{row.user_id}>")
-    embed.set_footer(text=f"generation #{row.id} · {row.steps} steps · guidance {row.guidance:g}")
-    if image_name is not None:
-        embed.set_image(url=f"attachment://{image_name}")
-    return embed
-
-
-def image_upload(row: GenerationRow, size_limit: int) -> tuple[discord.File | None, str | None]:
-    """The generation's picture as an upload named by its id (never by anything a member typed)."""
-    path = post_image(row)
-    if path is None:
-        return None, None
-    upload = image_file(path, f"dreambot-{row.id}.png", size_limit)
-    return upload, upload.filename
-
-
-# -- requests ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One generation to queue, whichever path asked for it: /imagine, a button or the prompt modal."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int | None
-    count: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    kind: GenerationKind = "txt2img"
-    parent_id: int | None = None
-    init_image: str | None = None
-    strength: float | None = None
+# -- the cog -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -171,7 +109,6 @@ class Imagine(commands.Cog):
         self.bot = bot
         # job id -> the interaction that asked; lost on restart, when results go to the channel.
         self._waiting: dict[str, _Waiting] = {}
-        self._queueing: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(*BUTTONS)
@@ -198,8 +135,8 @@ class Imagine(commands.Cog):
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         count: app_commands.Range[int, 1, MAX_IMAGES] = 1,
         aspect: Literal["square", "portrait", "landscape"] = "square",
-        steps: app_commands.Range[int, 1, 100] | None = None,
-        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        steps: app_commands.Range[int, 1, MAX_COMMAND_STEPS] | None = None,
+        guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
     ) -> None:
         """Imagine a picture; a member's token in the prompt puts them in it."""
         config = self.bot.config
@@ -228,19 +165,24 @@ class Imagine(commands.Cog):
         if guild is None:
             raise UserFacingError("Images are made in servers, not in direct messages.")
         channel = self._channel_for(interaction, redirect=redirect)
-        refusal = prompt_refusal(
-            request.prompt, request.negative_prompt, self.bot.config.safety, nsfw_channel=channel.is_nsfw()
+        db, config = self.bot.db, self.bot.config
+        # Checked and written with no await between, so two quick requests cannot both pass the cap.
+        models = check_generation_request(
+            db, config, guild.id, user.id, request, nsfw_allowed=channel.is_nsfw()
         )
-        if refusal is not None:
-            raise UserFacingError(refusal)
-        models = self.usable_models(guild.id, user.id, request.prompt)
+        job = queue_generation(
+            db,
+            config,
+            guild_id=guild.id,
+            user_id=user.id,
+            user_name=user.name,
+            channel_id=channel.id,
+            request=request,
+            models=models,
+        )
         here = channel.id == interaction.channel_id
-        # One request per member at a time, so that two quick ones cannot both pass the cap.
-        async with self._queueing[user.id]:
-            self.bot.check_queue_cap(guild.id, user.id)
-            if not interaction.response.is_done():
-                await interaction.response.defer(thinking=True, ephemeral=not here)
-            job = self._write_job(guild.id, user, channel.id, request, models)
+        if not interaction.response.is_done():
+            await interaction.response.defer(thinking=True, ephemeral=not here)
         position = self.bot.jobs.position(job.id) or 1
         status = f"⏳ Queued {_describe(request)}" + (
             f" ({position - 1} ahead of you)." if position > 1 else "."
@@ -280,64 +222,12 @@ class Imagine(commands.Cog):
         where = prompts.mention if prompts is not None else "a server text channel"
         raise UserFacingError(f"Images are made in {where}: please use /imagine there.")
 
-    def usable_models(self, guild_id: int, user_id: int, prompt: str) -> list[ModelRow]:
-        """The models the prompt names; another member's only when its owner has shared it."""
-        models = models_in_prompt(prompt, self.bot.db.ready_models(guild_id))
-        for model in models:
-            if model.owner_id != user_id and not model.shared:
-                raise UserFacingError(
-                    f"“{model.token}” is <@{model.owner_id}>'s model and its owner hasn't shared it, "
-                    "so only they can use it (they can share it with `/model share`)."
-                )
-        return models
-
-    def _write_job(
-        self,
-        guild_id: int,
-        user: discord.User | discord.Member,
-        channel_id: int,
-        request: ImageRequest,
-        models: list[ModelRow],
-    ) -> JobRow:
-        job_id = new_job_id()
-        seed = random.randint(0, MAX_SEED) if request.seed is None else request.seed
-        payload = GenerateJob(
-            job_id=job_id,
-            prompt=request.prompt,
-            output_dir=str(generation_dir(self.bot.config, job_id)),
-            negative_prompt=request.negative_prompt,
-            seed=seed,
-            steps=request.steps,
-            guidance=request.guidance,
-            width=request.width,
-            height=request.height,
-            count=request.count,
-            adapters=[model.adapter_ref() for model in models],
-            init_image=request.init_image,
-            strength=request.strength,
-            upscale=request.kind == "upscale",
-        )
-        self.bot.db.ensure_user(user.id, user.name)
-        return self.bot.db.add_job(
-            kind="generate",
-            user_id=user.id,
-            guild_id=guild_id,
-            channel_id=channel_id,
-            payload=encode(payload),
-            job_id=job_id,
-            context={
-                "kind": request.kind,
-                "parent_id": request.parent_id,
-                "tokens": [model.token for model in models],
-            },
-        )
-
     # -- job events ----------------------------------------------------------------------------
 
     @commands.Cog.listener()
-    async def on_job_accepted(self, job: JobRow, event: Accepted) -> None:
+    async def on_generation_accepted(self, job: JobRow, event: Accepted) -> None:
         waiting = self._waiting.get(job.id)
-        if job.kind != "generate" or waiting is None:
+        if waiting is None:
             return
         async with waiting.lock:
             if waiting.finished or not waiting.usable():
@@ -359,22 +249,14 @@ class Imagine(commands.Cog):
             yield waiting
 
     @commands.Cog.listener()
-    async def on_job_result(self, job: JobRow, event: Result) -> None:
-        if job.kind != "generate":
-            return
+    async def on_generation_finished(self, job: JobRow, event: GenerationDone) -> None:
         async with self._finishing(job.id) as waiting:
             await self._deliver_result(job, event, waiting)
 
-    async def _deliver_result(self, job: JobRow, event: Result, waiting: _Waiting | None) -> None:
-        request = decode(job.payload)
-        assert isinstance(request, GenerateJob)
-        flagged = list(event.data.get("nsfw") or [])
-        kept = [index for index in range(len(event.files)) if not (index < len(flagged) and flagged[index])]
-        for index in set(range(len(event.files))) - set(kept):
-            Path(event.files[index]).unlink(missing_ok=True)
-        hidden = len(event.files) - len(kept)
-        if not kept:
-            shutil.rmtree(generation_dir(self.bot.config, job.id), ignore_errors=True)
+    async def _deliver_result(self, job: JobRow, event: GenerationDone, waiting: _Waiting | None) -> None:
+        finished = await asyncio.to_thread(finish_generation, self.bot.db, self.bot.config, job, event)
+        row, hidden = finished.row, finished.hidden
+        if row is None:
             await self._tell(
                 job,
                 waiting,
@@ -382,33 +264,10 @@ class Imagine(commands.Cog):
                 "anything. Please try a different prompt.",
             )
             return
-
-        files = [event.files[index] for index in kept]
-        parameters = list(event.data.get("parameters") or [])
-        with Image.open(files[0]) as first:
-            width, height = first.size
-        row = self.bot.db.add_generation(
-            job_id=job.id,
-            guild_id=job.guild_id,
-            user_id=job.user_id,
-            channel_id=job.channel_id,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            seed=request.seed,
-            steps=request.steps,
-            guidance=request.guidance,
-            width=width,
-            height=height,
-            tokens=job.context.get("tokens", []),
-            files=files,
-            parameters=[parameters[index] for index in kept if index < len(parameters)],
-            kind=job.context.get("kind", "txt2img"),
-            parent_id=job.context.get("parent_id"),
-        )
-        if len(files) > 1:
+        if len(row.files) > 1:
             # Encoding a 2x2 grid of full-size images takes a moment: off the event loop.
             grid = generation_dir(self.bot.config, job.id) / GRID_FILE
-            await asyncio.to_thread(make_grid, [Path(path) for path in files], grid)
+            await asyncio.to_thread(make_grid, [Path(path) for path in row.files], grid)
         note = f" (the safety checker hid {_pictures(hidden)} flagged as NSFW)" if hidden else ""
         message = await self._post(job, waiting, row, note)
         if message is not None:
@@ -417,10 +276,8 @@ class Imagine(commands.Cog):
             self.bot.dispatch("generation_posted", row, message)
 
     @commands.Cog.listener()
-    async def on_job_error(self, job: JobRow, event: Error) -> None:
-        if job.kind != "generate":
-            return
-        shutil.rmtree(generation_dir(self.bot.config, job.id), ignore_errors=True)
+    async def on_generation_failed(self, job: JobRow, event: Error) -> None:
+        await asyncio.to_thread(end_generation, self.bot.config, job)
         if event.code == "cancelled":
             text = f"<@{job.user_id}> your image was cancelled."
         else:
@@ -551,7 +408,7 @@ class Imagine(commands.Cog):
             height=row.height * scale,
             # img2img denoises for steps x strength steps, which must come to at least one.
             steps=max(row.steps, math.ceil(1 / strength) if strength > 0 else 1),
-            kind=kind,
+            upscale=kind == "upscale",
             parent_id=row.id,
             init_image=self._source_image(row, index),
             strength=strength,

@@ -12,32 +12,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
-from bot.bot import DreamBot, UserFacingError, report_error
-from bot.db import JobRow, new_job_id
-from bot.storage import adapter_dir, photos_dir, remove_path
+from bot.bot import DreamBot, report_error
+from bot.db import ACTIVE_JOB_STATES, JobRow, new_job_id
+from bot.service import UserFacingError, check_training_request, end_training, finish_training, queue_training
+from bot.storage import photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
-from bot.words import CLASS_WORDS, COMMON_WORDS, known_to_base_model
-from engine.intake import IntakeReport, PhotoVerdict, check_photos
-from engine.protocol import (
-    CLASS_WORD_PATTERN,
-    TOKEN_PATTERN,
-    Accepted,
-    Error,
-    Progress,
-    Result,
-    TrainJob,
-    encode,
-)
+from bot.views import only_mentions
+from bot.words import CLASS_WORDS, normalize_subject, normalize_token
+from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_photos
+from engine.protocol import Accepted, Error, Progress, TrainingDone, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -49,53 +40,10 @@ PHASE_LABELS = {
     "training": "Training",
     "samples": "Drawing samples",
 }
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
 MAX_PHOTO_OPTIONS = 20
 
 
 # -- checks that need no Discord -------------------------------------------------------------
-
-
-def normalize_token(name: str) -> str:
-    # Phones capitalise the first letter of whatever is typed; "Abraza" means "abraza".
-    return name.strip().lower()
-
-
-def normalize_subject(subject: str) -> str:
-    return " ".join(subject.lower().split())
-
-
-def token_problem(token: str) -> str | None:
-    """Why `token` (already normalized) cannot name a model, or None when it can."""
-    if not TOKEN_PATTERN.fullmatch(token):
-        shown = discord.utils.escape_markdown(token[:40]) or "(empty)"
-        return (
-            f"`{shown}` can't be a model name: use 3 to 20 lowercase letters or digits, "
-            "no spaces or symbols (for example `abraza`)."
-        )
-    if token.isdigit():
-        # A number in a prompt reads as a count ("3 dogs"), never as a name.
-        return f"`{token}` is only digits: a model name needs at least one letter (for example `abraza7`)."
-    if token in COMMON_WORDS:
-        known = "is a common word, so Stable Diffusion already has a meaning for it"
-    elif known_to_base_model(token):
-        known = "is a word in Stable Diffusion's vocabulary, so it already has a meaning for it"
-    else:
-        return None
-    return (
-        f"**{token}** {known}, and that meaning would blend into your face in every picture. The name "
-        "works best when the model knows nothing about it yet: pick a made-up word like 'abraza' or 'zorvik'."
-    )
-
-
-def subject_problem(subject: str) -> str | None:
-    """Why `subject` (already normalized) cannot be a class word, or None when it can."""
-    if CLASS_WORD_PATTERN.fullmatch(subject):
-        return None
-    return (
-        "The subject says what kind of thing you are teaching: 1 to 3 lowercase words, "
-        f"like {', '.join(f'`{word}`' for word in CLASS_WORDS[:5])}."
-    )
 
 
 def format_duration(seconds: float) -> str:
@@ -132,7 +80,7 @@ def image_attachments(message: discord.Message) -> list[discord.Attachment]:
         attachment
         for attachment in message.attachments
         if (attachment.content_type or "").startswith("image/")
-        or Path(attachment.filename).suffix.lower() in IMAGE_SUFFIXES
+        or Path(attachment.filename).suffix.lower() in PHOTO_SUFFIXES
     ]
 
 
@@ -166,7 +114,6 @@ class Training(commands.Cog):
         self._last_edit: dict[str, float] = {}
         # The newest progress text of a job whose last edit was too recent; flushed by a background task.
         self._pending: dict[str, tuple[JobRow, str]] = {}
-        self._finished: set[str] = set()
         self._edit_locks: dict[str, asyncio.Lock] = {}
 
     async def cog_load(self) -> None:
@@ -262,7 +209,7 @@ class Training(commands.Cog):
             raise UserFacingError("Training works in a server channel, not in DMs.")
         guild_id, user = interaction.guild_id, interaction.user
         token, class_word = normalize_token(name), normalize_subject(subject)
-        self._check_request(guild_id, user.id, token, class_word)
+        check_training_request(self.bot.db, self.bot.config, guild_id, user.id, token, class_word)
         await interaction.response.defer(ephemeral=True, thinking=True)
 
         max_bytes = self.bot.config.intake.max_bytes
@@ -292,8 +239,19 @@ class Training(commands.Cog):
             if not report.ok:
                 return
             # Intake took a while: the name or the limits may have changed meanwhile.
-            self._check_request(guild_id, user.id, token, class_word)
-            row = self._queue_training(interaction, guild_id, token, class_word, job_id, report.prepared)
+            check_training_request(self.bot.db, self.bot.config, guild_id, user.id, token, class_word)
+            row = queue_training(
+                self.bot.db,
+                self.bot.config,
+                guild_id=guild_id,
+                user_id=user.id,
+                user_name=str(user),
+                channel_id=interaction.channel_id,
+                token=token,
+                class_word=class_word,
+                job_id=job_id,
+                photos=report.prepared,
+            )
             queued = True
         finally:
             if not queued:
@@ -307,79 +265,6 @@ class Training(commands.Cog):
             f"**{token}** is {where}. I'll keep the progress message in this channel up to date and "
             "post your samples here when it's done (usually a few minutes to half an hour).",
             ephemeral=True,
-        )
-
-    def _check_request(self, guild_id: int, user_id: int, token: str, class_word: str) -> None:
-        problem = token_problem(token) or subject_problem(class_word)
-        if problem:
-            raise UserFacingError(problem)
-        existing = self.bot.db.model_by_token(guild_id, token)
-        # A member may reuse the name of their own failed model; anything else holding it wins.
-        if existing is not None and not (existing.owner_id == user_id and existing.state == "failed"):
-            if existing.owner_id == user_id:
-                raise UserFacingError(
-                    f"You already have a model called **{token}**. Pick another name, or delete it first "
-                    f"with `/model delete {token}`."
-                )
-            raise UserFacingError(
-                f"**{token}** is already taken in this server. Please pick another made-up word."
-            )
-        max_models = self.bot.member_limits(guild_id).max_models
-        models = [model for model in self.bot.db.models_of(user_id, guild_id) if model.state != "failed"]
-        if len(models) >= max_models:
-            raise UserFacingError(
-                f"You already have {len(models)} model{'s' * (len(models) != 1)} in this server, the limit "
-                f"is {max_models}. Delete one with `/model delete` to train another."
-            )
-        self.bot.check_queue_cap(guild_id, user_id)
-
-    def _queue_training(
-        self,
-        interaction: discord.Interaction,
-        guild_id: int,
-        token: str,
-        class_word: str,
-        job_id: str,
-        prepared: list[Path],
-    ) -> JobRow:
-        """Write the model and job rows; from here on the training survives a restart of the bot."""
-        db, config, user = self.bot.db, self.bot.config, interaction.user
-        db.ensure_user(user.id, str(user))
-        failed = db.model_by_token(guild_id, token)
-        if failed is not None:  # the member's own failed model (_check_request allowed nothing else)
-            db.delete_model(failed.id)
-        output_dir = adapter_dir(config, guild_id, token)
-        # An older model of this name must not be resumed from its checkpoints.
-        remove_path(config, output_dir)
-        try:
-            model = db.add_model(guild_id=guild_id, owner_id=user.id, token=token, class_word=class_word)
-        except sqlite3.IntegrityError:
-            raise UserFacingError(
-                f"**{token}** was taken a moment ago in this server. Please pick another made-up word."
-            ) from None
-        db.update_model(model.id, metadata={"photos": len(prepared)})
-        job = TrainJob(
-            job_id=job_id,
-            token=token,
-            class_word=class_word,
-            photos=[str(path) for path in prepared],
-            output_dir=str(output_dir),
-        )
-        assert interaction.channel_id is not None
-        return db.add_job(
-            kind="train",
-            user_id=user.id,
-            guild_id=guild_id,
-            channel_id=interaction.channel_id,
-            payload=encode(job),
-            job_id=job_id,
-            model_id=model.id,
-            context={
-                "token": token,
-                "class_word": class_word,
-                "photos": len(prepared),
-                "photos_dir": str(photos_dir(config, job_id)),
-            },
         )
 
     async def _post_progress_message(self, interaction: discord.Interaction, row: JobRow) -> JobRow:
@@ -398,47 +283,26 @@ class Training(commands.Cog):
     # -- the training's life in the channel ------------------------------------------------------
 
     @commands.Cog.listener()
-    async def on_job_accepted(self, job: JobRow, event: Accepted) -> None:
-        if job.kind != "train":
-            return
+    async def on_training_accepted(self, job: JobRow, event: Accepted) -> None:
         model = self.bot.db.find_model(job.model_id)
         if model is not None:
             self.bot.db.update_model(model.id, state="training")
         await self._show_progress(job, _progress_text(job, "Starting…"))
 
     @commands.Cog.listener()
-    async def on_job_progress(self, job: JobRow, event: Progress) -> None:
-        if job.kind != "train":
-            return
+    async def on_training_progress(self, job: JobRow, event: Progress) -> None:
         status = progress_status(event.phase, event.step, event.total, event.eta_seconds)
         await self._show_progress(job, _progress_text(job, status))
 
     @commands.Cog.listener()
-    async def on_job_result(self, job: JobRow, event: Result) -> None:
-        if job.kind != "train":
-            return
-        data: dict[str, Any] = {**event.data, **job.result}
-        model = self.bot.db.find_model(job.model_id)
+    async def on_training_finished(self, job: JobRow, event: TrainingDone) -> None:
+        model = await asyncio.to_thread(finish_training, self.bot.db, self.bot.config, job, event)
         if model is None:
             # Deleted while it trained: whatever the engine wrote since belongs to nobody.
             await self._edit_final(job, "🗑️ The model was deleted.")
-            await asyncio.to_thread(self._remove_training_files, job, with_adapter=True)
             return
-        samples = [str(path) for path in data.get("files", event.files)]
-        metadata = {**model.metadata, **(data.get("metadata") or {})}
-        if data.get("steps") is not None:
-            metadata["steps"] = data["steps"]
-        self.bot.db.update_model(
-            model.id,
-            state="ready",
-            adapter_path=data.get("adapter_path"),
-            samples=samples,
-            metadata=metadata,
-            error=None,
-        )
-        took = f" in {format_duration(data['seconds'])}" if data.get("seconds") else ""
-        steps = f", {metadata['steps']} steps" if metadata.get("steps") else ""
-        await self._edit_final(job, f"✅ Done{took}{steps}.")
+        await self._edit_final(job, f"✅ Done in {format_duration(event.seconds)}, {event.steps} steps.")
+        samples = model.samples
         await self._tell_member(
             job,
             f"<@{job.user_id}> your model **{model.token}** is ready! "
@@ -447,27 +311,19 @@ class Training(commands.Cog):
             f"Only you can use it for now; `/model share {model.token} on` lets others in this server use it too.",
             [Path(sample) for sample in samples],
         )
-        await asyncio.to_thread(self._remove_training_files, job, with_adapter=False)
 
     @commands.Cog.listener()
-    async def on_job_error(self, job: JobRow, event: Error) -> None:
-        if job.kind != "train":
-            return
-        model = self.bot.db.find_model(job.model_id)
-        if event.code == "cancelled" or model is None:
-            if model is not None:
-                self.bot.db.delete_model(model.id)
+    async def on_training_failed(self, job: JobRow, event: Error) -> None:
+        model = await asyncio.to_thread(end_training, self.bot.db, self.bot.config, job, event)
+        if model is None:
             await self._edit_final(job, "⏹️ Cancelled.")
-            await asyncio.to_thread(self._remove_training_files, job, with_adapter=True)
             return
-        self.bot.db.update_model(model.id, state="failed", error=event.message)
         await self._edit_final(job, f"❌ Failed: {event.message}")
         await self._tell_member(
             job,
             f"<@{job.user_id}> training **{model.token}** failed: {event.message}\n"
             f"You can run `/train` again with the same name.",
         )
-        await asyncio.to_thread(self._remove_training_files, job, with_adapter=False)
 
     async def _show_progress(self, job: JobRow, text: str) -> None:
         if time.monotonic() - self._last_edit.get(job.id, 0.0) >= PROGRESS_EDIT_INTERVAL:
@@ -482,10 +338,9 @@ class Training(commands.Cog):
     async def _edit_progress(self, job: JobRow, text: str, *, final: bool) -> None:
         lock = self._edit_locks.setdefault(job.id, asyncio.Lock())
         async with lock:
-            if job.id in self._finished:
+            if not final and _finished(self.bot.db.find_job(job.id)):
                 return  # a late progress edit must not overwrite the final state
             if final:
-                self._finished.add(job.id)
                 self._pending.pop(job.id, None)
                 self._last_edit.pop(job.id, None)
                 self._edit_locks.pop(job.id, None)
@@ -514,7 +369,7 @@ class Training(commands.Cog):
         guild = self.bot.get_guild(job.guild_id)
         limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
         existing = [path for path in files if path.is_file()]
-        mention = discord.AllowedMentions(users=[discord.Object(id=job.user_id)])
+        mention = only_mentions(job.user_id)
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         record = functools.partial(self.bot.record_post, job=job)
         try:
@@ -530,15 +385,6 @@ class Training(commands.Cog):
         except discord.HTTPException as error:
             log.warning("cannot tell user %s about job %s: %s", job.user_id, job.id, error)
 
-    def _remove_training_files(self, job: JobRow, *, with_adapter: bool) -> None:
-        config = self.bot.config
-        token = job.context.get("token")
-        # Unless a new model of the same name already trains there.
-        if with_adapter and token and self.bot.db.model_by_token(job.guild_id, token) is None:
-            remove_path(config, adapter_dir(config, job.guild_id, token))
-        if with_adapter or not config.storage.keep_photos:
-            remove_path(config, photos_dir(config, job.id))
-
     def _sweep_photos(self) -> None:
         """Remove photo folders a crash left behind: no job row, or a finished job's (unless kept)."""
         root = self.bot.config.data_dir.resolve() / "photos"
@@ -552,11 +398,14 @@ class Training(commands.Cog):
 
 
 def _progress_text(job: JobRow, status: str) -> str:
-    context = job.context
-    header = progress_header(
-        context.get("token", "?"), context.get("class_word", "?"), job.user_id, context.get("photos", 0)
-    )
+    request = job.request
+    assert isinstance(request, TrainJob)
+    header = progress_header(request.token, request.class_word, job.user_id, len(request.photos))
     return f"{header}\n{status}"
+
+
+def _finished(job: JobRow | None) -> bool:
+    return job is None or job.state not in ACTIVE_JOB_STATES
 
 
 def _add_oversized(report: IntakeReport, attachments: Sequence[discord.Attachment], max_bytes: int) -> None:

@@ -1,0 +1,357 @@
+"""One path from a member's request to a job row, and from a finished job to rows and files.
+
+The cogs and the CLI both call these functions, so each rule (a name, a limit, the safety checker's
+verdict) is written once. Nothing here talks to Discord: the functions read and write the database
+and the data directory, and refuse with a UserFacingError whose message is written for the member.
+The CLI acts as a local member (LOCAL_USER_ID in LOCAL_GUILD_ID) through the same functions.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from bot.db import Database, GenerationRow, JobRow, ModelRow, new_job_id
+from bot.prompts import models_in_prompt
+from bot.safety import prompt_refusal
+from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, remove_paths
+from bot.words import subject_problem, token_problem
+from engine.config import Config
+from engine.protocol import MAX_SEED, Error, GenerateJob, GenerationDone, TrainingDone, TrainJob, encode
+
+GenerationKind = Literal["txt2img", "variation", "upscale"]
+
+# Per-server overrides of the [limits] config that /admin limits stores (db.setting keys).
+MAX_MODELS_KEY = "max_models_per_user"
+MAX_QUEUED_KEY = "max_queued_jobs_per_user"
+
+
+class UserFacingError(Exception):
+    """A refusal or failure whose message is written for the member and shown as it is."""
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberLimits:
+    max_models: int
+    max_queued_jobs: int
+
+
+def member_limits(db: Database, config: Config, guild_id: int) -> MemberLimits:
+    """What one member may have in a server: the admins' override, else the config."""
+    limits = config.limits
+    return MemberLimits(
+        max_models=db.setting(guild_id, MAX_MODELS_KEY, limits.max_models_per_user),
+        max_queued_jobs=db.setting(guild_id, MAX_QUEUED_KEY, limits.max_queued_jobs_per_user),
+    )
+
+
+def check_queue_cap(db: Database, config: Config, guild_id: int, user_id: int) -> None:
+    """Refuse another job to a member who already has the most a server allows waiting or running."""
+    limit = member_limits(db, config, guild_id).max_queued_jobs
+    active = db.count_active_jobs(user_id, guild_id)
+    if active >= limit:
+        raise UserFacingError(
+            f"You already have {active} job{'s' * (active != 1)} waiting or running, the limit is "
+            f"{limit}. Wait for one to finish (see `/queue`) and try again."
+        )
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def check_training_request(
+    db: Database, config: Config, guild_id: int, user_id: int, token: str, class_word: str
+) -> None:
+    """Refuse a training the member may not start: its name, its subject, their limits.
+
+    `token` and `class_word` are already normalized (bot.words).
+    """
+    problem = token_problem(token) or subject_problem(class_word)
+    if problem:
+        raise UserFacingError(problem)
+    existing = db.model_by_token(guild_id, token)
+    # A member may reuse the name of their own failed model; anything else holding it wins.
+    if existing is not None and not (existing.owner_id == user_id and existing.state == "failed"):
+        if existing.owner_id == user_id:
+            raise UserFacingError(
+                f"You already have a model called **{token}**. Pick another name, or delete that model first."
+            )
+        raise UserFacingError(
+            f"**{token}** is already taken in this server. Please pick another made-up word."
+        )
+    max_models = member_limits(db, config, guild_id).max_models
+    models = [model for model in db.models_of(user_id, guild_id) if model.state != "failed"]
+    if len(models) >= max_models:
+        raise UserFacingError(
+            f"You already have {len(models)} model{'s' * (len(models) != 1)} in this server, the limit "
+            f"is {max_models}. Delete one with `/model delete` to train another."
+        )
+    check_queue_cap(db, config, guild_id, user_id)
+
+
+def queue_training(
+    db: Database,
+    config: Config,
+    *,
+    guild_id: int,
+    user_id: int,
+    user_name: str,
+    channel_id: int,
+    token: str,
+    class_word: str,
+    job_id: str,
+    photos: Sequence[Path],
+    steps: int | None = None,
+) -> JobRow:
+    """Write the model and job rows; from here on the training survives a restart of the bot.
+
+    `steps` None: [training]'s rule (steps per photo, capped)."""
+    db.ensure_user(user_id, user_name)
+    failed = db.model_by_token(guild_id, token)
+    if failed is not None:  # the member's own failed model (check_training_request allowed nothing else)
+        db.delete_model(failed.id)
+    output_dir = adapter_dir(config, guild_id, token)
+    # An older model of this name must not be resumed from its checkpoints.
+    remove_path(config, output_dir)
+    job = TrainJob(
+        job_id=job_id,
+        token=token,
+        class_word=class_word,
+        photos=[str(path) for path in photos],
+        output_dir=str(output_dir),
+        steps=steps,
+    )
+    try:
+        model = db.add_model(guild_id=guild_id, owner_id=user_id, token=token, class_word=class_word)
+    except sqlite3.IntegrityError:
+        raise UserFacingError(
+            f"**{token}** was taken a moment ago in this server. Please pick another made-up word."
+        ) from None
+    db.update_model(model.id, metadata={"photos": len(photos)})
+    return db.add_job(
+        kind="train",
+        user_id=user_id,
+        guild_id=guild_id,
+        channel_id=channel_id,
+        payload=encode(job),
+        job_id=job_id,
+        model_id=model.id,
+    )
+
+
+def finish_training(db: Database, config: Config, job: JobRow, result: TrainingDone) -> ModelRow | None:
+    """The trained model, ready; None when it was deleted while it trained (its files go too)."""
+    model = db.find_model(job.model_id)
+    if model is None:
+        remove_training_files(db, config, job, with_adapter=True)
+        return None
+    model = db.update_model(
+        model.id,
+        state="ready",
+        adapter_path=result.adapter_path,
+        samples=result.files,
+        metadata={**model.metadata, **result.metadata, "steps": result.steps},
+        error=None,
+    )
+    remove_training_files(db, config, job, with_adapter=False)
+    return model
+
+
+def end_training(db: Database, config: Config, job: JobRow, error: Error) -> ModelRow | None:
+    """A training that failed or was cancelled. A failed one's model is kept as failed (its name can be
+    trained again); a cancelled one's is deleted. Returns the failed model, None when there is none."""
+    model = db.find_model(job.model_id)
+    if error.code == "cancelled" or model is None:
+        if model is not None:
+            delete_model(db, config, model)
+        remove_training_files(db, config, job, with_adapter=True)
+        return None
+    model = db.update_model(model.id, state="failed", error=error.message)
+    remove_training_files(db, config, job, with_adapter=False)
+    return model
+
+
+def delete_model(db: Database, config: Config, model: ModelRow) -> int:
+    """The one way a model goes: its row, its adapter folder (weights, checkpoints, samples) and its
+    files wherever they are; returns how many files were removed. Safe to call again."""
+    paths: list[str | Path] = [adapter_dir(config, model.guild_id, model.token), *model.samples]
+    if model.adapter_path:
+        paths.append(model.adapter_path)
+    if db.find_model(model.id) is not None:
+        db.delete_model(model.id)
+    return remove_paths(config, paths)
+
+
+def remove_training_files(db: Database, config: Config, job: JobRow, *, with_adapter: bool) -> None:
+    """A finished training's photos (unless [storage] keep_photos), and with_adapter its output folder."""
+    request = job.request
+    assert isinstance(request, TrainJob)
+    # Unless a new model of the same name already trains there.
+    if with_adapter and db.model_by_token(job.guild_id, request.token) is None:
+        remove_path(config, request.output_dir)
+    if with_adapter or not config.storage.keep_photos:
+        remove_path(config, photos_dir(config, job.id))
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One generation to queue, whichever path asked for it: /imagine, a button, the prompt modal, the CLI."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int | None
+    count: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    parent_id: int | None = None
+    init_image: str | None = None
+    strength: float | None = None
+    upscale: bool = False
+
+    @property
+    def kind(self) -> GenerationKind:
+        return generation_kind(self.init_image, self.upscale)
+
+
+def generation_kind(init_image: str | None, upscale: bool) -> GenerationKind:
+    if upscale:
+        return "upscale"
+    return "txt2img" if init_image is None else "variation"
+
+
+def usable_models(db: Database, guild_id: int, user_id: int, prompt: str) -> list[ModelRow]:
+    """The models the prompt names; another member's only when its owner has shared it."""
+    models = models_in_prompt(prompt, db.ready_models(guild_id))
+    for model in models:
+        if model.owner_id != user_id and not model.shared:
+            raise UserFacingError(
+                f"“{model.token}” is <@{model.owner_id}>'s model and its owner hasn't shared it, "
+                "so only they can use it (they can share it with `/model share`)."
+            )
+    return models
+
+
+def check_generation_request(
+    db: Database, config: Config, guild_id: int, user_id: int, request: ImageRequest, *, nsfw_allowed: bool
+) -> list[ModelRow]:
+    """Refuse what may not be drawn (safety), models the member may not use, and a full queue; else
+    the models the prompt uses."""
+    refusal = prompt_refusal(
+        request.prompt, request.negative_prompt, config.safety, nsfw_channel=nsfw_allowed
+    )
+    if refusal is not None:
+        raise UserFacingError(refusal)
+    models = usable_models(db, guild_id, user_id, request.prompt)
+    check_queue_cap(db, config, guild_id, user_id)
+    return models
+
+
+def queue_generation(
+    db: Database,
+    config: Config,
+    *,
+    guild_id: int,
+    user_id: int,
+    user_name: str,
+    channel_id: int,
+    request: ImageRequest,
+    models: Sequence[ModelRow],
+) -> JobRow:
+    """Write the job row of a checked request (check_generation_request)."""
+    job_id = new_job_id()
+    try:
+        job = GenerateJob(
+            job_id=job_id,
+            prompt=request.prompt,
+            output_dir=str(generation_dir(config, job_id)),
+            negative_prompt=request.negative_prompt,
+            seed=random.randint(0, MAX_SEED) if request.seed is None else request.seed,
+            steps=request.steps,
+            guidance=request.guidance,
+            width=request.width,
+            height=request.height,
+            count=request.count,
+            adapters=[model.adapter_ref() for model in models],
+            init_image=request.init_image,
+            strength=request.strength,
+            upscale=request.upscale,
+        )
+    except ValueError as error:
+        raise UserFacingError(f"I can't draw that: {error}.") from None
+    db.ensure_user(user_id, user_name)
+    return db.add_job(
+        kind="generate",
+        user_id=user_id,
+        guild_id=guild_id,
+        channel_id=channel_id,
+        payload=encode(job),
+        job_id=job_id,
+        context={"parent_id": request.parent_id},
+    )
+
+
+@dataclass(frozen=True)
+class FinishedGeneration:
+    # None when the safety checker flagged every image: nothing is kept.
+    row: GenerationRow | None
+    # Images the safety checker flagged: deleted, never shown.
+    hidden: int
+
+
+def finish_generation(
+    db: Database, config: Config, job: JobRow, result: GenerationDone
+) -> FinishedGeneration:
+    """Keep what may be shown: flagged images are deleted before anyone sees them, the rest becomes
+    the generation row."""
+    request = job.request
+    assert isinstance(request, GenerateJob)
+    kept = [index for index, flagged in enumerate(result.nsfw) if not flagged]
+    for index in set(range(len(result.files))) - set(kept):
+        Path(result.files[index]).unlink(missing_ok=True)
+    hidden = len(result.files) - len(kept)
+    if not kept:
+        shutil.rmtree(generation_dir(config, job.id), ignore_errors=True)
+        return FinishedGeneration(None, hidden)
+    files = [result.files[index] for index in kept]
+    # The size as made: an upscale's comes from its source image, which the request does not carry.
+    with Image.open(files[0]) as first:
+        width, height = first.size
+    row = db.add_generation(
+        job_id=job.id,
+        guild_id=job.guild_id,
+        user_id=job.user_id,
+        channel_id=job.channel_id,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        seed=request.seed,
+        steps=request.steps,
+        guidance=request.guidance,
+        width=width,
+        height=height,
+        tokens=[adapter.token for adapter in request.adapters],
+        files=files,
+        parameters=[result.parameters[index] for index in kept],
+        kind=generation_kind(request.init_image, request.upscale),
+        parent_id=job.context.get("parent_id"),
+    )
+    return FinishedGeneration(row, hidden)
+
+
+def end_generation(config: Config, job: JobRow) -> None:
+    """A generation that failed or was cancelled leaves no files."""
+    shutil.rmtree(generation_dir(config, job.id), ignore_errors=True)

@@ -1,0 +1,239 @@
+"""What more than one cog shows: job lists with Cancel buttons, confirmations, a generation's embed,
+and the words they share. No cog owns this module and it imports no cog.
+
+The Cancel buttons are dynamic items: their custom_id carries the job id, so a button keeps working
+after the bot restarts, with no view kept in memory (the queue cog registers them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import discord
+
+from bot.bot import DreamBot, reply_privately, report_error
+from bot.db import ACTIVE_JOB_STATES, GenerationRow, JobRow
+from bot.service import UserFacingError
+from bot.uploads import image_file
+from engine.protocol import ProtocolError, TrainJob
+
+log = logging.getLogger(__name__)
+
+CANCEL_TEMPLATE = r"dreambot:cancel:(?P<job_id>[0-9a-f]+)"
+CONFIRM_TIMEOUT = 60.0
+MAX_BUTTONS = 25
+GRID_FILE = "grid.png"
+
+
+def only_mentions(user_id: int) -> discord.AllowedMentions:
+    """Ping exactly this member and no one else (not roles, not @everyone written in a prompt)."""
+    return discord.AllowedMentions(
+        everyone=False, roles=False, replied_user=False, users=[discord.Object(id=user_id)]
+    )
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def describe_job(job: JobRow) -> str:
+    try:
+        request = job.request
+    except ProtocolError:
+        return "job"
+    if isinstance(request, TrainJob):
+        return f"training **{request.token}**"
+    prompt = request.prompt if len(request.prompt) <= 60 else request.prompt[:59] + "…"
+    return f"image “{discord.utils.escape_markdown(prompt)}”"
+
+
+def job_line(bot: DreamBot, job: JobRow, number: int, *, with_member: bool = False) -> str:
+    if job.state == "running":
+        where = "running now"
+    else:
+        position = bot.jobs.position(job.id)
+        where = f"#{position} in the queue" if position else "waiting"
+    member = f"<@{job.user_id}> · " if with_member else ""
+    return (
+        f"{number}. {member}{describe_job(job)} — {where} · <#{job.channel_id}> · "
+        f"since <t:{int(job.created_at)}:R> · `{job.id}`"
+    )
+
+
+def jobs_message(
+    bot: DreamBot, jobs: list[JobRow], *, with_member: bool = False
+) -> tuple[str, discord.ui.View]:
+    """A numbered list of jobs and a view with one Cancel button per job (at most 25)."""
+    shown = jobs[:MAX_BUTTONS]
+    lines = [job_line(bot, job, number, with_member=with_member) for number, job in enumerate(shown, start=1)]
+    if len(jobs) > len(shown):
+        lines.append(f"… and {len(jobs) - len(shown)} more")
+    view = discord.ui.View(timeout=None)
+    for number, job in enumerate(shown, start=1):
+        view.add_item(CancelJobButton(job.id, label=f"Cancel {number}"))
+    return "\n".join(lines), view
+
+
+async def cancel_job(bot: DreamBot, job: JobRow, by: discord.abc.User) -> bool:
+    """Cancel a job; its member hears about it in the job's channel when someone else cancelled it."""
+    if not await bot.jobs.cancel(job.id):
+        return False
+    if by.id != job.user_id:
+        channel = bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        try:
+            notice = await channel.send(
+                f"<@{job.user_id}> a server manager cancelled your {describe_job(job)}.",
+                allowed_mentions=only_mentions(job.user_id),
+            )
+            bot.record_post(notice, job)
+        except discord.HTTPException as error:
+            log.warning("cannot tell user %s that job %s was cancelled: %s", job.user_id, job.id, error)
+    return True
+
+
+def can_manage(interaction: discord.Interaction, job: JobRow) -> bool:
+    """The member who owns the job, or a server manager of the job's server."""
+    if job.user_id == interaction.user.id:
+        return True
+    return job.guild_id == interaction.guild_id and interaction.permissions.manage_guild
+
+
+class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=CANCEL_TEMPLATE):
+    def __init__(self, job_id: str, *, label: str = "Cancel") -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=label, style=discord.ButtonStyle.danger, custom_id=f"dreambot:cancel:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction,
+        item: discord.ui.Button[discord.ui.View],
+        match: re.Match[str],
+        /,
+    ) -> CancelJobButton:
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
+        try:
+            bot = interaction.client
+            job = bot.db.find_job(self.job_id)
+            if job is None or job.state not in ACTIVE_JOB_STATES:
+                raise UserFacingError("That job has already finished.")
+            if not can_manage(interaction, job):
+                raise UserFacingError(
+                    "That's not your job: only its owner or a server manager can cancel it."
+                )
+            if not await cancel_job(bot, job, interaction.user):
+                raise UserFacingError("That job has already finished.")
+            await reply_privately(interaction, f"Cancelled: {describe_job(job)}.")
+        except Exception as error:
+            await report_error(interaction, error)
+
+
+# -- confirmation --------------------------------------------------------------------------------
+
+
+class ConfirmView(discord.ui.View):
+    """Two buttons for the member who ran the command; `confirmed` is None when nobody answered."""
+
+    def __init__(self, owner_id: int, confirm_label: str) -> None:
+        super().__init__(timeout=CONFIRM_TIMEOUT)
+        self.owner_id = owner_id
+        self.confirmed: bool | None = None
+        self.confirm.label = confirm_label
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id != self.owner_id:
+            await reply_privately(interaction, "This question isn't for you.")
+            return False
+        return True
+
+    @discord.ui.button(label="Delete", style=discord.ButtonStyle.danger)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[ConfirmView]) -> None:
+        await self._answer(interaction, True)
+
+    @discord.ui.button(label="Keep it", style=discord.ButtonStyle.secondary)
+    async def keep(self, interaction: discord.Interaction, button: discord.ui.Button[ConfirmView]) -> None:
+        await self._answer(interaction, False)
+
+    async def _answer(self, interaction: discord.Interaction, confirmed: bool) -> None:
+        self.confirmed = confirmed
+        # The command goes on from view.wait() and edits the message itself.
+        await interaction.response.defer()
+        self.stop()
+
+
+async def confirm(interaction: discord.Interaction, question: str, confirm_label: str) -> bool:
+    """Ask the member, ephemerally; True when they pressed the confirm button within the timeout."""
+    view = ConfirmView(interaction.user.id, confirm_label)
+    await interaction.response.send_message(question, view=view, ephemeral=True)
+    await view.wait()
+    if view.confirmed:
+        await interaction.edit_original_response(content="Working on it…", view=None)
+        return True
+    answer = "Timed out: nothing was deleted." if view.confirmed is None else "Kept: nothing was deleted."
+    await interaction.edit_original_response(content=answer, view=None)
+    return False
+
+
+# -- generations ---------------------------------------------------------------------------------
+
+
+def post_image(row: GenerationRow) -> Path | None:
+    """The picture a generation is shown as: its only image, or the grid of several beside them."""
+    if not row.files:
+        return None
+    path = Path(row.files[0]) if len(row.files) == 1 else Path(row.files[0]).parent / GRID_FILE
+    return path if path.is_file() else None
+
+
+def generation_embed(row: GenerationRow, image_name: str | None) -> discord.Embed:
+    """The prompt, seed, model and author of a generation; the image as an attachment name."""
+    titles = {"txt2img": "Imagined", "variation": "Variation", "upscale": "Upscaled"}
+    embed = discord.Embed(
+        title=titles.get(row.kind, "Imagined"),
+        description=discord.utils.escape_markdown(row.prompt)[:4000],
+        colour=discord.Colour.blurple(),
+    )
+    embed.add_field(name="Seed", value=str(row.seed))
+    embed.add_field(name="Model", value=", ".join(row.tokens) or "base model")
+    embed.add_field(name="Size", value=f"{row.width}×{row.height}")
+    embed.add_field(name="Author", value=f"<@{row.user_id}>")
+    embed.set_footer(text=f"generation #{row.id} · {row.steps} steps · guidance {row.guidance:g}")
+    if image_name is not None:
+        embed.set_image(url=f"attachment://{image_name}")
+    return embed
+
+
+def image_upload(row: GenerationRow, size_limit: int) -> tuple[discord.File | None, str | None]:
+    """The generation's picture as an upload named by its id (never by anything a member typed)."""
+    path = post_image(row)
+    if path is None:
+        return None, None
+    upload = image_file(path, f"dreambot-{row.id}.png", size_limit)
+    return upload, upload.filename
+
+
+# -- words ---------------------------------------------------------------------------------------
+
+
+def refusal_line(refused: list[discord.PartialMessage]) -> str:
+    """A line naming the messages Discord refused to delete, or '' when there are none."""
+    if not refused:
+        return ""
+    one = len(refused) == 1
+    links = " ".join(message.jump_url for message in refused)
+    return (
+        f"\n⚠️ Discord didn't let me delete {count(len(refused), 'message')} of mine, as I can no longer "
+        f"see {'its' if one else 'their'} channel: {links}\nAsk a server manager to delete "
+        f"{'it' if one else 'them'}."
+    )
+
+
+def count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
