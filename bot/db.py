@@ -417,11 +417,10 @@ class Database:
             _row(JobRow, raw) for raw in self.db["jobs"].rows_where(where, args, order_by="created_at, rowid")
         ]
 
-    def count_active_jobs(self, user_id: int, guild_id: int) -> int:
-        """A member's queued and running jobs in one server (limits are set per server)."""
-        return self.db["jobs"].count_where(
-            "state IN ('queued', 'running') AND user_id = ? AND guild_id = ?", [user_id, guild_id]
-        )
+    def count_active_jobs(self, user_id: int) -> int:
+        """A member's queued and running jobs in every server: one GPU queue serves them all, so a
+        member in five servers does not get five times the share."""
+        return self.db["jobs"].count_where("state IN ('queued', 'running') AND user_id = ?", [user_id])
 
     def jobs_of(self, user_id: int) -> list[JobRow]:
         """Every job of a member, finished ones included, oldest first."""

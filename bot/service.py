@@ -56,9 +56,10 @@ def member_limits(db: Database, config: Config, guild_id: int) -> MemberLimits:
 
 
 def check_queue_cap(db: Database, config: Config, guild_id: int, user_id: int) -> None:
-    """Refuse another job to a member who already has the most a server allows waiting or running."""
+    """Refuse another job to a member who already has the most this server allows waiting or running,
+    counting their jobs in every server."""
     limit = member_limits(db, config, guild_id).max_queued_jobs
-    active = db.count_active_jobs(user_id, guild_id)
+    active = db.count_active_jobs(user_id)
     if active >= limit:
         raise UserFacingError(
             f"You already have {active} job{'s' * (active != 1)} waiting or running, the limit is "

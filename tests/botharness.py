@@ -121,6 +121,33 @@ async def start_training(h: BotHarness, user_id: int, name: str) -> FakeMessage:
     return await h.fake.wait_message(h.general_channel_id, lambda m: f"Training **{name}**" in m.content)
 
 
+def button(message: FakeMessage, label: str) -> str:
+    """The custom_id of the button labelled `label` on a message."""
+    stack = list(message.components)
+    while stack:
+        component = stack.pop()
+        if component.get("type") == 2 and component.get("label") == label:
+            return component["custom_id"]
+        stack.extend(component.get("components") or [])
+    raise AssertionError(f"no button {label!r} on {message}")
+
+
+async def answer(h: BotHarness, user_id: int, command: str, **options: Any) -> FakeMessage:
+    ix = await h.fake.slash(user_id, h.general_channel_id, command, **options)
+    message = await ix.wait_original(timeout=30)
+    assert message.ephemeral
+    return message
+
+
+async def delete_picture(h: BotHarness, user_id: int, post: FakeMessage) -> FakeMessage:
+    """Press a picture's Delete button and confirm; the answer, once the bot has finished."""
+    ix = await h.fake.click(user_id, post, button(post, "Delete"))
+    question = await ix.wait_original(lambda m: bool(m.components))
+    assert question.ephemeral and "for good" in question.content
+    await h.fake.click(user_id, question, button(question, "Delete"))
+    return await ix.wait_original(lambda m: not m.components and m.content != "Working on it…")
+
+
 def files_under(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, imagine, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, button, delete_picture, imagine, running_bot
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
@@ -253,15 +253,23 @@ def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) 
             assert not post.deleted and h.db.find_generation(1) is not None
             folder = h.data_dir / "generations" / row.job_id
             assert folder.is_dir()
+            # Asked first: "Keep it" keeps everything.
             ix = await h.fake.click(h.alice, post, "dreambot:delete:1")
-            deleted = await ix.wait_original()
-            assert deleted.ephemeral and "Deleted" in deleted.content
+            question = await ix.wait_original(lambda m: bool(m.components))
+            await h.fake.click(h.alice, question, button(question, "Keep it"))
+            await ix.wait_original(lambda m: m.content == "Kept: nothing was deleted.")
+            assert not post.deleted and h.db.find_generation(1) is not None and folder.is_dir()
+            deleted = await delete_picture(h, h.alice, post)
+            assert (
+                deleted.ephemeral
+                and deleted.content == "Deleted: the post, its gallery copy and the image files."
+            )
             assert post.deleted and gallery.deleted
             assert h.db.find_generation(1) is None and not folder.exists()
             # A server manager may delete anyone's.
             bobs_id = int(bobs.custom_ids[0].rsplit(":", 1)[1])
-            ix = await h.fake.click(h.admin, bobs, f"dreambot:delete:{bobs_id}")
-            await ix.wait_original()
+            assert bobs.custom_ids[2] == f"dreambot:delete:{bobs_id}"
+            await delete_picture(h, h.admin, bobs)
             assert bobs.deleted and h.db.find_generation(bobs_id) is None
             # The variation made from the deleted image stays; only its link to the parent is cleared.
             assert h.db.generation(variation.id).parent_id is None

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import BotHarness, files_under, running_bot, start_training
-from fakediscord import CommandUnavailable, FakeMessage
+from botharness import answer, button, files_under, running_bot, start_training
+from fakediscord import CommandUnavailable
 
 from bot.db import Database
 from bot.storage import remove_path
@@ -82,24 +82,6 @@ def test_remove_path_stays_inside_the_data_directory(tmp_path: Path) -> None:
 
 def run(scenario: Coroutine[Any, Any, None]) -> None:
     asyncio.run(scenario)
-
-
-def button(message: FakeMessage, label: str) -> str:
-    """The custom_id of the button labelled `label` on a message."""
-    stack = list(message.components)
-    while stack:
-        component = stack.pop()
-        if component.get("type") == 2 and component.get("label") == label:
-            return component["custom_id"]
-        stack.extend(component.get("components") or [])
-    raise AssertionError(f"no button {label!r} on {message}")
-
-
-async def answer(h: BotHarness, user_id: int, command: str, **options: Any) -> FakeMessage:
-    ix = await h.fake.slash(user_id, h.general_channel_id, command, **options)
-    message = await ix.wait_original(timeout=30)
-    assert message.ephemeral
-    return message
 
 
 @pytest.mark.slow
@@ -263,6 +245,7 @@ def test_admin_commands_need_manage_server(tmp_path: Path) -> None:
             shown = await answer(h, h.admin, "admin limits")
             assert (
                 "jobs waiting or running at once: **3**" in shown.content
+                and "jobs in every server count" in shown.content
                 and "models kept: **3**" in shown.content
             )
             changed = await answer(h, h.admin, "admin limits", max_models=1, max_queued_jobs=2)

@@ -11,9 +11,17 @@ from typing import Any
 
 import discord
 import pytest
-from botharness import TRAIN_TIMEOUT, BotHarness, imagine, running_bot, start_training
+from botharness import (
+    TRAIN_TIMEOUT,
+    BotHarness,
+    answer,
+    button,
+    delete_picture,
+    imagine,
+    running_bot,
+    start_training,
+)
 from fakediscord import FakeMessage
-from test_bot_models import answer, button
 
 from bot.cogs.help import HELP_TEXT
 from bot.db import DATABASE_FILE, Database
@@ -130,8 +138,7 @@ def test_a_picture_the_bot_can_no_longer_delete_is_named_to_the_member(tmp_path:
             picture = await imagine(h, h.alice, prompt="a lighthouse in a storm")
             copy = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files, timeout=30)
             deny_bot(h, h.prompts_channel_id, discord.Permissions(view_channel=True))
-            ix = await h.fake.click(h.alice, picture, button(picture, "Delete"))
-            refusal = await ix.wait_original()
+            refusal = await delete_picture(h, h.alice, picture)
             assert refusal.content == (
                 f"Discord didn't let me delete {jump_url(h, picture)}: I can no longer see that channel. "
                 "Ask a server manager to delete it, or to let me back in."
@@ -139,8 +146,7 @@ def test_a_picture_the_bot_can_no_longer_delete_is_named_to_the_member(tmp_path:
             # Nothing was forgotten: once the bot sees the channel again, the button works.
             assert copy.deleted and not picture.deleted and h.db.generations_of(h.alice)
             allow_bot(h, h.prompts_channel_id)
-            ix = await h.fake.click(h.alice, picture, button(picture, "Delete"))
-            assert "Deleted" in (await ix.wait_original()).content
+            assert "Deleted" in (await delete_picture(h, h.alice, picture)).content
             assert picture.deleted and h.db.generations_of(h.alice) == []
             assert h.fake.errors == []
 

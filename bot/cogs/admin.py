@@ -76,7 +76,8 @@ class Admin(
         await interaction.response.send_message(
             f"{'Limits updated' if changed else 'Limits'} for each member of this server:\n"
             f"• jobs waiting or running at once: **{limits.max_queued_jobs}**\n"
-            f"• models kept: **{limits.max_models}**",
+            f"• models kept: **{limits.max_models}**\n"
+            "A member's jobs in every server count toward their jobs at once here.",
             ephemeral=True,
         )
 

@@ -37,7 +37,7 @@ from bot.service import (
     queue_generation,
 )
 from bot.storage import generation_dir
-from bot.views import GRID_FILE, generation_embed, image_upload, only_mentions
+from bot.views import GRID_FILE, confirm, generation_embed, image_upload, only_mentions
 from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone, whole_word
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,8 @@ class Imagine(commands.Cog):
             await self._deliver_result(job, event, waiting)
 
     async def _deliver_result(self, job: JobRow, event: GenerationDone, waiting: _Waiting | None) -> None:
-        finished = await asyncio.to_thread(finish_generation, self.bot.db, self.bot.config, job, event)
+        # On the loop's thread, like every database write; it deletes a few files at most.
+        finished = finish_generation(self.bot.db, self.bot.config, job, event)
         row, hidden = finished.row, finished.hidden
         if row is None:
             await self._tell(
@@ -277,7 +278,7 @@ class Imagine(commands.Cog):
 
     @commands.Cog.listener()
     async def on_generation_failed(self, job: JobRow, event: Error) -> None:
-        await asyncio.to_thread(end_generation, self.bot.config, job)
+        end_generation(self.bot.config, job)
         if event.code == "cancelled":
             text = f"<@{job.user_id}> your image was cancelled."
         else:
@@ -436,17 +437,22 @@ class Imagine(commands.Cog):
         row = self._generation(generation_id)
         if interaction.user.id != row.user_id and not interaction.permissions.manage_guild:
             raise UserFacingError("Only the member who made this image, or a server manager, can delete it.")
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        question = "Delete this picture for good: its post, its gallery copy and the image files?"
+        if not await confirm(interaction, question, "Delete"):
+            return
+        # Read again: someone may have deleted it while the question was open.
+        row = self._generation(generation_id)
         if refused := await self.bot.delete_generation_posts(row):
-            raise UserFacingError(
-                f"Discord didn't let me delete {' and '.join(message.jump_url for message in refused)}: "
+            await interaction.edit_original_response(
+                content=f"Discord didn't let me delete {' and '.join(message.jump_url for message in refused)}: "
                 "I can no longer see that channel. Ask a server manager to delete it, or to let me back in."
             )
+            return
         self.bot.db.delete_generation(row.id)
         folder = generation_dir(self.bot.config, row.job_id)
         await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
-        await interaction.followup.send(
-            "Deleted: the post, its gallery copy and the image files.", ephemeral=True
+        await interaction.edit_original_response(
+            content="Deleted: the post, its gallery copy and the image files."
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 from typing import Literal
@@ -89,7 +88,7 @@ class Models(commands.Cog):
         with contextlib.suppress(TimeoutError):  # what did not stop in time is deleted anyway
             await self.bot.jobs.wait_finished([job.id for job in running], CANCEL_WAIT_SECONDS)
         # A cancelled training deletes its model too (bot.service.end_training); both go one way.
-        await asyncio.to_thread(delete_model, self.bot.db, self.bot.config, model)
+        delete_model(self.bot.db, self.bot.config, model)
         refused = await self.bot.take_down_posts(posts)
         await interaction.edit_original_response(
             content=f"Deleted **{model.token}**, its samples and its training messages.{refusal_line(refused)}"

@@ -296,7 +296,8 @@ class Training(commands.Cog):
 
     @commands.Cog.listener()
     async def on_training_finished(self, job: JobRow, event: TrainingDone) -> None:
-        model = await asyncio.to_thread(finish_training, self.bot.db, self.bot.config, job, event)
+        # On the loop's thread, like every database write; the photos it removes are small.
+        model = finish_training(self.bot.db, self.bot.config, job, event)
         if model is None:
             # Deleted while it trained: whatever the engine wrote since belongs to nobody.
             await self._edit_final(job, "🗑️ The model was deleted.")
@@ -314,7 +315,7 @@ class Training(commands.Cog):
 
     @commands.Cog.listener()
     async def on_training_failed(self, job: JobRow, event: Error) -> None:
-        model = await asyncio.to_thread(end_training, self.bot.db, self.bot.config, job, event)
+        model = end_training(self.bot.db, self.bot.config, job, event)
         if model is None:
             await self._edit_final(job, "⏹️ Cancelled.")
             return
