@@ -445,6 +445,16 @@ class Database:
         rows = list(self.db["generations"].rows_where("gallery_message_id = ?", [message_id]))
         return _row(GenerationRow, rows[0]) if rows else None
 
+    def gallery_posts_since(self, since: float, limit: int) -> list[GenerationRow]:
+        """The newest generations mirrored to a gallery since `since` (a time.time()), newest first."""
+        rows = self.db["generations"].rows_where(
+            "gallery_message_id IS NOT NULL AND created_at >= ?",
+            [since],
+            order_by="created_at DESC",
+            limit=limit,
+        )
+        return [_row(GenerationRow, raw) for raw in rows]
+
     def update_generation(self, generation_id: int, **changes: Any) -> GenerationRow:
         self.db["generations"].update(generation_id, _encode(changes))
         return self.generation(generation_id)

@@ -3474,8 +3474,14 @@ class FakeDiscord:
         """Delete a message as a moderator would by hand, and queue MESSAGE_DELETE."""
         self._delete_message(self._message_of(message))
 
-    def add_reaction(self, message: FakeMessage | int, user_id: int, emoji: str = "👍") -> None:
-        """Record ``user_id``'s reaction and queue MESSAGE_REACTION_ADD (custom emoji: ``"name:id"``)."""
+    def add_reaction(
+        self, message: FakeMessage | int, user_id: int, emoji: str = "👍", *, offline: bool = False
+    ) -> None:
+        """Record ``user_id``'s reaction and queue MESSAGE_REACTION_ADD (custom emoji: ``"name:id"``).
+
+        ``offline``: the reaction was added while the bot was not connected, so no event ever reaches
+        it (a new session does not replay what happened meanwhile); only the message shows it.
+        """
         msg = self._message_of(message)
         self.user(user_id)
         key = self._emoji_key(emoji)
@@ -3483,12 +3489,17 @@ class FakeDiscord:
         if user_id not in users:
             users.append(user_id)
             self._sync_reactions(msg)
-            self._reaction_event(msg, user_id, key, added=True)
+            if not offline:
+                self._reaction_event(msg, user_id, key, added=True)
 
-    def remove_reaction(self, message: FakeMessage | int, user_id: int, emoji: str = "👍") -> None:
+    def remove_reaction(
+        self, message: FakeMessage | int, user_id: int, emoji: str = "👍", *, offline: bool = False
+    ) -> None:
+        """Take ``user_id``'s reaction back and queue MESSAGE_REACTION_REMOVE (``offline``: see add_reaction)."""
         msg = self._message_of(message)
         key = self._emoji_key(emoji)
         if user_id in msg.reactions.get(key, []):
             msg.reactions[key].remove(user_id)
             self._sync_reactions(msg)
-            self._reaction_event(msg, user_id, key, added=False)
+            if not offline:
+                self._reaction_event(msg, user_id, key, added=False)

@@ -106,6 +106,16 @@ def test_gallery_pages_searches_filters_and_sorts_by_stars(tmp_path: Path) -> No
             await h.fake.wait_until(lambda: h.db.generation(1).stars == 1)
             assert h.db.generation(3).stars == 0
 
+            # Stars given and taken back while the bot was offline never arrive as events: the bot
+            # counts them from the posts' reactions when it starts again.
+            await h.stop()
+            h.fake.add_reaction(mirrors[3], h.alice, "⭐", offline=True)
+            h.fake.add_reaction(mirrors[3], h.admin, "⭐", offline=True)
+            h.fake.remove_reaction(mirrors[1], h.bob, "⭐", offline=True)
+            await h.start()
+            await h.fake.wait_until(lambda: h.db.generation(3).stars == 2 and h.db.generation(1).stars == 0)
+            assert h.db.generation(2).stars == 1
+
             # "Use prompt" from the pager, outside #prompts: the image is made and posted in #prompts.
             mine = await (await gallery(h, h.bob, search="castle")).wait_original()
             ix = await h.fake.click(h.bob, mine, button(mine, "Use prompt")["custom_id"])

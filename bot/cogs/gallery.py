@@ -2,12 +2,15 @@
 
 The mirror post links back to the original and mentions its author without pinging anyone. A ⭐
 reaction on a mirror post counts as a star (the bot's own ⭐, added so people can click it, does
-not); /gallery pages through the server's generations, newest or most starred first.
+not); /gallery pages through the server's generations, newest or most starred first. Stars given
+while the bot was offline reach it as no event: at start-up it counts them on recent posts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAR = "⭐"
+# At start-up the stars of this many of the newest gallery posts, of at most this age, are counted
+# again from their reactions (one request each).
+RECOUNT_POSTS = 200
+RECOUNT_SECONDS = 14 * 24 * 3600
 # A /gallery pager stops answering after this long; /gallery again opens a new one.
 PAGER_TIMEOUT = 15 * 60
 
@@ -44,6 +51,14 @@ def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
 class Gallery(commands.Cog):
     def __init__(self, bot: DreamBot) -> None:
         self.bot = bot
+        self._recount: asyncio.Task[None] | None = None
+
+    async def cog_load(self) -> None:
+        self._recount = asyncio.create_task(self.recount_stars(), name="recount stars")
+
+    async def cog_unload(self) -> None:
+        if self._recount is not None:
+            self._recount.cancel()
 
     # -- the mirror ----------------------------------------------------------------------------
 
@@ -94,6 +109,35 @@ class Gallery(commands.Cog):
             return
         # No await between reading and writing: concurrent reactions cannot lose a count.
         self.bot.db.update_generation(row.id, stars=max(0, row.stars + change))
+
+    async def recount_stars(self) -> None:
+        """Count the stars of recent gallery posts from their reactions: those added or removed while
+        the bot was offline never arrive as events."""
+        await self.bot.wait_until_ready()
+        since = time.time() - RECOUNT_SECONDS
+        changed = 0
+        for row in self.bot.db.gallery_posts_since(since, RECOUNT_POSTS):
+            channel = self.bot.gallery_channel(self.bot.get_guild(row.guild_id))
+            if channel is None or row.gallery_message_id is None:
+                continue
+            try:
+                post = await channel.fetch_message(row.gallery_message_id)
+            except discord.NotFound:
+                continue  # deleted by hand: the stars it had stay counted
+            except discord.HTTPException as error:
+                log.warning("could not recount the stars of generation %s: %s", row.id, error)
+                continue
+            stars = next(
+                (reaction.count - reaction.me for reaction in post.reactions if str(reaction.emoji) == STAR),
+                0,
+            )
+            # Read again: a star may have arrived as an event while the post was fetched.
+            current = self.bot.db.find_generation(row.id)
+            if current is not None and current.stars == row.stars and stars != row.stars:
+                self.bot.db.update_generation(row.id, stars=stars)
+                changed += 1
+        if changed:
+            log.info("recounted the stars of %d gallery posts changed while the bot was offline", changed)
 
     # -- /gallery ------------------------------------------------------------------------------
 
