@@ -16,7 +16,8 @@ default .gitattributes says, the rest inline); POST /{repo}.git/info/lfs/objects
 object to the href it answers (the "basic" transfer); POST /api/models/{repo}/commit/{revision}
 (NDJSON: header, file, lfsFile). Xet uploads are not faked: the fixture turns them off, as
 HF_HUB_DISABLE_XET=1 does. A token is a bearer token; every request is recorded in `requests`.
-`fail_commit` makes the commit route answer that HTTP status instead.
+`fail_commit` makes the commit route answer that HTTP status with an error body instead (200: an
+answer huggingface_hub cannot read).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -244,6 +246,16 @@ class _Refused(Exception):
 
 def _error(status: int, message: str, **extra: str) -> _Refused:
     return _Refused(status, {"error": message, **extra})
+
+
+def assert_token_kept_nowhere(token: str, data_dir: Path, *texts: str) -> None:
+    """Not in a log or output text, not in any file under the data directory (the database and its
+    WAL included, read as raw bytes)."""
+    for text in texts:
+        assert token not in text
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakehub import FakeHub
+from fakehub import FakeHub, assert_token_kept_nowhere
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -78,16 +78,6 @@ def kohya_model(data_dir: Path) -> tuple[Config, Database, ModelRow]:
         metadata={**TRAINING, "photos": 3},
     )
     return config, db, model
-
-
-def assert_token_kept_nowhere(token: str, data_dir: Path, *texts: str) -> None:
-    """Not in a log or output text, not in any file under the data directory (the database and its
-    WAL included, read as raw bytes)."""
-    for text in texts:
-        assert token not in text
-    for path in data_dir.rglob("*"):
-        if path.is_file():
-            assert token.encode() not in path.read_bytes(), path
 
 
 def test_publish_makes_one_private_repo_with_the_model_the_card_and_the_samples(
