@@ -342,6 +342,7 @@ def test_help(tmp_path: Path) -> None:
                 "/queue",
                 "/forget",
                 "Tips for good photos",
+                "`/model publish` to your own Hugging Face account (private by default)",
             ):
                 assert part in text
 

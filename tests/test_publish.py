@@ -13,6 +13,7 @@ import pytest
 from fakehub import FakeHub, assert_token_kept_nowhere
 from huggingface_hub import ModelCard
 from PIL import Image
+from safetensors import safe_open
 
 from bot.db import Database, ModelRow
 from bot.publish import publish_model
@@ -80,6 +81,14 @@ def kohya_model(data_dir: Path) -> tuple[Config, Database, ModelRow]:
     return config, db, model
 
 
+def safetensors_content(data: bytes, folder: Path) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """A safetensors file's tensors and metadata (its header's key order varies from one write to the next)."""
+    path = folder / "content.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), framework="numpy") as file:
+        return {key: file.get_tensor(key).tolist() for key in file.keys()}, file.metadata()  # noqa: SIM118
+
+
 def test_publish_makes_one_private_repo_with_the_model_the_card_and_the_samples(
     fake_hub: FakeHub, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -98,7 +107,9 @@ def test_publish_makes_one_private_repo_with_the_model_the_card_and_the_samples(
         ["README.md", "abraza.safetensors", DIFFUSERS_ADAPTER_FILE, "samples/0.png", "samples/1.png"]
     )
     assert repo.files["abraza.safetensors"] == adapter.read_bytes()
-    assert repo.files[DIFFUSERS_ADAPTER_FILE] == diffusers_adapter_bytes(adapter)
+    assert safetensors_content(repo.files[DIFFUSERS_ADAPTER_FILE], tmp_path) == safetensors_content(
+        diffusers_adapter_bytes(adapter), tmp_path
+    )
     assert repo.files["samples/1.png"] == Path(model.samples[1]).read_bytes()
 
     card = ModelCard(repo.files["README.md"].decode())
@@ -194,3 +205,18 @@ def test_a_bad_repo_name_is_refused_with_the_rule(repo: str, tmp_path: Path) -> 
         UserFacingError, match="is not a Hugging Face repo name: use `your-username/model-name`"
     ):
         publish_model(config, model, repo, TOKEN)
+
+
+def test_an_offline_bot_says_publishing_needs_the_network(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fake_hub.tokens[TOKEN] = "alice"
+    config, _db, model = kohya_model(tmp_path / "data")
+    with pytest.raises(
+        UserFacingError, match=r"Publishing needs the network, and this bot runs offline \(HF_HUB_OFFLINE"
+    ):
+        publish_model(config, model, "alice/abraza", TOKEN)
+    assert fake_hub.requests == []
