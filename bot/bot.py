@@ -202,7 +202,9 @@ async def report_error(interaction: discord.Interaction, error: Exception) -> No
     elif isinstance(error, app_commands.CommandOnCooldown):
         message = f"Slow down: try again in {error.retry_after:.0f} s."
     else:
-        command = interaction.command.qualified_name if interaction.command else interaction.data
+        # A component's or modal's custom_id only: a modal's values may hold a secret (a Hub token).
+        data = interaction.data or {}
+        command = interaction.command.qualified_name if interaction.command else data.get("custom_id")
         log.error("interaction %s failed", command, exc_info=original)
         message = "Something went wrong on my side. It has been logged; please try again."
     await reply_privately(interaction, message)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, LOCAL_USER_NAME, Database, JobRow, new_job_id
+from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, LOCAL_USER_NAME, Database, JobRow, ModelRow, new_job_id
 from bot.jobs import JobQueue
 from bot.prompts import ASPECTS, size_for_aspect
 from bot.safety import merge_negative
@@ -35,6 +36,8 @@ from bot.service import (
     delete_model,
     end_generation,
     end_training,
+    export_adapter,
+    export_instructions,
     finish_generation,
     finish_training,
     queue_generation,
@@ -120,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     delete = command("delete", "delete a trained model: its row, its weights and its samples")
     delete.add_argument("name")
     delete.set_defaults(handler=delete_command)
+
+    export = command("export", "write a model's LoRA file (kohya format: A1111, Forge, ComfyUI, diffusers)")
+    export.add_argument("name")
+    export.add_argument("--out", type=Path, help="the file to write (default: ./NAME.safetensors)")
+    export.set_defaults(handler=export_command)
+
+    publish = command("publish", "publish a model to the Hugging Face Hub (the token comes from HF_TOKEN)")
+    publish.add_argument("name")
+    publish.add_argument("--repo", required=True, help="USER/REPO, or REPO under the token's account")
+    publish.add_argument("--public", action="store_true", help="anyone may see it (default: private)")
+    publish.set_defaults(handler=publish_command)
 
     models = command("models", "list the trained models")
     models.set_defaults(handler=models_command)
@@ -289,13 +303,60 @@ def train_command(config: Config, args: argparse.Namespace) -> int:
 
 def delete_command(config: Config, args: argparse.Namespace) -> int:
     db = Database.in_data_dir(config.data_dir)
-    model = db.model_by_token(LOCAL_GUILD_ID, normalize_token(args.name))
+    model = _local_model(db, args.name)
     if model is None:
-        print(f"dreambot: there is no model called {args.name!r} (see dreambot models)", file=sys.stderr)
         return 1
     files = delete_model(db, config, model)
     print(f"deleted {model.token!r} ({files} files)")
     return 0
+
+
+def export_command(config: Config, args: argparse.Namespace) -> int:
+    model = _local_model(Database.in_data_dir(config.data_dir), args.name)
+    if model is None:
+        return 1
+    try:
+        export = export_adapter(config, model)
+    except UserFacingError as error:
+        return _refuse(error)
+    target = args.out or Path(export.filename)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(export.path, target)
+    print(target)
+    # A1111 and ComfyUI name a LoRA by its file: the instructions follow a --out name.
+    print(terminal_text(export_instructions(dataclasses.replace(export, filename=target.name))))
+    return 0
+
+
+def publish_command(config: Config, args: argparse.Namespace) -> int:
+    from bot.publish import TOKEN_SETTINGS_URL, publish_model  # huggingface_hub loads for this command only
+
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if not token:
+        print(
+            f"dreambot: set HF_TOKEN to a Hugging Face token with write access ({TOKEN_SETTINGS_URL})",
+            file=sys.stderr,
+        )
+        return 2
+    model = _local_model(Database.in_data_dir(config.data_dir), args.name)
+    if model is None:
+        return 1
+    try:
+        published = publish_model(config, model, args.repo, token, private=not args.public)
+    except UserFacingError as error:
+        return _refuse(error)
+    print(f"published {model.token!r} to {published.url} ({'private' if published.private else 'public'})")
+    for name in published.files:
+        print(f"  {name}")
+    return 0
+
+
+def _local_model(db: Database, name: str) -> ModelRow | None:
+    """The CLI's model called `name`, or None after saying there is none."""
+    model = db.model_by_token(LOCAL_GUILD_ID, normalize_token(name))
+    if model is None:
+        print(f"dreambot: there is no model called {name!r} (see dreambot models)", file=sys.stderr)
+    return model
 
 
 # -- imagine ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from bot.safety import prompt_refusal
 from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, remove_paths
 from bot.words import subject_problem, token_problem
 from engine.config import Config
+from engine.kohya import upgrade_adapter
 from engine.protocol import MAX_SEED, Error, GenerateJob, GenerationDone, TrainingDone, TrainJob, encode
 
 GenerationKind = Literal["txt2img", "variation", "upscale"]
@@ -356,3 +357,52 @@ def finish_generation(
 def end_generation(config: Config, job: JobRow) -> None:
     """A generation that failed or was cancelled leaves no files."""
     shutil.rmtree(generation_dir(config, job.id), ignore_errors=True)
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterExport:
+    """A model's kohya LoRA file, as other tools take it."""
+
+    path: Path
+    # The name to give it: what A1111's <lora:NAME:W> and ComfyUI's LoraLoader show.
+    filename: str
+    # What to write in a prompt to draw the subject (the file's modelspec.trigger_phrase).
+    trigger: str
+    base_model: str
+
+
+def export_adapter(config: Config, model: ModelRow) -> AdapterExport:
+    """The model's adapter file, in the kohya format: one still in the old diffusers format is
+    converted first (in place, once). Blocking: the bot runs it in a thread."""
+    if model.state != "ready" or not model.adapter_path:
+        raise UserFacingError(
+            f"**{model.token}** isn't trained yet ({model.state}), so there is nothing to export."
+        )
+    path = Path(model.adapter_path)
+    if not path.is_file():
+        raise UserFacingError(
+            f"The file of **{model.token}** is missing on my side. Train it again to export it."
+        )
+    upgrade_adapter(path)
+    return AdapterExport(
+        path=path,
+        filename=f"{model.token}.safetensors",
+        trigger=f"{model.token} {model.class_word}",
+        base_model=str(model.metadata.get("base_model") or config.model.base),
+    )
+
+
+def export_instructions(export: AdapterExport) -> str:
+    """Where the file goes in the tools members use, and how a prompt calls it (markdown)."""
+    name = export.filename.removesuffix(".safetensors")
+    return (
+        f"It works with `{export.base_model}`, the base it was trained on, and close relatives.\n"
+        f"• AUTOMATIC1111 / Forge: put `{export.filename}` in `models/Lora` and add `<lora:{name}:0.8>` "
+        "to the prompt.\n"
+        f"• ComfyUI: put it in `models/loras` and pick it in a LoraLoader node.\n"
+        f"• diffusers: `pipe.load_lora_weights('.', weight_name='{export.filename}')`.\n"
+        f"Trigger words: write `{export.trigger}` in the prompt, as in `{export.trigger} as a viking`."
+    )

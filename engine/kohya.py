@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 
 # component -> module path (diffusers name, dots) -> (down, up): lora_A is kohya's lora_down.
 LoraLayers = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -229,3 +229,80 @@ def _old_layers(path: Path, tensors: Mapping[str, np.ndarray]) -> LoraLayers:
 def _keys(path: Path) -> list[str]:
     with safe_open(str(path), framework="numpy") as file:
         return list(file.keys())
+
+
+# ---------------------------------------------------------------------------------------------
+# Back to diffusers' own format, for diffusers users (the Hugging Face Hub)
+
+# The file name diffusers' save_lora_weights writes and load_lora_weights looks for first.
+DIFFUSERS_ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+# Module names in the UNet's attention blocks and in CLIP made of two words: kohya's names lose the
+# dot between words, so a split on "_" joins these pairs again.
+_TWO_WORD_NAMES = frozenset(
+    {
+        *("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "proj_in", "proj_out"),
+        *("input_blocks", "output_blocks", "middle_block", "to_q", "to_k", "to_v", "to_out"),
+        *("text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj"),
+    }
+)
+
+
+def diffusers_module_path(name: str, *, sdxl: bool) -> tuple[str, str]:
+    """The component and diffusers module path of kohya module `name`: kohya_module_name's inverse."""
+    prefixes = _PREFIXES_SDXL if sdxl else _PREFIXES_SD
+    component = next((c for c, prefix in prefixes.items() if name.startswith(f"{prefix}_")), None)
+    if component is None:
+        raise ValueError(f"{name!r} has none of the kohya prefixes {sorted(prefixes.values())}")
+    words = name.removeprefix(f"{prefixes[component]}_").split("_")
+    parts: list[str] = []
+    while words:
+        pair = "_".join(words[:2])
+        parts.append(pair if pair in _TWO_WORD_NAMES else words[0])
+        del words[: 2 if pair in _TWO_WORD_NAMES else 1]
+    path = ".".join(parts)
+    if component == "unet" and sdxl:
+        path = _diffusers_unet_path(path)
+    elif component == "text_encoder":
+        # The module names of transformers 5's CLIPTextModel (kohya_module_name adds the level).
+        path = path.removeprefix("text_model.")
+    return component, path
+
+
+def _diffusers_unet_path(path: str) -> str:
+    """_sgm_unet_path's inverse."""
+    per_block = _SGM_LAYERS_PER_BLOCK + 1
+    if match := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", path):
+        block, layer = divmod(int(match[1]) - 1, per_block)
+        return f"down_blocks.{block}.attentions.{layer}.{match[2]}"
+    if match := re.fullmatch(r"middle_block\.1\.(.+)", path):
+        return f"mid_block.attentions.0.{match[1]}"
+    if match := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", path):
+        block, layer = divmod(int(match[1]), per_block)
+        return f"up_blocks.{block}.attentions.{layer}.{match[2]}"
+    raise ValueError(f"UNet module {path!r} is not in an attention block")
+
+
+def diffusers_adapter_bytes(path: Path) -> bytes:
+    """The kohya adapter at `path` as diffusers' save_lora_weights writes it: peft keys
+    (`unet.<path>.lora_A.weight`) and each component's peft config (rank, alpha, modules) in the
+    `lora_adapter_metadata` diffusers reads, so the alpha is kept. Same weights, same pictures."""
+    with safe_open(str(path), framework="numpy") as file:
+        sdxl = (file.metadata() or {}).get("modelspec.architecture") == _ARCHITECTURE_SDXL
+    tensors: dict[str, np.ndarray] = {}
+    config: dict[str, Any] = {}
+    for key, tensor in load_file(str(path)).items():
+        name, _, part = key.partition(".")
+        component, module = diffusers_module_path(name, sdxl=sdxl)
+        if part == "alpha":
+            config[f"{component}.lora_alpha"] = float(tensor)
+            continue
+        peft_part = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}[part]
+        tensors[f"{component}.{module}.{peft_part}"] = tensor
+        if part == "lora_down.weight":
+            config[f"{component}.r"] = int(tensor.shape[0])
+            config.setdefault(f"{component}.target_modules", []).append(module)
+    for key in config:
+        if key.endswith(".target_modules"):
+            config[key] = sorted(config[key])
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
+    return save(tensors, metadata=metadata)

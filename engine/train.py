@@ -208,6 +208,7 @@ def train_lora(
             "class_word": job.class_word,
             "instance_prompt": instance_prompt,
             "class_prompt": class_prompt if class_paths else None,
+            "sample_prompt": sample_prompt(job, settings),
             "steps": total,
             "rank": settings.rank,
             "alpha": settings.alpha,
@@ -437,6 +438,11 @@ def _class_images(
     return [path for path in paths if path.is_file()]
 
 
+def sample_prompt(job: TrainJob, settings: TrainingSection) -> str:
+    """The prompt of the samples a training renders ([training] sample_prompt for this job)."""
+    return settings.sample_prompt.replace("{token}", job.token).replace("{class}", job.class_word)
+
+
 def _render_samples(
     pipeline: DiffusionPipeline,
     job: TrainJob,
@@ -445,7 +451,7 @@ def _render_samples(
     report: Callable[[TrainingProgress], None],
     stop: Callable[[], bool],
 ) -> list[Path]:
-    prompt = settings.sample_prompt.replace("{token}", job.token).replace("{class}", job.class_word)
+    prompt = sample_prompt(job, settings)
     shutil.rmtree(folder, ignore_errors=True)  # No stale samples from an earlier run with more of them.
     folder.mkdir(parents=True)
     samples: list[Path] = []

@@ -40,3 +40,6 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_dir(tiny_data_dir: Path) -> Path:
     """The tiny SD 1.x model as a diffusers folder: load it with engine.model.load_base_model."""
     return tiny_data_dir / "models" / "tiny"
+
+
+pytest_plugins = ["fakehub"]  # the fake_hub fixture: a fake Hugging Face Hub that HfApi() reaches

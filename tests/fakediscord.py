@@ -737,6 +737,11 @@ class Request:
         return f"<Request {self.method} {self.path} -> {self.status}>"
 
 
+def modal_text_fields(modal: JSON) -> list[str]:
+    """The custom_ids of a modal's text inputs (``ix.wait_modal()``'s data), for ``submit_modal``."""
+    return [c["custom_id"] for c in _walk_components(modal.get("components") or []) if c.get("type") == 4]
+
+
 def _walk_components(components: Iterable[JSON]) -> Iterator[JSON]:
     for component in components:
         yield component

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import answer, button, files_under, running_bot, start_training
-from fakediscord import CommandUnavailable
+from botharness import BotHarness, answer, button, files_under, running_bot, start_training
+from fakediscord import CommandUnavailable, FakeMessage, modal_text_fields
+from fakehub import FakeHub, assert_token_kept_nowhere
 
 from bot.db import Database
 from bot.storage import remove_path
 from bot.views import CANCEL_TEMPLATE, CancelJobButton, describe_job
 from engine.config import Config, StorageSection
+from engine.kohya import DIFFUSERS_ADAPTER_FILE, is_kohya_adapter
 from engine.protocol import GenerateJob, TrainJob, encode
 
 # -- pure logic --------------------------------------------------------------------------------
@@ -85,7 +88,22 @@ def run(scenario: Coroutine[Any, Any, None]) -> None:
 
 
 @pytest.mark.slow
-def test_models_share_and_export(tmp_path: Path) -> None:
+def test_models_share_export_and_publish(
+    tmp_path: Path, fake_hub: FakeHub, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.INFO)  # the bot's level (`dreambot run`); discord.py's DEBUG logs every event
+    hub_token = "hf_aliceWriteToken0123456789"
+    fake_hub.tokens[hub_token] = "alice"
+
+    async def publish(h: BotHarness, repo: str) -> FakeMessage:
+        ix = await h.fake.slash(h.alice, h.general_channel_id, "model publish", name="abraza", repo=repo)
+        form = await ix.wait_modal()
+        [field] = modal_text_fields(form)
+        submitted = await h.fake.submit_modal(
+            h.alice, h.general_channel_id, form["custom_id"], {field: hub_token}
+        )
+        return await submitted.wait_original(lambda m: m.content, timeout=60)
+
     async def scenario() -> None:
         async with running_bot(tmp_path) as h:
             model = h.trained_model(h.alice, "abraza")
@@ -110,8 +128,37 @@ def test_models_share_and_export(tmp_path: Path) -> None:
             sent = await answer(h, h.alice, "model export", name="abraza")
             assert "Sent **abraza** to you by DM" in sent.content
             dm = await h.fake.wait_dm(h.alice)
-            assert dm.files == [("abraza.safetensors", Path(model.adapter_path or "").read_bytes())]
-            assert "<lora:abraza:0.8>" in dm.content and "`abraza person`" in dm.content
+            # The adapter was in the old diffusers format: converted first, then sent as it is stored now.
+            adapter = Path(model.adapter_path or "")
+            assert is_kohya_adapter(adapter)
+            assert dm.files == [("abraza.safetensors", adapter.read_bytes())]
+            for where in ("`models/Lora`", "`<lora:abraza:0.8>`", "`models/loras`", "LoraLoader"):
+                assert where in dm.content
+            assert "Trigger words: write `abraza person` in the prompt" in dm.content
+
+            # Publishing: a form for the member's own token, then one private repo.
+            done = await publish(h, "abraza-lora")
+            assert done.ephemeral and done.content.startswith(
+                f"Published **abraza** to <{fake_hub.url}/alice/abraza-lora> (private: only you see it)"
+            )
+            repo = fake_hub.repos["alice/abraza-lora"]
+            assert repo.private and sorted(repo.files) == [
+                "README.md",
+                "abraza.safetensors",
+                DIFFUSERS_ADAPTER_FILE,
+            ]
+            assert repo.files["abraza.safetensors"] == adapter.read_bytes()
+            # A Hub answer nobody expected: the central handler logs it, the repo made for it goes again.
+            fake_hub.fail_commit = 200
+            assert "Something went wrong on my side" in (await publish(h, "abraza-2")).content
+            assert "alice/abraza-2" not in fake_hub.repos and fake_hub.deleted == ["alice/abraza-2"]
+            assert len(h.fake.errors) == 1
+            h.fake.errors.clear()
+            ix = await h.fake.slash(
+                h.alice, h.general_channel_id, "model publish", name="abraza", repo="a/b/c"
+            )
+            assert "is not a Hugging Face repo name" in (await ix.wait_original()).content
+            assert_token_kept_nowhere(hub_token, h.data_dir, caplog.text, *capfd.readouterr())
 
             h.fake.user(h.bob).dms_open = False
             closed = await answer(h, h.bob, "model export", name="zorvik")
@@ -278,6 +325,7 @@ def test_help(tmp_path: Path) -> None:
                 "/queue",
                 "/forget",
                 "Tips for good photos",
+                "`/model publish` to your own Hugging Face account (private by default)",
             ):
                 assert part in text
 

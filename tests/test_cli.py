@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,12 +15,17 @@ import pytest
 from a1111 import read_parameters
 from botharness import selfie_jpeg
 from conftest import PROJECT_ROOT
+from fakehub import FakeHub, assert_token_kept_nowhere
+from huggingface_hub import ModelCard
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
+from safetensors import safe_open
 
 from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 from bot.cli import main
 from bot.db import LOCAL_GUILD_ID, Database
 from engine.config import DEFAULT_BASE_MODEL, load_config
+from engine.model import load_base_model
 
 
 @pytest.fixture
@@ -57,10 +63,17 @@ def test_check_prints_the_report_and_exits_by_verdict(
 
 
 @pytest.mark.slow
-def test_train_then_imagine_with_the_token(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_then_imagine_export_and_publish(
+    workdir: Path,
+    capfd: pytest.CaptureFixture[str],
+    fake_hub: FakeHub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # capfd: the CLI's own output and whatever else reaches the process's stdout and stderr.
     photos = sorted(str(p) for p in (workdir / "photos").glob("selfie*.jpg"))
     assert main(["train", "--name", "abraza", "--class", "person", *photos]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "trained 'abraza'" in out and 'dreambot imagine "abraza as a viking"' in out
 
     db = Database.in_data_dir(workdir / "data")
@@ -79,9 +92,52 @@ def test_train_then_imagine_with_the_token(workdir: Path, capsys: pytest.Capture
     assert "abraza" in parameters["Lora hashes"]
     assert db.search_generations(LOCAL_GUILD_ID, search="thor")[1] == 1
 
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["models"]) == 0
-    assert "abraza" in capsys.readouterr().out
+    assert "abraza" in capfd.readouterr().out
+
+    # Export: the stored kohya file, byte for byte, and where it goes.
+    exported = workdir / "exported" / "abraza.safetensors"
+    assert main(["export", "abraza", "--out", str(exported)]) == 0
+    out = capfd.readouterr().out
+    assert exported.read_bytes() == Path(model.adapter_path).read_bytes()
+    for where in ("models/Lora", "<lora:abraza:0.8>", "models/loras", "LoraLoader", "write abraza person"):
+        assert where in out
+    with safe_open(str(exported), framework="numpy") as file:
+        keys, metadata = list(file.keys()), file.metadata()
+    assert all(re.fullmatch(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", key) for key in keys)
+    assert metadata["modelspec.trigger_phrase"] == "abraza person" and metadata["ss_output_name"] == "abraza"
+    # diffusers' kohya path puts a LoRA on every module the file names (an unmatched key is dropped).
+    pipeline = load_base_model("tiny", "cpu", workdir / "data").pipeline
+    pipeline.load_lora_weights(exported.parent, weight_name=exported.name, adapter_name="abraza")
+    assert pipeline.get_list_adapters() == {"unet": ["abraza"]}
+    lora_layers = [m for m in pipeline.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(lora_layers) == len({key.partition(".")[0] for key in keys}) > 0
+
+    # Publish with HF_TOKEN: a private repo unless --public, the samples as the card's widget.
+    hub_token = "hf_cliWriteToken0123456789"
+    fake_hub.tokens[hub_token] = "alice"
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    assert main(["publish", "abraza", "--repo", "alice/abraza"]) == 0
+    published = capfd.readouterr()
+    assert f"published 'abraza' to {fake_hub.url}/alice/abraza (private)" in published.out
+    repo = fake_hub.repos["alice/abraza"]
+    assert repo.private and repo.files["abraza.safetensors"] == exported.read_bytes()
+    assert repo.files["samples/0.png"] == Path(model.samples[0]).read_bytes()
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.widget == [
+        {"text": "portrait photo of abraza person, detailed, soft light", "output": {"url": "samples/0.png"}}
+    ]
+    assert card.data.instance_prompt == "photo of abraza person" and "- steps: 6" in card.text
+    assert main(["publish", "abraza", "--repo", "abraza-public", "--public"]) == 0
+    assert not fake_hub.repos["alice/abraza-public"].private
+    assert_token_kept_nowhere(
+        hub_token, workdir / "data", caplog.text, published.out, published.err, *capfd.readouterr()
+    )
+
+    monkeypatch.delenv("HF_TOKEN")
+    assert main(["publish", "abraza", "--repo", "alice/other"]) == 2
+    assert "set HF_TOKEN to a Hugging Face token with write access" in capfd.readouterr().err
 
 
 def test_train_refuses_a_bad_photo_set_before_any_engine_starts(workdir: Path) -> None:

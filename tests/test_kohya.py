@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 
 from engine.config import TrainingSection
-from engine.kohya import is_kohya_adapter, upgrade_adapter
+from engine.kohya import DIFFUSERS_ADAPTER_FILE, diffusers_adapter_bytes, is_kohya_adapter, upgrade_adapter
 from engine.model import load_base_model
 from engine.protocol import TrainJob
 from engine.train import train_lora
@@ -272,6 +272,21 @@ def test_old_adapter_loads_and_renders_the_same_in_the_kohya_format(
     new_loaded.load_lora_weights(new.parent, weight_name=new.name, adapter_name=TOKEN)
     assert set(new_loaded.get_list_adapters()) == {"unet", *text_encoders(new_loaded)}
     assert np.abs(render(new_loaded) - from_old).max() <= RENDER_TOLERANCE
+
+    # The copy in diffusers' own format (published beside the kohya file): the same weights under peft's
+    # names, the alpha in its metadata, the same pictures.
+    copy = tmp_path / "diffusers" / DIFFUSERS_ADAPTER_FILE
+    copy.parent.mkdir()
+    copy.write_bytes(diffusers_adapter_bytes(new))
+    modules = {c: dict(getattr(source, c).named_modules()) for c in ["unet", *text_encoders(source)]}
+    for key in load_file(copy):
+        component, _, rest = key.partition(".")
+        module, _, part = rest.rpartition(".lora_")
+        assert part in ("A.weight", "B.weight") and module in modules[component], key
+    copy_loaded = load_base_model(base, "cpu", tiny_data_dir).pipeline
+    copy_loaded.load_lora_weights(copy.parent, weight_name=copy.name, adapter_name=TOKEN)
+    assert set(copy_loaded.get_list_adapters()) == {"unet", *text_encoders(copy_loaded)}
+    assert np.abs(render(copy_loaded) - from_old).max() <= RENDER_TOLERANCE
 
 
 def test_upgrade_takes_the_training_metadata_beside_the_file(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ you posted, and I post a few samples when it's done.
 **Commands**
 `/train` · or right-click your own message with photos → Apps → **Train on these photos**
 `/models` your models · `/model share` let others use one (off by default) · \
-`/model export` the LoRA file by DM · `/model delete`
+`/model export` the LoRA file by DM (A1111, Forge, ComfyUI) · `/model publish` to your own Hugging Face \
+account (private by default) · `/model delete`
 `/queue` your waiting and running jobs, with Cancel buttons
 `/forget` delete everything I keep about you: your photos, models and pictures, the pictures \
 others made with your models, every message I posted about them, and every record of you

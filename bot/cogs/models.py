@@ -1,18 +1,19 @@
-"""A member's models: /models, /model delete|share|export."""
+"""A member's models: /models, /model delete|share|export|publish."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from pathlib import Path
 from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import DreamBot
+from bot.bot import DreamBot, report_error
 from bot.db import ModelRow
-from bot.service import UserFacingError, delete_model, member_limits
+from bot.publish import check_repo_id, publish_model
+from bot.service import UserFacingError, delete_model, export_adapter, export_instructions, member_limits
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
 from bot.views import confirm, count, refusal_line
 from bot.words import normalize_token
@@ -118,34 +119,21 @@ class Models(commands.Cog):
     @app_commands.describe(name="The model's name")
     @app_commands.autocomplete(name=model_autocomplete)
     async def export_model(self, interaction: discord.Interaction[DreamBot], name: str) -> None:
-        """Get your model's LoRA file by DM, to use in other Stable Diffusion tools."""
+        """Get your model's LoRA file by DM, for AUTOMATIC1111, Forge, ComfyUI or diffusers."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
         model = self._own_model(interaction, name)
-        if model.state != "ready" or not model.adapter_path:
-            raise UserFacingError(
-                f"**{model.token}** isn't trained yet ({model.state}), so there is nothing to export."
-            )
-        path = Path(model.adapter_path)
-        if not path.is_file():
-            raise UserFacingError(
-                f"The file of **{model.token}** is missing on my side. Train it again to export it."
-            )
-        size = path.stat().st_size
+        # An adapter still in the old format is rewritten first: file work, off the event loop.
+        export = await asyncio.to_thread(export_adapter, self.bot.config, model)
+        size = export.path.stat().st_size
         if size > DEFAULT_UPLOAD_LIMIT:
             raise UserFacingError(
                 f"The file of **{model.token}** is {size / 2**20:.1f} MB, more than Discord lets me send in a DM."
             )
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        base = model.metadata.get("base_model") or self.bot.config.model.base
-        filename = f"{model.token}.safetensors"
         try:
             await interaction.user.send(
-                f"Here is **{model.token}**, your LoRA for Stable Diffusion (trained on `{base}`; it works with "
-                "that base model and close relatives).\n"
-                f"• ComfyUI: put `{filename}` in `models/loras` and add a LoRA loader.\n"
-                f"• AUTOMATIC1111 / Forge: put it in `models/Lora` and add `<lora:{model.token}:0.8>` to the prompt.\n"
-                f"• diffusers: `pipe.load_lora_weights('{filename}')`.\n"
-                f"In every tool, name yourself in the prompt as `{model.token} {model.class_word}`.",
-                file=discord.File(path, filename=filename),
+                f"Here is **{model.token}**, your LoRA for Stable Diffusion (kohya format).\n"
+                + export_instructions(export),
+                file=discord.File(export.path, filename=export.filename),
             )
         except discord.Forbidden:
             raise UserFacingError(
@@ -153,6 +141,73 @@ class Models(commands.Cog):
                 "(Privacy Settings of this server), then try again."
             ) from None
         await interaction.followup.send(f"Sent **{model.token}** to you by DM.", ephemeral=True)
+
+    @model.command(name="publish")
+    @app_commands.describe(
+        name="The model's name",
+        repo="Your Hugging Face repo to create: your-username/model-name, or model-name",
+        visibility="private (the default: only you see it) or public (anyone can download your face)",
+    )
+    @app_commands.autocomplete(name=model_autocomplete)
+    async def publish_model(
+        self,
+        interaction: discord.Interaction[DreamBot],
+        name: str,
+        repo: str,
+        visibility: Literal["private", "public"] = "private",
+    ) -> None:
+        """Upload your model to your own Hugging Face account, with its samples and a model card."""
+        # No defer: the answer is the token form, which must be the first response.
+        model = self._own_model(interaction, name)
+        if model.state != "ready" or not model.adapter_path:
+            raise UserFacingError(
+                f"**{model.token}** isn't trained yet ({model.state}), so there is nothing to publish."
+            )
+        modal = HubTokenModal(self, model.id, check_repo_id(repo), private=visibility == "private")
+        await interaction.response.send_modal(modal)
+
+    async def publish(
+        self, interaction: discord.Interaction, model_id: int, repo: str, token: str, *, private: bool
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        model = self.bot.db.find_model(model_id)
+        if model is None or model.owner_id != interaction.user.id:
+            raise UserFacingError("That model is gone (deleted meanwhile), so nothing was published.")
+        published = await asyncio.to_thread(
+            publish_model, self.bot.config, model, repo, token, private=private
+        )
+        visibility = "private: only you see it" if published.private else "public: anyone can download it"
+        await interaction.followup.send(
+            f"Published **{model.token}** to <{published.url}> ({visibility}): the kohya file, the "
+            f"diffusers weights, {count(published.samples, 'sample')} and a model card. "
+            "I kept nothing of your token.",
+            ephemeral=True,
+        )
+
+
+class HubTokenModal(discord.ui.Modal, title="Publish to Hugging Face"):
+    # Read once in on_submit and handed to the upload; never stored, logged or shown again.
+    token: discord.ui.TextInput[HubTokenModal] = discord.ui.TextInput(
+        label="Your Hugging Face write token (used once)",
+        placeholder="hf_... (huggingface.co/settings/tokens)",
+        min_length=8,
+        max_length=200,
+    )
+
+    def __init__(self, cog: Models, model_id: int, repo: str, *, private: bool) -> None:
+        super().__init__()
+        self.cog = cog
+        self.model_id = model_id
+        self.repo = repo
+        self.private = private
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.cog.publish(
+            interaction, self.model_id, self.repo, self.token.value.strip(), private=self.private
+        )
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        await report_error(interaction, error)
 
 
 def _model_line(model: ModelRow) -> str:
