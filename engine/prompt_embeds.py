@@ -6,10 +6,10 @@ exactly 75 tokens (compel's BRUTAL split), as A1111 does with its comma backtrac
 has no BREAK: each BREAK-separated section is encoded on its own and the sections are concatenated,
 which is A1111's BREAK (the chunk it ends is padded, the next section starts a new one).
 
-The weights are A1111's; how a weight acts is compel's: above 1 it moves the token's embedding away
-from the empty prompt's, at that token's positions only; below 1 it blends the whole embedding
-toward the prompt with those tokens masked out. (A1111's default emphasis multiplies the embedding
-and restores its mean instead.)
+The weights are A1111's; how a weight acts is compel's: it scales the distance of the words'
+embeddings from the empty prompt's, at their positions only; below 1 the result is also blended
+with the prompt encoded with those words masked out, more the smaller the weight. (A1111's default
+emphasis multiplies the embedding and restores its mean instead.)
 
 SDXL: both text encoders' penultimate hidden states, side by side, as diffusers computes them; the
 pooled embedding is the second encoder's for the first chunk, unweighted, as A1111's.
