@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from bot.cogs.help import HELP_TEXT
 from engine.prompt_syntax import (
     MAX_WEIGHT,
     Fragment,
@@ -130,3 +133,17 @@ def test_the_syntax_imports_no_torch() -> None:
     """The bot checks prompts with it before queuing, in a process that never loads torch."""
     code = "import sys, engine.prompt_syntax; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_examples_in_the_readme_and_help_read_as_they_say() -> None:
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    for text in (readme, HELP_TEXT):
+        assert "(word:1.3)" in text and "[word]" in text and "BREAK" in text and "<lora:abraza:0.7>" in text
+    for example in re.findall(r"`([^`]+)`", HELP_TEXT.split("prompt syntax works:")[1].split("\n")[0]):
+        parse_prompt(example)
+    assert parse_prompt("(word:1.3)").sections[0][0].weight == 1.3
+    assert parse_prompt("<lora:abraza:0.7>").loras == (LoraTag("abraza", 0.7),)
+    assert "`[a:b:0.5]` and alternation `[a|b]` are not supported" in readme
+    for unsupported in ("[a:b:0.5]", "[a|b]"):
+        with pytest.raises(PromptSyntaxError, match="not supported"):
+            parse_prompt(unsupported)
