@@ -29,13 +29,11 @@ from compel.prompt_parser import Conjunction, FlattenedPrompt
 
 from engine.prompt_syntax import ParsedPrompt
 
-# CLIP's context: 75 tokens of text between BOS and EOS.
-CHUNK_LENGTH = 77
-
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    """What the pipeline is called with instead of the prompt texts; (1, 77 x chunks, width) each."""
+    """What the pipeline is called with instead of the prompt texts; (1, 77 x chunks, width) each
+    (77: CLIP's context, 75 tokens between BOS and EOS)."""
 
     embeds: torch.Tensor
     negative_embeds: torch.Tensor
@@ -89,10 +87,8 @@ def encode_prompts(pipeline: Any, prompt: ParsedPrompt, negative: ParsedPrompt) 
     negative_embeds = _side_by_side(compels, negatives, length) if negatives else torch.zeros_like(embeds)
     if not sdxl:
         return PromptEmbeddings(embeds, negative_embeds)
-    pooled = _pooled(pipeline.text_encoder_2, positive[1][1])
-    negative_pooled = (
-        _pooled(pipeline.text_encoder_2, negatives[1][1]) if negatives else torch.zeros_like(pooled)
-    )
+    pooled = _pooled(compels[1], positive[1][1])
+    negative_pooled = _pooled(compels[1], negatives[1][1]) if negatives else torch.zeros_like(pooled)
     return PromptEmbeddings(embeds, negative_embeds, pooled, negative_pooled)
 
 
@@ -120,11 +116,12 @@ def _side_by_side(
     padded = []
     for compel, (embeds, _) in zip(compels, encoded, strict=True):
         empty = compel.conditioning_provider.empty_z.to(embeds.device, embeds.dtype)
-        padded.append(torch.cat([embeds, *[empty] * ((length - embeds.shape[1]) // CHUNK_LENGTH)], dim=1))
+        padded.append(torch.cat([embeds, *[empty] * ((length - embeds.shape[1]) // empty.shape[1])], dim=1))
     return torch.cat(padded, dim=-1)
 
 
-def _pooled(encoder: Any, tokens: torch.Tensor) -> torch.Tensor:
+def _pooled(compel: Compel, tokens: torch.Tensor) -> torch.Tensor:
     """The projected pooled output of the first chunk (CLIPTextModelWithProjection's text_embeds)."""
-    first_chunk = tokens.reshape(1, -1)[:, :CHUNK_LENGTH].to(encoder.device)
-    return encoder(first_chunk).text_embeds
+    provider = compel.conditioning_provider
+    first_chunk = tokens.reshape(1, -1)[:, : provider.max_token_count].to(provider.text_encoder.device)
+    return provider.text_encoder(first_chunk).text_embeds

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from engine.model import LoadedModel, load_base_model
-from engine.prompt_embeds import CHUNK_LENGTH, PromptEmbeddings, encode_prompts
+from engine.prompt_embeds import PromptEmbeddings, encode_prompts
 from engine.prompt_syntax import parse_prompt
 
 CAT = slice(2, 5)
+# CLIP's context: a chunk of 75 tokens between BOS and EOS.
+CHUNK_LENGTH = 77
 
 
 @pytest.fixture(scope="module", autouse=True)
