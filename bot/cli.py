@@ -376,7 +376,7 @@ def imagine_command(config: Config, args: argparse.Namespace) -> int:
         guidance=config.generation.guidance if args.guidance is None else args.guidance,
     )
     try:
-        models = check_generation_request(
+        adapters = check_generation_request(
             db, config, LOCAL_GUILD_ID, LOCAL_USER_ID, request, nsfw_allowed=False
         )
         row = queue_generation(
@@ -387,7 +387,7 @@ def imagine_command(config: Config, args: argparse.Namespace) -> int:
             user_name=LOCAL_USER_NAME,
             channel_id=0,
             request=request,
-            models=models,
+            adapters=adapters,
         )
     except UserFacingError as error:
         return _refuse(error)

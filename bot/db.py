@@ -59,11 +59,12 @@ class ModelRow:
     error: str | None
     created_at: float
 
-    def adapter_ref(self) -> AdapterRef:
-        """How the engine finds and prompts this model (only a ready model has an adapter)."""
+    def adapter_ref(self, weight: float = 1.0) -> AdapterRef:
+        """How the engine finds and prompts this model, applied at `weight` (only a ready model has
+        an adapter)."""
         if self.adapter_path is None:
             raise ValueError(f"model {self.token!r} is {self.state}: it has no adapter yet")
-        return AdapterRef(token=self.token, class_word=self.class_word, path=self.adapter_path)
+        return AdapterRef(token=self.token, class_word=self.class_word, path=self.adapter_path, weight=weight)
 
 
 @dataclass

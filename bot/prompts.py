@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from bot.db import ModelRow
+from engine.prompt_syntax import parse_prompt
+from engine.protocol import words_in
 
 # Width and height relative to the model's training side.
 ASPECTS: dict[str, tuple[float, float]] = {
@@ -27,12 +28,9 @@ def _multiple_of_8(value: float) -> int:
     return max(8, round(value / 8) * 8)
 
 
-def tokens_in(prompt: str) -> set[str]:
-    """The lowercase words of a prompt, the way tokens are matched (whole words only)."""
-    return set(re.findall(r"[a-z0-9]+", prompt.lower()))
-
-
 def models_in_prompt(prompt: str, models: Iterable[ModelRow]) -> list[ModelRow]:
-    """The models whose token appears in the prompt as a whole word, in the order given."""
-    words = tokens_in(prompt)
-    return [model for model in models if model.token in words]
+    """The models the prompt names, by their token as a whole word of its text or in a
+    `<lora:TOKEN:WEIGHT>` tag, in the order given. PromptSyntaxError for a prompt that does not read."""
+    parsed = parse_prompt(prompt)
+    names = words_in(parsed.text) | set(parsed.lora_weights)
+    return [model for model in models if model.token in names]

@@ -25,7 +25,17 @@ from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, re
 from bot.words import subject_problem, token_problem
 from engine.config import Config
 from engine.kohya import upgrade_adapter
-from engine.protocol import MAX_SEED, Error, GenerateJob, GenerationDone, TrainingDone, TrainJob, encode
+from engine.prompt_syntax import PromptSyntaxError, parse_prompt
+from engine.protocol import (
+    MAX_SEED,
+    AdapterRef,
+    Error,
+    GenerateJob,
+    GenerationDone,
+    TrainingDone,
+    TrainJob,
+    encode,
+)
 
 GenerationKind = Literal["txt2img", "variation", "upscale"]
 
@@ -236,31 +246,47 @@ def generation_kind(init_image: str | None, upscale: bool) -> GenerationKind:
     return "txt2img" if init_image is None else "variation"
 
 
-def usable_models(db: Database, guild_id: int, user_id: int, prompt: str) -> list[ModelRow]:
-    """The models the prompt names; another member's only when its owner has shared it."""
-    models = models_in_prompt(prompt, db.ready_models(guild_id))
+def usable_models(db: Database, guild_id: int, user_id: int, prompt: str) -> list[AdapterRef]:
+    """The adapters of the models the prompt names, each at its `<lora:...>` tag's weight (1 for a
+    bare token); another member's only when its owner has shared it (then at any weight)."""
+    ready = db.ready_models(guild_id)
+    try:
+        weights = parse_prompt(prompt).lora_weights
+        models = models_in_prompt(prompt, ready)
+    except PromptSyntaxError as error:
+        raise UserFacingError(f"I can't read your prompt: {error}.") from None
+    unknown = sorted(set(weights) - {model.token for model in models})
+    if unknown:
+        raise UserFacingError(
+            f"`<lora:{unknown[0]}>` names no trained model in this server: `/models` lists yours, and "
+            "a model's name in the prompt is enough to use it."
+        )
     for model in models:
         if model.owner_id != user_id and not model.shared:
             raise UserFacingError(
                 f"“{model.token}” is <@{model.owner_id}>'s model and its owner hasn't shared it, "
                 "so only they can use it (they can share it with `/model share`)."
             )
-    return models
+    return [model.adapter_ref(weights.get(model.token, 1.0)) for model in models]
 
 
 def check_generation_request(
     db: Database, config: Config, guild_id: int, user_id: int, request: ImageRequest, *, nsfw_allowed: bool
-) -> list[ModelRow]:
-    """Refuse what may not be drawn (safety), models the member may not use, and a full queue; else
-    the models the prompt uses."""
+) -> list[AdapterRef]:
+    """Refuse what may not be drawn (safety), a prompt that does not read, models the member may not
+    use, and a full queue; else the adapters the prompt uses."""
     refusal = prompt_refusal(
         request.prompt, request.negative_prompt, config.safety, nsfw_channel=nsfw_allowed
     )
     if refusal is not None:
         raise UserFacingError(refusal)
-    models = usable_models(db, guild_id, user_id, request.prompt)
+    try:
+        parse_prompt(request.negative_prompt, loras=False)
+    except PromptSyntaxError as error:
+        raise UserFacingError(f"I can't read your negative prompt: {error}.") from None
+    adapters = usable_models(db, guild_id, user_id, request.prompt)
     check_queue_cap(db, config, guild_id, user_id)
-    return models
+    return adapters
 
 
 def queue_generation(
@@ -272,7 +298,7 @@ def queue_generation(
     user_name: str,
     channel_id: int,
     request: ImageRequest,
-    models: Sequence[ModelRow],
+    adapters: Sequence[AdapterRef],
 ) -> JobRow:
     """Write the job row of a checked request (check_generation_request)."""
     job_id = new_job_id()
@@ -288,7 +314,7 @@ def queue_generation(
             width=request.width,
             height=request.height,
             count=request.count,
-            adapters=[model.adapter_ref() for model in models],
+            adapters=list(adapters),
             init_image=request.init_image,
             strength=request.strength,
             upscale=request.upscale,

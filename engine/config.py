@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.prompt_syntax import PromptSyntaxError, parse_prompt
+
 DEFAULT_CONFIG_FILE = Path("config.toml")
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Built-in tiny random models (engine/model.py) for tests and machines without a GPU.
@@ -236,3 +238,8 @@ def _check_values(config: Config) -> None:
         )
     if not config.model.devices:
         raise ConfigError("[model] device: expected a device name or a non-empty list, got []")
+    # Every member's negative prompt starts with it: one that does not read would refuse them all.
+    try:
+        parse_prompt(config.safety.default_negative_prompt, loras=False)
+    except PromptSyntaxError as error:
+        raise ConfigError(f"[safety] default_negative_prompt: {error}") from None

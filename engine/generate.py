@@ -46,14 +46,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from engine import kohya
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
+from engine.prompt_embeds import encode_prompts
+from engine.prompt_syntax import outside_tags, parse_prompt
 from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
 from engine.train import dreambot_version
 
 log = logging.getLogger(__name__)
 
 SAMPLER_NAME = "DPM++ 2M"
-# Every adapter acts at full strength.
-LORA_WEIGHT = 1.0
 
 
 class AdapterLoadError(RuntimeError):
@@ -92,14 +92,17 @@ def expand_tokens(prompt: str, adapters: Sequence[AdapterRef]) -> str:
 
     Whole words by engine.protocol's definition (the one that selects the adapters, so
     "abraza_viking" gets the class word too), any case; a token already followed by its class word
-    is left alone.
+    is left alone, and so is the name in a `<lora:...>` tag.
     """
     for adapter in adapters:
         if not adapter.class_word:
             continue
         token, class_word = whole_word(adapter.token).pattern, whole_word(adapter.class_word).pattern
         unexpanded = re.compile(rf"{token}(?!\s+{class_word})", re.IGNORECASE)
-        prompt = unexpanded.sub(lambda m, c=adapter.class_word: f"{m.group(0)} {c}", prompt)
+        prompt = outside_tags(
+            prompt,
+            lambda text, u=unexpanded, c=adapter.class_word: u.sub(lambda m: f"{m.group(0)} {c}", text),
+        )
     return prompt
 
 
@@ -156,7 +159,7 @@ def model_display_name(base: str) -> str:
 
 def lora_tags(adapters: Sequence[AdapterRef]) -> str:
     """A1111's `<lora:NAME:WEIGHT>` prompt tags, which make its "Send to txt2img" apply the adapters."""
-    return " ".join(f"<lora:{adapter.token}:{LORA_WEIGHT:g}>" for adapter in adapters)
+    return " ".join(f"<lora:{adapter.token}:{adapter.weight:g}>" for adapter in adapters)
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -217,7 +220,7 @@ class AdapterCache:
         return self._entries[token].shorthash
 
     def activate(self, adapters: Sequence[AdapterRef]) -> None:
-        """Make exactly `adapters` active (weight 1.0 each); with none, no LoRA affects the output.
+        """Make exactly `adapters` active, each at its weight; with none, no LoRA affects the output.
 
         Any other adapter on the pipeline, the cache's or not (a training adapter), is deactivated.
         """
@@ -238,7 +241,7 @@ class AdapterCache:
         if wanted:
             # set_adapters alone does not undo an earlier disable_lora: the layers would stay bypassed.
             self.pipeline.enable_lora()
-            self.pipeline.set_adapters(wanted, adapter_weights=[1.0] * len(wanted))
+            self.pipeline.set_adapters(wanted, adapter_weights=[adapter.weight for adapter in adapters])
         else:
             self.pipeline.disable_lora()
 
@@ -385,12 +388,10 @@ class Generator:
             raise GenerationCancelled("generation cancelled before it started")
 
         prompt = expand_tokens(job.prompt, job.adapters)
+        parsed = parse_prompt(prompt)
         # Up to MAX_SEED + count - 1: torch takes any 64-bit seed.
         seeds = [job.seed + index for index in range(job.count)]
         kwargs: dict[str, Any] = dict(
-            prompt=prompt,
-            # None, not "": SDXL then uses zero embeddings for "no negative prompt", as it was trained.
-            negative_prompt=job.negative_prompt or None,
             num_inference_steps=job.steps,
             guidance_scale=job.guidance,
             num_images_per_prompt=job.count,
@@ -418,12 +419,17 @@ class Generator:
             self.adapters.activate(job.adapters)
             for component in _modules(self.model.pipeline):
                 component.eval()
-            images = pipeline(**kwargs).images
+            # With the adapters active: a LoRA of the text encoder changes the embeddings.
+            embeddings = encode_prompts(
+                self.model.pipeline, parsed, parse_prompt(job.negative_prompt, loras=False)
+            )
+            images = pipeline(**kwargs, **embeddings.pipeline_arguments()).images
             nsfw = self._nsfw_flags(images)
 
-        written_prompt = prompt
+        # The prompt as written (tags in place), plus a tag for each adapter its bare token selected.
+        untagged = [adapter for adapter in job.adapters if adapter.token not in parsed.lora_weights]
+        written_prompt = f"{prompt} {lora_tags(untagged)}" if untagged else prompt
         if job.adapters:
-            written_prompt = f"{prompt} {lora_tags(job.adapters)}"
             extra["Lora hashes"] = ", ".join(
                 f"{adapter.token}: {self.adapters.shorthash(adapter.token)}" for adapter in job.adapters
             )

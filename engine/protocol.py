@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from engine.prompt_syntax import MAX_WEIGHT, parse_prompt
+
 # What a member's token and class word may be: the bot refuses others before queuing, the engine
 # before training. A token also names the adapter on the pipeline.
 TOKEN_PATTERN = re.compile(r"[a-z0-9]{3,20}")
@@ -60,6 +62,14 @@ class AdapterRef:
     token: str
     class_word: str
     path: str
+    # The strength it is applied at: its <lora:TOKEN:WEIGHT> tag's, 1 for a bare token.
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight <= MAX_WEIGHT:
+            raise ValueError(
+                f"adapter {self.token!r}: `weight` has to be between 0 and {MAX_WEIGHT:g} but is {self.weight}"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ class GenerateJob:
 
     type: ClassVar[str] = "generate"
     job_id: str
+    # In A1111's prompt language (engine.prompt_syntax); its <lora:...> tags name adapters below.
     prompt: str
     output_dir: str
     negative_prompt: str = ""
@@ -140,6 +151,16 @@ class GenerateJob:
             # Tokens become peft adapter names and are matched as words in the prompt.
             if not TOKEN_PATTERN.fullmatch(token):
                 raise ValueError(f"adapter token {token!r} has to be 3-20 lowercase letters or digits")
+        # PromptSyntaxError is a ValueError: its message says what does not read.
+        tagged = parse_prompt(self.prompt).lora_weights
+        parse_prompt(self.negative_prompt, loras=False)
+        weights = {adapter.token: adapter.weight for adapter in self.adapters}
+        for token, weight in tagged.items():
+            if weights.get(token) != weight:
+                raise ValueError(
+                    f"the prompt's <lora:{token}:{weight:g}> has to name one of `adapters` at that weight "
+                    f"but `adapters` has {weights}"
+                )
         if self.upscale and self.init_image is None:
             raise ValueError("`upscale` needs an `init_image` but `init_image` is None")
         if self.init_image is None:

@@ -293,6 +293,18 @@ def test_imagine_refusals(tmp_path: Path) -> None:
 
             ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle, GORE")
             assert "gore" in await refusal(ix)
+            # A1111's prompt language: what does not read is refused, saying what and where.
+            for prompt, problem in (
+                ("a castle (at dusk", "I can't read your prompt: “(” in “(at dusk” is never closed"),
+                ("a castle, (towers:50)", "the weight 50 in “(towers:50)” is outside 0 to 2"),
+                ("a castle <lora:nobody:0.5>", "`<lora:nobody>` names no trained model in this server"),
+            ):
+                ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt=prompt)
+                assert problem in await refusal(ix)
+            ix = await h.fake.slash(
+                h.alice, h.prompts_channel_id, "imagine", prompt="a castle", negative="[blurry"
+            )
+            assert "I can't read your negative prompt: “[” in “[blurry” is never closed" in await refusal(ix)
             # NSFW is allowed on this server, but #prompts is not age-restricted.
             ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a nude statue")
             assert "age-restricted" in await refusal(ix)
@@ -311,8 +323,17 @@ def test_imagine_refusals(tmp_path: Path) -> None:
 
             share = await h.fake.slash(h.bob, h.prompts_channel_id, "model share", name="zorblat", state="on")
             await share.wait_original()
-            post = await imagine(h, h.alice, prompt="zorblat as a pirate", aspect="portrait")
+            # A model shared with her, at the weight of her tag: the PNG keeps the tag as she typed it.
+            post = await imagine(
+                h, h.alice, prompt="zorblat as a (pirate:1.2) <lora:zorblat:0.5>", aspect="portrait"
+            )
             assert field(post, "Model") == "zorblat" and image_size(post) == (64, 96)
+            row = h.db.generation(int(post.custom_ids[0].rsplit(":", 1)[1]))
+            request = h.db.job(row.job_id).request
+            assert [(a.token, a.weight) for a in request.adapters] == [("zorblat", 0.5)]
+            with Image.open(io.BytesIO(post.files[0][1])) as image:
+                written = image.text["parameters"].splitlines()[0]
+            assert written == "zorblat person as a (pirate:1.2) <lora:zorblat:0.5>"
             assert post.allowed_mentions == {"parse": [], "users": [h.alice]}
             assert not h.fake.errors
 

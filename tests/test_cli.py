@@ -147,6 +147,24 @@ def test_train_refuses_a_bad_photo_set_before_any_engine_starts(workdir: Path) -
     assert db.active_jobs() == []
 
 
+def test_imagine_refuses_a_prompt_that_does_not_read_before_any_engine_starts(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["imagine", "a castle (at dusk", "--out", "out"]) == 1
+    assert capsys.readouterr().err == (
+        "dreambot: I can't read your prompt: “(” in “(at dusk” is never closed: add a “)”, "
+        "or write \\( for the character itself.\n"
+    )
+    assert main(["imagine", "a castle", "--negative", "(blurry:9)"]) == 1
+    assert "I can't read your negative prompt: the weight 9 in “(blurry:9)” is outside 0 to 2" in (
+        capsys.readouterr().err
+    )
+    assert main(["imagine", "a castle <lora:abraza:0.5>"]) == 1
+    assert "<lora:abraza> names no trained model in this server" in capsys.readouterr().err
+    assert Database.in_data_dir(workdir / "data").active_jobs() == []
+    assert not (workdir / "out").exists()
+
+
 def test_run_without_a_token_says_where_it_comes_from(
     workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

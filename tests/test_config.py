@@ -59,6 +59,10 @@ def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
         ({"training": {"max_steps": 0}}, r"\[training\] max_steps: expected a positive number, got 0"),
         ({"intake": {"min_photos": 5, "max_photos": 2}}, r"\[intake\] max_photos: expected at least"),
         ({"model": {"device": []}}, r"\[model\] device"),
+        (
+            {"safety": {"default_negative_prompt": "lowres, (blurry"}},
+            r"\[safety\] default_negative_prompt: “\(” in “\(blurry” is never closed",
+        ),
     ],
 )
 def test_a_bad_key_is_named_in_one_line(raw: dict, message: str) -> None:

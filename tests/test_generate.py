@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -311,6 +312,8 @@ def test_expand_tokens() -> None:
     assert expand_tokens("abraza_viking, ABRAZA-2", both) == "abraza person_viking, ABRAZA person-2"
     assert expand_tokens("young abraza", [AdapterRef("abraza", "young man", "a")]) == "young abraza young man"
     assert expand_tokens("abraza young man", [AdapterRef("abraza", "young man", "a")]) == "abraza young man"
+    # The name in a LoRA tag is not a word of the text.
+    assert expand_tokens("abraza <lora:abraza:0.5>", both) == "abraza person <lora:abraza:0.5>"
 
 
 @pytest.mark.parametrize(
@@ -397,6 +400,48 @@ def test_two_adapters_at_once(generator: Generator, adapter_files: dict[str, Pat
     assert both.parameters[0].startswith("alfa person and bravo person <lora:alfa:1> <lora:bravo:1>\n")
     assert max_diff(both.images[0], only_a) > 10
     assert max_diff(both.images[0], only_b) > 10
+
+
+def test_an_adapter_at_half_weight_has_half_its_effect(
+    fresh_model: LoadedModel, adapter_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """<lora:bravo:0.5>: the bot queues bravo at weight 0.5; the tag stays in the PNG's prompt as typed."""
+    generator = Generator(fresh_model)
+    bravo = ref(adapter_files, "bravo")  # bravo adapts the text encoder too
+    prompt = "bravo at the beach <lora:bravo:0.5>"
+    images = {
+        weight: generator.generate(
+            job(prompt=prompt.replace("0.5", f"{weight:g}"), adapters=[replace(bravo, weight=weight)]),
+            tmp_path / str(weight),
+        )
+        for weight in (0.0, 0.5, 1.0)
+    }
+    # At 0 the adapter does nothing.
+    plain = generator.generate(job(prompt="bravo person at the beach")).images[0]
+    assert max_diff(images[0.0].images[0], plain) == 0
+    assert max_diff(images[0.5].images[0], images[0.0].images[0]) > 10
+    assert max_diff(images[0.5].images[0], images[1.0].images[0]) > 10
+    assert read_parameters(images[0.5].files[0])["prompt"] == "bravo person at the beach <lora:bravo:0.5>"
+    # A bare token is weight 1: the same picture as its tag at 1, which the PNG gets appended.
+    bare = generator.generate(job(prompt="bravo at the beach", adapters=[bravo]), tmp_path / "bare")
+    assert max_diff(bare.images[0], images[1.0].images[0]) == 0
+    assert read_parameters(bare.files[0])["prompt"] == "bravo person at the beach <lora:bravo:1>"
+
+    # Each LoRA layer adds weight x its change: half of it at 0.5.
+    layer = next(
+        module
+        for module in fresh_model.pipeline.unet.modules()
+        if isinstance(module, BaseTunerLayer) and "bravo" in module.lora_A
+    )
+    features = torch.randn(1, 4, layer.in_features, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for weight in (0.0, 0.5, 1.0):
+        generator.adapters.activate([replace(bravo, weight=weight)])
+        with torch.no_grad():
+            outputs[weight] = layer(features)
+    change = outputs[1.0] - outputs[0.0]
+    assert change.abs().max() > 1e-3
+    assert torch.allclose(outputs[0.5] - outputs[0.0], change / 2, atol=1e-6)
 
 
 def test_capacity_one_evicts(fresh_model: LoadedModel, adapter_files: dict[str, Path]) -> None:

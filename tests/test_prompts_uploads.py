@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from bot.db import ModelRow
+from bot.db import Database, ModelRow
 from bot.prompts import models_in_prompt, size_for_aspect
+from bot.service import UserFacingError, usable_models
 from bot.uploads import MAX_FILES_PER_MESSAGE, image_file, image_files
+from engine.prompt_syntax import PromptSyntaxError
 
 
 def _model(token: str) -> ModelRow:
@@ -23,6 +25,33 @@ def test_models_are_found_as_whole_words() -> None:
     models = [_model("abraza"), _model("sabafry"), _model("bra")]
     found = models_in_prompt("Abraza and sabafry, as superheroes", models)
     assert [m.token for m in found] == ["abraza", "sabafry"]
+
+
+def test_a_lora_tag_names_its_model_and_bad_syntax_is_refused() -> None:
+    models = [_model("abraza"), _model("sabafry"), _model("lora")]
+    found = models_in_prompt("a portrait <lora:sabafry:0.5>, (oil:1.2)", models)
+    assert [m.token for m in found] == ["sabafry"]
+    with pytest.raises(PromptSyntaxError, match="never closed"):
+        models_in_prompt("abraza as (thor", models)
+
+
+def test_usable_models_are_at_their_tags_weight_and_an_unknown_tag_is_refused(tmp_path: Path) -> None:
+    db = Database.in_data_dir(tmp_path)
+    for user_id, token, shared in ((1, "abraza", False), (2, "zorblat", True), (2, "sabafry", False)):
+        db.ensure_user(user_id, f"user{user_id}")
+        model = db.add_model(guild_id=10, owner_id=user_id, token=token, class_word="person")
+        db.update_model(model.id, state="ready", shared=int(shared), adapter_path=f"/a/{token}")
+    adapters = usable_models(db, 10, 1, "abraza and zorblat <lora:zorblat:0.3>")
+    # A bare token is weight 1; a model shared with the member may be used at any weight.
+    assert [(a.token, a.weight) for a in adapters] == [("abraza", 1.0), ("zorblat", 0.3)]
+    with pytest.raises(UserFacingError, match=r"`<lora:nobody>` names no trained model in this server"):
+        usable_models(db, 10, 1, "abraza <lora:nobody:0.5>")
+    with pytest.raises(UserFacingError, match=r"“sabafry” is <@2>'s model and its owner hasn't shared it"):
+        usable_models(db, 10, 1, "<lora:sabafry:0.5>")
+    with pytest.raises(
+        UserFacingError, match=r"I can't read your prompt: the weight 50 in “\(thor:50\)” is outside 0 to 2"
+    ):
+        usable_models(db, 10, 1, "abraza as (thor:50)")
 
 
 @pytest.mark.parametrize(

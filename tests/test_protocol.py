@@ -37,10 +37,12 @@ MESSAGES = [
     ),
     GenerateJob(
         job_id="b2",
-        prompt="abraza as thor",
+        prompt="abraza as (thor:1.2) <lora:abraza:0.5>",
         output_dir="/d/g/b2",
         count=4,
-        adapters=[AdapterRef(token="abraza", class_word="person", path="/d/a/adapter.safetensors")],
+        adapters=[
+            AdapterRef(token="abraza", class_word="person", path="/d/a/adapter.safetensors", weight=0.5)
+        ],
         init_image="/d/g/x/0.png",
         strength=0.6,
     ),
@@ -148,6 +150,16 @@ def test_the_limits_themselves_are_accepted() -> None:
             r"each token once but names \['abraza', 'abraza'\]",
         ),
         ({"adapters": [AdapterRef("Ab.c", "person", "/a")]}, "adapter token 'Ab.c'"),
+        ({"prompt": "abraza as (thor"}, "“\\(” in “\\(thor” is never closed"),
+        ({"negative_prompt": "lowres <lora:abraza:1>"}, "tags go in the prompt, not here"),
+        (
+            {"prompt": "x <lora:abraza:0.5>"},
+            r"the prompt's <lora:abraza:0.5> has to name one of `adapters` at that weight but `adapters` has \{\}",
+        ),
+        (
+            {"prompt": "x <lora:abraza:0.5>", "adapters": [AdapterRef("abraza", "person", "/a")]},
+            r"at that weight but `adapters` has \{'abraza': 1.0\}",
+        ),
     ],
 )
 def test_a_generate_job_refuses_each_bad_value_and_states_it(
@@ -155,6 +167,16 @@ def test_a_generate_job_refuses_each_bad_value_and_states_it(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         generate_job(**overrides)
+
+
+def test_an_adapters_weight_is_checked_and_old_payloads_without_one_load_at_1() -> None:
+    with pytest.raises(ValueError, match=r"adapter 'abraza': `weight` has to be between 0 and 2 but is 2\.5"):
+        AdapterRef("abraza", "person", "/a", weight=2.5)
+    line = encode(generate_job(adapters=[AdapterRef("abraza", "person", "/a")]))
+    old_line = line.replace(',"weight":1.0', "")
+    assert old_line != line
+    job = decode(old_line)
+    assert isinstance(job, GenerateJob) and job.adapters[0].weight == 1.0
 
 
 @pytest.mark.parametrize(

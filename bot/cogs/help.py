@@ -14,7 +14,8 @@ HELP_TEXT = """\
 you which ones I can't use and why; nothing is queued until the set is good.
 2. The training runs on the GPU (minutes to half an hour). A progress message in the channel keeps \
 you posted, and I post a few samples when it's done.
-3. `/imagine abraza as a viking` draws you anywhere.
+3. `/imagine abraza as a viking` draws you anywhere. AUTOMATIC1111's prompt syntax works: \
+`(word:1.3)` and `(word)` stronger, `[word]` weaker, `BREAK`, and `<lora:abraza:0.7>` for less of you.
 
 **Commands**
 `/train` · or right-click your own message with photos → Apps → **Train on these photos**

@@ -167,7 +167,7 @@ class Imagine(commands.Cog):
         channel = self._channel_for(interaction, redirect=redirect)
         db, config = self.bot.db, self.bot.config
         # Checked and written with no await between, so two quick requests cannot both pass the cap.
-        models = check_generation_request(
+        adapters = check_generation_request(
             db, config, guild.id, user.id, request, nsfw_allowed=channel.is_nsfw()
         )
         job = queue_generation(
@@ -178,7 +178,7 @@ class Imagine(commands.Cog):
             user_name=user.name,
             channel_id=channel.id,
             request=request,
-            models=models,
+            adapters=adapters,
         )
         here = channel.id == interaction.channel_id
         if not interaction.response.is_done():
