@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -397,6 +398,71 @@ def test_two_adapters_at_once(generator: Generator, adapter_files: dict[str, Pat
     assert both.parameters[0].startswith("alfa person and bravo person <lora:alfa:1> <lora:bravo:1>\n")
     assert max_diff(both.images[0], only_a) > 10
     assert max_diff(both.images[0], only_b) > 10
+
+
+def test_members_adapters_in_one_batch_give_the_images_each_renders_alone(
+    generator: Generator, adapter_files: dict[str, Path]
+) -> None:
+    """Four members' requests in one UNet batch: alfa, bravo (whose adapter also changes the text
+    encoder), one without an adapter, charlie with two images. Each image equals its job rendered
+    alone, within BATCH_TOLERANCE (batching reorders float sums; the LoRA math is the same)."""
+    jobs = [
+        job(
+            job_id="a",
+            prompt="alfa on a horse",
+            seed=1,
+            negative_prompt="blurry",
+            adapters=[ref(adapter_files, "alfa")],
+        ),
+        job(
+            job_id="b",
+            prompt="bravo as a knight",
+            seed=2,
+            negative_prompt="dark",
+            adapters=[ref(adapter_files, "bravo")],
+        ),
+        job(job_id="plain", prompt="a castle", seed=3, negative_prompt="text"),
+        job(
+            job_id="c",
+            prompt="charlie swims",
+            seed=4,
+            count=2,
+            negative_prompt="ugly",
+            adapters=[ref(adapter_files, "charlie")],
+        ),
+    ]
+    steps: list[tuple[int, int]] = []
+    batched = generator.generate_batch(jobs, on_step=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 2), (2, 2)]  # one denoising loop for all of them
+    assert [len(result.images) for result in batched] == [1, 1, 1, 2]
+    plain_alone = generator.generate(jobs[2]).images[0]
+    for request, result in zip(jobs, batched, strict=True):
+        alone = generator.generate(request)
+        assert result.seeds == alone.seeds
+        assert result.parameters == alone.parameters
+        for image, expected in zip(result.images, alone.images, strict=True):
+            assert max_diff(image, expected) <= BATCH_TOLERANCE, request.job_id
+        if request.adapters:
+            # The adapter really acted on its own image (and no other adapter did).
+            assert (
+                max_diff(
+                    result.images[0], generator.generate(dataclasses.replace(request, adapters=[])).images[0]
+                )
+                > 10
+            )
+    # Equal counts take the one-prompt-per-job path: the same images.
+    pair = generator.generate_batch(jobs[:2])
+    for request, result in zip(jobs[:2], pair, strict=True):
+        assert max_diff(result.images[0], generator.generate(request).images[0]) <= BATCH_TOLERANCE
+    assert max_diff(batched[2].images[0], plain_alone) <= BATCH_TOLERANCE
+
+    # Jobs that cannot share a denoising loop are refused by name.
+    with pytest.raises(ValueError, match=r"cannot share a batch"):
+        generator.generate_batch([jobs[0], job(job_id="big", width=128, height=128)])
+    with pytest.raises(ValueError, match=r"cannot share a batch"):
+        generator.generate_batch(
+            [jobs[0], job(job_id="two", adapters=[ref(adapter_files, "alfa"), ref(adapter_files, "bravo")])]
+        )
 
 
 def test_capacity_one_evicts(fresh_model: LoadedModel, adapter_files: dict[str, Path]) -> None:
