@@ -46,6 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL.PngImagePlugin import PngInfo
 
 from engine import kohya
+from engine.memory import raise_if_test_oom
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
 from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
 from engine.train import dreambot_version
@@ -555,6 +556,7 @@ def _step_callback(
         # Raising (rather than pipeline._interrupt) stops at once: no VAE decode of a dropped image.
         if stop():
             raise GenerationCancelled(f"generation cancelled after step {step + 1}")
+        raise_if_test_oom("generate", step + 1)
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
         return {}
