@@ -638,3 +638,31 @@ def test_sdxl_text_to_image_and_variation(tiny_data_dir: Path, tmp_path: Path) -
     assert max_diff(variation.images[0], result.images[0]) > 10
     upscale = generator.generate(job(init_image=str(result.files[0]), upscale=True, strength=0.35, steps=3))
     assert upscale.images[0].size == (128, 192)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU's precisions, run on the CPU with the same switches
+
+
+def test_bf16_generation_matches_fp32_within_bf16_rounding(generator: Generator, tiny_data_dir: Path) -> None:
+    bf16 = Generator(load_base_model("tiny", "cpu", tiny_data_dir, dtype="bf16"))
+    assert bf16.model.dtype == bf16.model.pipeline.unet.dtype == torch.bfloat16
+    image, reference = bf16.generate(job(seed=5)).images[0], generator.generate(job(seed=5)).images[0]
+    # bf16 keeps 8 bits of mantissa: a pixel moves by a few levels, the picture stays the same.
+    assert max_diff(image, reference) <= 16
+    assert np.abs(pixels(image) - pixels(reference)).mean() <= 2
+    assert max_diff(image, generator.generate(job(seed=6)).images[0]) > 16
+
+
+def test_sdxl_vae_decodes_in_fp32_on_half_precision_weights(tiny_data_dir: Path) -> None:
+    """SDXL's VAE overflows in fp16 (force_upcast): on fp16 weights it decodes in fp32, then goes back."""
+    half = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir, dtype="fp16"))
+    vae = half.model.pipeline.vae
+    assert vae.dtype == torch.float16 and vae.config.force_upcast
+    decoded: list[torch.dtype] = []
+    vae.decoder.register_forward_pre_hook(lambda _module, args: decoded.append(args[0].dtype))
+    image = half.generate(job(seed=3)).images[0]
+    assert decoded == [torch.float32]
+    assert vae.dtype == torch.float16
+    full = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir)).generate(job(seed=3)).images[0]
+    assert max_diff(image, full) <= 4
