@@ -28,6 +28,7 @@ from engine.protocol import (
     CancelJob,
     Error,
     Event,
+    GenerateJob,
     Job,
     Progress,
     ProtocolError,
@@ -88,23 +89,64 @@ def dispatch_order(queued: Iterable[JobRow], last_served: Mapping[int, int]) -> 
 
 
 def plan_dispatch(
-    queued: Iterable[JobRow], last_served: Mapping[int, int], free: Sequence[Collection[JobKind]]
+    queued: Iterable[JobRow],
+    last_served: Mapping[int, int],
+    free: Sequence[Collection[JobKind]],
+    batch_limit: int = 1,
 ) -> list[tuple[int, JobRow]]:
     """Which queued jobs to send now, as (worker index, job) pairs.
 
     `free[i]` holds the kinds worker i can take now: a worker runs at most one training and one
-    generation at a time (it interleaves the generation into the training). Each job goes to the
-    worker with the most free slots, so an idle worker is preferred to one that is busy training.
+    batch of generations at a time (it interleaves the generations into the training). Each job
+    goes to the worker with the most free slots, so an idle worker is preferred to one that is busy
+    training. A free generation slot takes the next generation in dispatch order and, still in
+    dispatch order, the generations that can share its batch (GenerateJob.batch_key), up to
+    `batch_limit` images: members keep their turns, and the worker renders them as one batch.
     """
     slots = [set(kinds) for kinds in free]
     plan: list[tuple[int, JobRow]] = []
-    for row in dispatch_order(queued, last_served):
+    order = dispatch_order(queued, last_served)
+    taken: set[str] = set()
+    for position, row in enumerate(order):
+        if row.id in taken:
+            continue
         candidates = [index for index, kinds in enumerate(slots) if row.kind in kinds]
-        if candidates:
-            index = max(candidates, key=lambda i: len(slots[i]))
-            slots[index].discard(row.kind)
-            plan.append((index, row))
+        if not candidates:
+            continue
+        index = max(candidates, key=lambda i: len(slots[i]))
+        slots[index].discard(row.kind)
+        plan.append((index, row))
+        if row.kind == "generate":
+            for companion in _batch_companions(row, order[position + 1 :], batch_limit):
+                taken.add(companion.id)
+                plan.append((index, companion))
     return plan
+
+
+def _batch_companions(first: JobRow, later: Sequence[JobRow], batch_limit: int) -> list[JobRow]:
+    """The generations of `later` (in order) that share `first`'s batch, up to `batch_limit` images."""
+    try:
+        job = first.request
+    except ProtocolError:
+        return []  # _send fails it with its own message
+    if not isinstance(job, GenerateJob) or job.batch_key is None:
+        return []
+    companions, images = [], job.count
+    for row in later:
+        if row.kind != "generate":
+            continue
+        try:
+            other = row.request
+        except ProtocolError:
+            continue
+        if (
+            isinstance(other, GenerateJob)
+            and other.batch_key == job.batch_key
+            and images + other.count <= batch_limit
+        ):
+            companions.append(row)
+            images += other.count
+    return companions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +188,11 @@ class EngineWorker:
     def free_kinds(self) -> set[JobKind]:
         if not (self.ready and self.alive):
             return set()
-        busy = {row.kind for row in self.in_flight.values()}
+        busy = {row.kind for row in self.in_flight.values() if row.kind == "train"}
+        # The next batch of generations may wait in the worker while one renders: it starts as
+        # soon as that one ends, and jobs that arrive together are batched there (engine.worker).
+        if any(row.kind == "generate" and row.id not in self.accepted for row in self.in_flight.values()):
+            busy.add("generate")
         return set(DISPATCH_ORDER) - busy
 
     async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int:
@@ -512,7 +558,8 @@ class JobQueue:
                 await self._finish(row, Error(row.id, message, "bad_model"))
             return
         free = [worker.free_kinds() for worker in self._workers]
-        for index, row in plan_dispatch(queued, self._last_served, free):
+        batch_limit = self.config.generation.batch_limit
+        for index, row in plan_dispatch(queued, self._last_served, free, batch_limit):
             await self._send(self._workers[index], row)
 
     async def _send(self, worker: EngineWorker, row: JobRow) -> None:

@@ -21,6 +21,7 @@ DEFAULT_CONFIG_FILE = Path("config.toml")
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Built-in tiny random models (engine/model.py) for tests and machines without a GPU.
 TINY_MODELS = ("tiny", "tiny-sdxl")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,8 @@ class ModelSection:
     xformers: bool = True
     # Run the base model's safety checker when it ships one.
     safety_checker: bool = True
+    # Weights and math: "auto" is bf16 on GPUs that have it, fp16 on other GPUs, fp32 on a CPU.
+    dtype: str = "auto"
 
     @property
     def devices(self) -> list[str]:
@@ -76,6 +79,8 @@ class TrainingSection:
     prior_loss_weight: float = 1.0
     checkpoint_every: int = 250
     gradient_checkpointing: bool = True
+    # bitsandbytes' 8-bit AdamW on CUDA where it is installed (less memory); torch AdamW otherwise.
+    adam_8bit: bool = True
     sample_count: int = 4
     sample_prompt: str = "portrait photo of {token} {class}, detailed, soft light"
     seed: int = 0
@@ -87,6 +92,9 @@ class GenerationSection:
     guidance: float = 7.5
     # Adapters kept loaded on the pipeline at once (least recently used is unloaded first).
     adapter_cache: int = 8
+    # Most images in one UNet batch: waiting text-to-image requests of the same size, steps and
+    # guidance are rendered together, even with different members' adapters.
+    batch_limit: int = 8
     variation_strength: float = 0.6
     upscale_strength: float = 0.35
 
@@ -220,6 +228,7 @@ def _check_values(config: Config) -> None:
         "[training] checkpoint_every": config.training.checkpoint_every,
         "[generation] steps": config.generation.steps,
         "[generation] adapter_cache": config.generation.adapter_cache,
+        "[generation] batch_limit": config.generation.batch_limit,
         "[intake] min_photos": config.intake.min_photos,
         "[intake] max_bytes": config.intake.max_bytes,
         "[limits] max_queued_jobs_per_user": config.limits.max_queued_jobs_per_user,
@@ -236,6 +245,8 @@ def _check_values(config: Config) -> None:
             f"[intake] max_photos: expected at least min_photos ({config.intake.min_photos}), "
             f"got {config.intake.max_photos!r}"
         )
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"[model] dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
     if not config.model.devices:
         raise ConfigError("[model] device: expected a device name or a non-empty list, got []")
     # Every member's negative prompt starts with it: one that does not read would refuse them all.

@@ -18,6 +18,7 @@ train/eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,13 +42,15 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     StableDiffusionXLPipeline,
 )
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL.PngImagePlugin import PngInfo
 
 from engine import kohya
+from engine.memory import raise_if_test_oom
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
-from engine.prompt_embeds import encode_prompts
-from engine.prompt_syntax import outside_tags, parse_prompt
+from engine.prompt_embeds import batch_embeddings, encode_prompts
+from engine.prompt_syntax import ParsedPrompt, outside_tags, parse_prompt
 from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
 from engine.train import dreambot_version
 
@@ -382,50 +385,128 @@ class Generator:
 
         The job's values were checked when it was made; ValueError says why its init image cannot
         serve (missing, unreadable, too big to upscale)."""
+        return self.generate_batch([job], [output_dir], on_step, should_stop)[0]
+
+    def generate_batch(
+        self,
+        jobs: Sequence[GenerateJob],
+        output_dirs: Sequence[Path | None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """Render several jobs in ONE pipeline call (one UNet batch), each with its own adapter; one
+        result per job, as `generate` would give it alone up to batching's float rounding.
+
+        More than one job needs equal, non-None `GenerateJob.batch_key`s. When the jobs' adapters
+        differ, each image goes through its own job's adapter (`per_sample_adapters`)."""
         started = time.perf_counter()
+        if not jobs:
+            raise ValueError("generate_batch needs at least one job, got none")
+        keys = {job.batch_key for job in jobs}
+        if len(jobs) > 1 and (None in keys or len(keys) > 1):
+            raise ValueError(f"jobs {[job.job_id for job in jobs]} cannot share a batch: batch keys {keys}")
+        dirs = list(output_dirs) if output_dirs is not None else [None] * len(jobs)
+        if len(dirs) != len(jobs):
+            raise ValueError(f"expected one output_dir per job ({len(jobs)}), got {len(dirs)}")
         stop = should_stop or (lambda: False)
         if stop():
             raise GenerationCancelled("generation cancelled before it started")
 
-        prompt = expand_tokens(job.prompt, job.adapters)
-        parsed = parse_prompt(prompt)
+        first = jobs[0]
+        prompts = [expand_tokens(job.prompt, job.adapters) for job in jobs]
+        parsed = [parse_prompt(prompt) for prompt in prompts]
         # Up to MAX_SEED + count - 1: torch takes any 64-bit seed.
-        seeds = [job.seed + index for index in range(job.count)]
+        seeds = [[job.seed + index for index in range(job.count)] for job in jobs]
+        counts = {job.count for job in jobs}
+        # One prompt per job and num_images_per_prompt when the counts agree (always, alone); else
+        # one prompt per image. Either way image i of the batch is job by job, in order.
+        per_prompt = (
+            list(range(len(jobs)))
+            if len(counts) == 1
+            else [i for i, job in enumerate(jobs) for _ in range(job.count)]
+        )
+        per_image = [i for i, job in enumerate(jobs) for _ in range(job.count)]
         kwargs: dict[str, Any] = dict(
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            num_images_per_prompt=job.count,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            num_images_per_prompt=first.count if len(counts) == 1 else 1,
             # CPU generators: the same seed gives the same noise on any device.
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            generator=[torch.Generator("cpu").manual_seed(seed) for job_seeds in seeds for seed in job_seeds],
             callback_on_step_end=_step_callback(on_step, stop),
             output_type="pil",
         )
         extra: dict[str, str] = {}
-        if job.init_image is None:
+        if first.init_image is None:
             pipeline = self._text2image
-            width, height = job.width, job.height
+            width, height = first.width, first.height
             kwargs.update(width=width, height=height)
         else:
             pipeline = self._image2image
-            init = _init_image(Path(job.init_image), job)
+            init = _init_image(Path(first.init_image), first)
             width, height = init.size
-            kwargs.update(image=init, strength=job.effective_strength)
-            extra["Denoising strength"] = f"{job.effective_strength:g}"
-            if job.upscale:
+            kwargs.update(image=init, strength=first.effective_strength)
+            extra["Denoising strength"] = f"{first.effective_strength:g}"
+            if first.upscale:
                 extra["Postprocess upscale by"] = str(UPSCALE_FACTOR)
                 extra["Postprocess upscaler"] = "Lanczos"
 
+        adapter_sets = {tuple(adapter.token for adapter in job.adapters) for job in jobs}
+        wanted = list({adapter.token: adapter for job in jobs for adapter in job.adapters}.values())
         with _inference_state(self.model.pipeline):
-            self.adapters.activate(job.adapters)
+            self.adapters.activate(wanted)
             for component in _modules(self.model.pipeline):
                 component.eval()
-            # With the adapters active: a LoRA of the text encoder changes the embeddings.
-            embeddings = encode_prompts(
-                self.model.pipeline, parsed, parse_prompt(job.negative_prompt, loras=False)
-            )
-            images = pipeline(**kwargs, **embeddings.pipeline_arguments()).images
+            mixed = len(adapter_sets) > 1
+            # Jobs with different adapters (at most one each, see batch_key): one per row.
+            names = [job.adapters[0].token if job.adapters else BASE_ONLY for job in jobs]
+            embeddings = []
+            for index, job in enumerate(jobs):
+                # With the job's adapters active: a LoRA of the text encoder changes the embeddings.
+                alone = (
+                    per_sample_adapters(self.model.pipeline, [names[index]], [names[index]])
+                    if mixed
+                    else contextlib.nullcontext()
+                )
+                with alone:
+                    negative = parse_prompt(job.negative_prompt, loras=False)
+                    embeddings.append(encode_prompts(self.model.pipeline, parsed[index], negative))
+            arguments = batch_embeddings([embeddings[i] for i in per_prompt])
+            if mixed:
+                with per_sample_adapters(
+                    self.model.pipeline,
+                    prompt_adapters=[names[i] for i in per_prompt],
+                    image_adapters=[names[i] for i in per_image],
+                ):
+                    images = pipeline(**kwargs, **arguments).images
+            else:
+                images = pipeline(**kwargs, **arguments).images
             nsfw = self._nsfw_flags(images)
 
+        seconds = time.perf_counter() - started
+        results, offset = [], 0
+        for job, prompt, job_parsed, job_seeds, output_dir in zip(
+            jobs, prompts, parsed, seeds, dirs, strict=True
+        ):
+            job_images = images[offset : offset + job.count]
+            job_nsfw = nsfw[offset : offset + job.count]
+            offset += job.count
+            parameters = self._parameters(job, prompt, job_parsed, job_seeds, width, height, extra)
+            files = _write_pngs(job_images, parameters, output_dir) if output_dir is not None else []
+            results.append(GenerationResult(job_images, job_seeds, parameters, files, seconds, job_nsfw))
+        return results
+
+    def _parameters(
+        self,
+        job: GenerateJob,
+        prompt: str,
+        parsed: ParsedPrompt,
+        seeds: list[int],
+        width: int,
+        height: int,
+        extra: dict[str, str],
+    ) -> list[str]:
+        """The A1111 parameters text of each of `job`'s images."""
+        extra = dict(extra)
         # The prompt as written (tags in place), plus a tag for each adapter its bare token selected.
         untagged = [adapter for adapter in job.adapters if adapter.token not in parsed.lora_weights]
         written_prompt = f"{prompt} {lora_tags(untagged)}" if untagged else prompt
@@ -434,7 +515,7 @@ class Generator:
                 f"{adapter.token}: {self.adapters.shorthash(adapter.token)}" for adapter in job.adapters
             )
         model_name = model_display_name(self.model.base)
-        parameters = [
+        return [
             a1111_parameters(
                 written_prompt,
                 job.negative_prompt,
@@ -451,15 +532,6 @@ class Generator:
             )
             for seed in seeds
         ]
-        files = _write_pngs(images, parameters, output_dir) if output_dir is not None else []
-        return GenerationResult(
-            images=images,
-            seeds=seeds,
-            parameters=parameters,
-            files=files,
-            seconds=time.perf_counter() - started,
-            nsfw=nsfw,
-        )
 
     @functools.cached_property
     def _model_hash(self) -> str | None:
@@ -509,6 +581,7 @@ def _step_callback(
         # Raising (rather than pipeline._interrupt) stops at once: no VAE decode of a dropped image.
         if stop():
             raise GenerationCancelled(f"generation cancelled after step {step + 1}")
+        raise_if_test_oom("generate", step + 1)
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
         return {}
@@ -528,6 +601,55 @@ def _write_pngs(images: list[PIL.Image.Image], parameters: list[str], output_dir
         image.save(path, pnginfo=info)
         files.append(path)
     return files
+
+
+# peft's name for "no adapter" in a mixed batch.
+BASE_ONLY = "__base__"
+# The components whose LoRA layers see text (one row per prompt) rather than latents (one per image).
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@contextmanager
+def per_sample_adapters(
+    pipeline: Any, prompt_adapters: Sequence[str], image_adapters: Sequence[str]
+) -> Iterator[None]:
+    """Inside, row i of every LoRA layer's input goes through adapter number i only (peft's
+    mixed-batch forward, `adapter_names`), which diffusers pipelines do not pass through.
+
+    The text encoders see one row per prompt (`prompt_adapters`; the negative prompts are encoded
+    in a call of their own, of the same length); the UNet sees one row per image (`image_adapters`),
+    and with classifier-free guidance a batch of [unconditional x N, conditional x N]: the names are
+    repeated the same way. BASE_ONLY is a row with no adapter. The adapters must be loaded and LoRA
+    enabled; which are "active" does not matter to a mixed batch.
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def hook_giving(names: list[str], component: str) -> Callable[..., Any]:
+        def add_adapter_names(_layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            rows = (args[0] if args else kwargs["x"]).shape[0]
+            if rows % len(names):
+                raise RuntimeError(
+                    f"{component}: a batch of {rows} rows does not fit {len(names)} adapter names"
+                )
+            return args, {**kwargs, "adapter_names": names * (rows // len(names))}
+
+        return add_adapter_names
+
+    components = [("unet", list(image_adapters))] + [(name, list(prompt_adapters)) for name in _TEXT_ENCODERS]
+    try:
+        for name, names in components:
+            module = getattr(pipeline, name, None)
+            if module is None:
+                continue
+            for layer in module.modules():
+                if isinstance(layer, LoraLayer):
+                    handles.append(
+                        layer.register_forward_pre_hook(hook_giving(names, name), with_kwargs=True)
+                    )
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _modules(pipeline: Any) -> list[torch.nn.Module]:

@@ -74,9 +74,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
+_NAMED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The torch dtype for `[model] dtype` (see engine.config.DTYPES) on `device`."""
+    if choice != "auto":
+        if choice not in _NAMED_DTYPES:
+            raise ModelLoadError(f"[model] dtype: expected auto, fp16, bf16 or fp32, got {choice!r}")
+        return _NAMED_DTYPES[choice]
     # Half precision halves memory and doubles speed on GPUs; CPUs have no fast fp16 path.
-    return torch.float32 if device.type == "cpu" else torch.float16
+    if device.type == "cpu":
+        return torch.float32
+    # bf16 has fp32's range: no overflow in SDXL's VAE, no loss scaling in training.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
 
 
 def load_base_model(
@@ -86,24 +99,25 @@ def load_base_model(
     *,
     use_xformers: bool = True,
     safety_checker: bool = True,
+    dtype: str = "auto",
 ) -> LoadedModel:
-    """Load `base` onto `device` (see module docstring for what `base` may name)."""
+    """Load `base` onto `device` in `dtype` (`[model] dtype`; see module docstring for what `base` may name)."""
     if not base:
         raise ModelLoadError("[model] base: expected a Hub id, a folder or a .safetensors file, got ''")
     torch_device = resolve_device(device)
-    dtype = dtype_for(torch_device)
+    torch_dtype = dtype_for(torch_device, dtype)
 
     try:
         if base in TINY_MODELS:
-            pipeline = _from_folder(ensure_tiny_model(data_dir, sdxl=base == "tiny-sdxl"), dtype)
+            pipeline = _from_folder(ensure_tiny_model(data_dir, sdxl=base == "tiny-sdxl"), torch_dtype)
         elif base.endswith(SINGLE_FILE_SUFFIXES):
-            pipeline = _from_single_file(Path(base).expanduser(), dtype)
+            pipeline = _from_single_file(Path(base).expanduser(), torch_dtype)
         elif Path(base).expanduser().is_dir():
-            pipeline = _from_folder(Path(base).expanduser(), dtype)
+            pipeline = _from_folder(Path(base).expanduser(), torch_dtype)
         elif _looks_like_path(base):
             raise ModelLoadError(f"base model {base!r}: no such folder or file")
         else:
-            pipeline = _from_hub(base, dtype)
+            pipeline = _from_hub(base, torch_dtype)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
@@ -115,7 +129,7 @@ def load_base_model(
     pipeline.set_progress_bar_config(disable=True)
     if use_xformers and torch_device.type == "cuda":
         _enable_xformers(pipeline)
-    return LoadedModel(pipeline=pipeline, device=torch_device, dtype=dtype, base=base)
+    return LoadedModel(pipeline=pipeline, device=torch_device, dtype=torch_dtype, base=base)
 
 
 def _looks_like_path(base: str) -> bool:
@@ -150,8 +164,8 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
 
 def _from_hub(repo_id: str, dtype: torch.dtype) -> DiffusionPipeline:
     """Use the local cache when the model is there (works offline); download it once otherwise."""
-    # Half-precision weights are half the download where the repo publishes them.
-    variants = ["fp16", None] if dtype == torch.float16 else [None]
+    # Half-precision weights are half the download where the repo publishes them (bf16 runs cast them).
+    variants = ["fp16", None] if dtype in (torch.float16, torch.bfloat16) else [None]
     last_error: Exception | None = None
     for local_only in (True, False):
         if not local_only:

@@ -20,6 +20,7 @@ member's literal "C++" or "a.and()" as its operators.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,3 +126,23 @@ def _pooled(compel: Compel, tokens: torch.Tensor) -> torch.Tensor:
     provider = compel.conditioning_provider
     first_chunk = tokens.reshape(1, -1)[:, : provider.max_token_count].to(provider.text_encoder.device)
     return provider.text_encoder(first_chunk).text_embeds
+
+
+def batch_embeddings(rows: Sequence[PromptEmbeddings]) -> dict[str, torch.Tensor]:
+    """The pipeline arguments of several prompts rendered in one batch, row i from rows[i].
+
+    The rows must be of one length (as many 77-token chunks each): ValueError otherwise, and the
+    jobs are rendered one by one instead."""
+    lengths = sorted({row.embeds.shape[1] for row in rows} | {row.negative_embeds.shape[1] for row in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"prompts of different lengths ({lengths} positions) cannot share a batch")
+    first = rows[0]
+    merged = PromptEmbeddings(
+        embeds=torch.cat([row.embeds for row in rows]),
+        negative_embeds=torch.cat([row.negative_embeds for row in rows]),
+        pooled=None if first.pooled is None else torch.cat([row.pooled for row in rows]),  # type: ignore[misc]
+        negative_pooled=(
+            None if first.negative_pooled is None else torch.cat([row.negative_pooled for row in rows])  # type: ignore[misc]
+        ),
+    )
+    return merged.pipeline_arguments()

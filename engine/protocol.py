@@ -175,6 +175,22 @@ class GenerateJob:
             )
 
     @property
+    def batch_key(self) -> tuple[int, int, int, float, bool] | None:
+        """Jobs with equal keys can share one UNet batch (engine.generate.Generator.generate_batch),
+        whatever member's adapter each uses; None: this job runs alone.
+
+        Text to image with at most one adapter, at its full weight (a batch gives each image one
+        adapter, and an adapter's weight is one for every image it is in), the same size, steps and
+        guidance (one denoising loop), and a negative prompt in all or in none (SDXL encodes "none"
+        as zeros, not as the empty prompt).
+        """
+        if self.init_image is not None or len(self.adapters) > 1:
+            return None
+        if any(adapter.weight != 1 for adapter in self.adapters):
+            return None
+        return self.width, self.height, self.steps, self.guidance, bool(self.negative_prompt)
+
+    @property
     def effective_strength(self) -> float | None:
         """The img2img strength used; None for text-to-image."""
         return None if self.init_image is None else self.strength

@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import kohya
 from engine.config import TrainingSection
+from engine.memory import raise_if_test_oom
 from engine.model import LoadedModel
 from engine.protocol import TrainJob
 
@@ -188,6 +189,7 @@ def train_lora(
                     seconds = earlier_seconds + time.monotonic() - started
                     _save_checkpoint(checkpoints, step, trainer, fingerprint, losses, smoothed, seconds)
                 raise TrainingCancelled(f"training cancelled after step {step} of {total}")
+            raise_if_test_oom("train", step + 1)
             loss = trainer.step(step)
             step += 1
             losses.append(loss)
@@ -286,8 +288,10 @@ class _Trainer:
         # Instance loss + prior_loss_weight * class loss, as the reference script computes it.
         weights = [1.0, settings.prior_loss_weight] if examples.class_count else [1.0]
         self.loss_weights = torch.tensor(weights, device=self.device)
-        self.autocast = model.device.type == "cuda" and model.dtype != torch.float32
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and model.dtype == torch.float16)
+        # The same switches on every device: CPU autocast has bf16 and fp16, and GradScaler a CPU backend.
+        self.autocast = model.dtype != torch.float32
+        # bf16 has fp32's range and needs no loss scaling; fp16 gradients underflow without it.
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
         self.generator = torch.Generator(self.device).manual_seed(settings.seed)
         self._epoch: tuple[int, list[int]] = (-1, [])
 
@@ -311,7 +315,11 @@ class _Trainer:
             for key, param in module.named_parameters()
             if param.requires_grad
         }
-        self.optimizer = _optimizer(list(self.params.values()), settings.learning_rate, self.device)
+        self.optimizer = _optimizer(
+            list(self.params.values()),
+            settings.learning_rate,
+            eight_bit=settings.adam_8bit and self.device.type == "cuda",
+        )
         if settings.gradient_checkpointing and not self.unet.is_gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         for module in self.models.values():
@@ -382,16 +390,25 @@ class _Trainer:
 
 
 def _optimizer(
-    params: list[torch.nn.Parameter], learning_rate: float, device: torch.device
+    params: list[torch.nn.Parameter], learning_rate: float, *, eight_bit: bool
 ) -> torch.optim.Optimizer:
-    if device.type == "cuda":
+    """bitsandbytes' 8-bit AdamW when `eight_bit` and it imports (CUDA only), torch AdamW otherwise."""
+    if eight_bit:
         try:
             import bitsandbytes
-        except (ImportError, RuntimeError, OSError):
-            log.info("bitsandbytes unavailable: training with torch AdamW")
+        except (ImportError, RuntimeError, OSError) as error:
+            log.warning(
+                "8-bit Adam unavailable (bitsandbytes: %s): training with torch AdamW, which needs more "
+                "GPU memory; pip install bitsandbytes to use it",
+                _first_line(error),
+            )
         else:
             return bitsandbytes.optim.AdamW8bit(params, lr=learning_rate, weight_decay=WEIGHT_DECAY)
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

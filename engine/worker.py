@@ -34,6 +34,7 @@ import torch
 
 from engine.config import Config, ConfigError, load_config
 from engine.generate import AdapterLoadError, GenerationCancelled, GenerationResult, Generator
+from engine.memory import release_memory
 from engine.model import LoadedModel, ModelLoadError, load_base_model
 from engine.protocol import (
     LOG_FORMAT,
@@ -253,63 +254,114 @@ class Worker:
     # -- the GPU thread ------------------------------------------------------------------------
 
     def run_gpu(self) -> None:
-        """The GPU thread: run jobs one at a time, generations first, until closed."""
+        """The GPU thread: run jobs one at a time (compatible generations as one batch), generations
+        first, until closed."""
         while True:
             with self._state:
                 while not (self._closing or self._generations or self._trainings):
                     self._state.wait()
                 if self._closing:
                     return
-                task = (self._generations or self._trainings).popleft()
-                self._running[task.job_id] = task
-            self._execute(task)
+                if self._generations:
+                    tasks = self._take_batch()
+                else:
+                    tasks = [self._trainings.popleft()]
+                    self._running[tasks[0].job_id] = tasks[0]
+            self._execute(tasks)
 
-    def _take_generation(self) -> _Task | None:
+    def _take_batch(self) -> list[_Task]:
+        """The first waiting generation and, in arrival order, the waiting ones that can share its
+        batch (GenerateJob.batch_key), up to [generation] batch_limit images. Call with _state held."""
+        first = self._generations.popleft()
+        batch = [first]
+        assert isinstance(first.job, GenerateJob)
+        key, images = first.job.batch_key, first.job.count
+        if key is not None:
+            for task in list(self._generations):
+                assert isinstance(task.job, GenerateJob)
+                if (
+                    task.job.batch_key == key
+                    and images + task.job.count <= self.config.generation.batch_limit
+                ):
+                    self._generations.remove(task)
+                    batch.append(task)
+                    images += task.job.count
+        for task in batch:
+            self._running[task.job_id] = task
+        return batch
+
+    def _take_generations(self) -> list[_Task] | None:
         with self._state:
             if self._closing or not self._generations:
                 return None
-            task = self._generations.popleft()
-            self._running[task.job_id] = task
-            return task
+            return self._take_batch()
 
     def _between_steps(self) -> bool:
         """Run the generations that arrived during a training, between two of its steps."""
         ran = False
-        while (task := self._take_generation()) is not None:
-            self._execute(task)
+        while (tasks := self._take_generations()) is not None:
+            self._execute(tasks)
             ran = True
         return ran
 
-    def _execute(self, task: _Task) -> None:
-        """Run one job to its TrainingDone, GenerationDone or Error event; never raises."""
-        self.emit(Accepted(task.job_id))
+    def _execute(self, tasks: list[_Task]) -> None:
+        """Run one job, or a batch of generations, to a TrainingDone, GenerationDone or Error event
+        each; never raises. A batch that fails is run again job by job, so that one member's bad
+        adapter (or a batch too big for the memory) fails that job alone."""
+        for task in tasks:
+            self.emit(Accepted(task.job_id))
         try:
-            if isinstance(task.job, TrainJob):
-                self._train(task, task.job)
+            if not self._attempt(tasks) and len(tasks) > 1:
+                log.warning("a batch of %d generations failed: running them one by one", len(tasks))
+                for task in tasks:
+                    self._attempt([task])
+        finally:
+            with self._state:
+                for task in tasks:
+                    del self._running[task.job_id]
+
+    def _attempt(self, tasks: list[_Task]) -> bool:
+        """Run `tasks` and emit their results; False (and nothing emitted) when a batch of several failed."""
+        failure: tuple[str, str] | None = None
+        out_of_memory = False
+        try:
+            job = tasks[0].job
+            if isinstance(job, TrainJob):
+                self._train(tasks[0], job)
             else:
-                self._generate(task, task.job)
+                self._generate(tasks)
         except (TrainingCancelled, GenerationCancelled):
             with self._state:
                 closing = self._closing
-            if closing:
-                log.info("job %s interrupted by shutdown: no event, it is re-run later", task.job_id)
-            else:
-                self.emit(Error(task.job_id, "cancelled", "cancelled"))
-        except torch.cuda.OutOfMemoryError:
-            log.warning("job %s ran out of memory", task.job_id)
-            torch.cuda.empty_cache()
-            self.emit(Error(task.job_id, OUT_OF_MEMORY_MESSAGE, "out_of_memory"))
+            for task in tasks:
+                if closing:
+                    log.info("job %s interrupted by shutdown: no event, it is re-run later", task.job_id)
+                else:
+                    self.emit(Error(task.job_id, "cancelled", "cancelled"))
+            return True
+        except torch.OutOfMemoryError:
+            # Memory is released below, after this block: its traceback holds the failed job's frames.
+            out_of_memory = True
+            failure = (OUT_OF_MEMORY_MESSAGE, "out_of_memory")
         except AdapterLoadError as error:
-            self.emit(Error(task.job_id, str(error), "bad_adapter"))
+            failure = (str(error), "bad_adapter")
         except ValueError as error:
-            self.emit(Error(task.job_id, str(error), "bad_request"))
+            failure = (str(error), "bad_request")
         except Exception as error:
-            log.error("job %s failed:\n%s", task.job_id, traceback.format_exc())
-            message = f"the engine hit an unexpected error ({type(error).__name__}); it has been logged"
-            self.emit(Error(task.job_id, message, "internal"))
-        finally:
-            with self._state:
-                del self._running[task.job_id]
+            log.error("jobs %s failed:\n%s", [task.job_id for task in tasks], traceback.format_exc())
+            failure = (
+                f"the engine hit an unexpected error ({type(error).__name__}); it has been logged",
+                "internal",
+            )
+        if out_of_memory:
+            log.warning("jobs %s ran out of memory", [task.job_id for task in tasks])
+            release_memory()
+        if failure is None:
+            return True
+        if len(tasks) > 1:
+            return False
+        self.emit(Error(tasks[0].job_id, *failure))
+        return True
 
     def _train(self, task: _Task, job: TrainJob) -> None:
         throttle = _Throttle(TRAINING_PROGRESS_INTERVAL)
@@ -352,26 +404,37 @@ class Worker:
             )
         )
 
-    def _generate(self, task: _Task, job: GenerateJob) -> None:
+    def _generate(self, tasks: list[_Task]) -> None:
         throttle = _Throttle(GENERATION_PROGRESS_INTERVAL)
+        jobs = [task.job for task in tasks]
+        assert all(isinstance(job, GenerateJob) for job in jobs)
 
         def on_step(step: int, total: int) -> None:
             if throttle.due("generating", step >= total):
-                self.emit(Progress(task.job_id, "generating", step, total))
+                for task in tasks:
+                    self.emit(Progress(task.job_id, "generating", step, total))
 
-        result: GenerationResult = self.generator.generate(
-            job, Path(job.output_dir), on_step=on_step, should_stop=task.stop.is_set
+        results: list[GenerationResult] = self.generator.generate_batch(
+            jobs,  # type: ignore[arg-type]
+            [Path(job.output_dir) for job in jobs],
+            on_step=on_step,
+            # A batch stops when all its jobs are cancelled; one cancelled alone is dropped at the end.
+            should_stop=lambda: all(task.stop.is_set() for task in tasks),
         )
-        self.emit(
-            GenerationDone(
-                task.job_id,
-                files=[str(path) for path in result.files],
-                seeds=result.seeds,
-                parameters=result.parameters,
-                nsfw=result.nsfw,
-                seconds=result.seconds,
+        for task, result in zip(tasks, results, strict=True):
+            if task.stop.is_set():
+                self.emit(Error(task.job_id, "cancelled", "cancelled"))
+                continue
+            self.emit(
+                GenerationDone(
+                    task.job_id,
+                    files=[str(path) for path in result.files],
+                    seeds=result.seeds,
+                    parameters=result.parameters,
+                    nsfw=result.nsfw,
+                    seconds=result.seconds,
+                )
             )
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             config.data_dir,
             use_xformers=config.model.xformers,
             safety_checker=config.model.safety_checker,
+            dtype=config.model.dtype,
         )
     except ModelLoadError as error:
         # Not logged here as well: the bot (or the CLI) that started this worker reports it, once.

@@ -63,6 +63,14 @@ def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
             {"safety": {"default_negative_prompt": "lowres, (blurry"}},
             r"\[safety\] default_negative_prompt: “\(” in “\(blurry” is never closed",
         ),
+        (
+            {"model": {"dtype": "half"}},
+            r"\[model\] dtype: expected one of auto, fp16, bf16, fp32, got 'half'",
+        ),
+        (
+            {"generation": {"batch_limit": 0}},
+            r"\[generation\] batch_limit: expected a positive number, got 0",
+        ),
     ],
 )
 def test_a_bad_key_is_named_in_one_line(raw: dict, message: str) -> None:

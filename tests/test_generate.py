@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -444,6 +445,71 @@ def test_an_adapter_at_half_weight_has_half_its_effect(
     assert torch.allclose(outputs[0.5] - outputs[0.0], change / 2, atol=1e-6)
 
 
+def test_members_adapters_in_one_batch_give_the_images_each_renders_alone(
+    generator: Generator, adapter_files: dict[str, Path]
+) -> None:
+    """Four members' requests in one UNet batch: alfa, bravo (whose adapter also changes the text
+    encoder), one without an adapter, charlie with two images. Each image equals its job rendered
+    alone, within BATCH_TOLERANCE (batching reorders float sums; the LoRA math is the same)."""
+    jobs = [
+        job(
+            job_id="a",
+            prompt="alfa on a horse",
+            seed=1,
+            negative_prompt="blurry",
+            adapters=[ref(adapter_files, "alfa")],
+        ),
+        job(
+            job_id="b",
+            prompt="bravo as a knight",
+            seed=2,
+            negative_prompt="dark",
+            adapters=[ref(adapter_files, "bravo")],
+        ),
+        job(job_id="plain", prompt="a castle", seed=3, negative_prompt="text"),
+        job(
+            job_id="c",
+            prompt="charlie swims",
+            seed=4,
+            count=2,
+            negative_prompt="ugly",
+            adapters=[ref(adapter_files, "charlie")],
+        ),
+    ]
+    steps: list[tuple[int, int]] = []
+    batched = generator.generate_batch(jobs, on_step=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 2), (2, 2)]  # one denoising loop for all of them
+    assert [len(result.images) for result in batched] == [1, 1, 1, 2]
+    plain_alone = generator.generate(jobs[2]).images[0]
+    for request, result in zip(jobs, batched, strict=True):
+        alone = generator.generate(request)
+        assert result.seeds == alone.seeds
+        assert result.parameters == alone.parameters
+        for image, expected in zip(result.images, alone.images, strict=True):
+            assert max_diff(image, expected) <= BATCH_TOLERANCE, request.job_id
+        if request.adapters:
+            # The adapter really acted on its own image (and no other adapter did).
+            assert (
+                max_diff(
+                    result.images[0], generator.generate(dataclasses.replace(request, adapters=[])).images[0]
+                )
+                > 10
+            )
+    # Equal counts take the one-prompt-per-job path: the same images.
+    pair = generator.generate_batch(jobs[:2])
+    for request, result in zip(jobs[:2], pair, strict=True):
+        assert max_diff(result.images[0], generator.generate(request).images[0]) <= BATCH_TOLERANCE
+    assert max_diff(batched[2].images[0], plain_alone) <= BATCH_TOLERANCE
+
+    # Jobs that cannot share a denoising loop are refused by name.
+    with pytest.raises(ValueError, match=r"cannot share a batch"):
+        generator.generate_batch([jobs[0], job(job_id="big", width=128, height=128)])
+    with pytest.raises(ValueError, match=r"cannot share a batch"):
+        generator.generate_batch(
+            [jobs[0], job(job_id="two", adapters=[ref(adapter_files, "alfa"), ref(adapter_files, "bravo")])]
+        )
+
+
 def test_capacity_one_evicts(fresh_model: LoadedModel, adapter_files: dict[str, Path]) -> None:
     generator = Generator(fresh_model, adapter_cache_size=1)
     a_first = generator.generate(job(adapters=[ref(adapter_files, "alfa")])).images[0]
@@ -617,3 +683,45 @@ def test_sdxl_text_to_image_and_variation(tiny_data_dir: Path, tmp_path: Path) -
     assert max_diff(variation.images[0], result.images[0]) > 10
     upscale = generator.generate(job(init_image=str(result.files[0]), upscale=True, strength=0.35, steps=3))
     assert upscale.images[0].size == (128, 192)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU's precisions, run on the CPU with the same switches
+
+
+def test_bf16_generation_matches_fp32_within_bf16_rounding(generator: Generator, tiny_data_dir: Path) -> None:
+    bf16 = Generator(load_base_model("tiny", "cpu", tiny_data_dir, dtype="bf16"))
+    assert bf16.model.dtype == bf16.model.pipeline.unet.dtype == torch.bfloat16
+    image, reference = bf16.generate(job(seed=5)).images[0], generator.generate(job(seed=5)).images[0]
+    # bf16 keeps 8 bits of mantissa: a pixel moves by a few levels, the picture stays the same.
+    assert max_diff(image, reference) <= 16
+    assert np.abs(pixels(image) - pixels(reference)).mean() <= 2
+    assert max_diff(image, generator.generate(job(seed=6)).images[0]) > 16
+
+
+def test_sdxl_vae_decodes_in_fp32_on_half_precision_weights(tiny_data_dir: Path) -> None:
+    """SDXL's VAE overflows in fp16 (force_upcast): on fp16 weights it decodes in fp32, then goes back."""
+    half = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir, dtype="fp16"))
+    vae = half.model.pipeline.vae
+    assert vae.dtype == torch.float16 and vae.config.force_upcast
+    decoded: list[torch.dtype] = []
+    vae.decoder.register_forward_pre_hook(lambda _module, args: decoded.append(args[0].dtype))
+    image = half.generate(job(seed=3)).images[0]
+    assert decoded == [torch.float32]
+    assert vae.dtype == torch.float16
+    full = Generator(load_base_model("tiny-sdxl", "cpu", tiny_data_dir)).generate(job(seed=3)).images[0]
+    assert max_diff(image, full) <= 4
+
+
+def test_prompts_that_cannot_share_a_batch_say_so(
+    generator: Generator, adapter_files: dict[str, Path]
+) -> None:
+    """An adapter below full weight runs alone (its weight is one for all the images it is in), and
+    prompts of different lengths (77-token chunks) cannot be stacked: the worker then renders the
+    jobs one by one."""
+    half = replace(ref(adapter_files, "alfa"), weight=0.5)
+    assert job(prompt="alfa <lora:alfa:0.5>", adapters=[half]).batch_key is None
+    assert job(adapters=[ref(adapter_files, "alfa")]).batch_key == job().batch_key
+    long = job(job_id="long", prompt=", ".join(["a photo of a cat"] * 30))
+    with pytest.raises(ValueError, match="prompts of different lengths"):
+        generator.generate_batch([job(job_id="short"), long])

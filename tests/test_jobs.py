@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,19 @@ from botharness import write_engine_config
 from PIL import Image
 
 from bot.db import Database, JobRow
-from bot.jobs import DROPPED_MESSAGE, MAX_ATTEMPTS, EngineUnavailable, JobQueue, dispatch_order, plan_dispatch
+from bot.jobs import (
+    DROPPED_MESSAGE,
+    MAX_ATTEMPTS,
+    EngineUnavailable,
+    EngineWorker,
+    JobQueue,
+    dispatch_order,
+    plan_dispatch,
+)
 from engine.config import Config, load_config
 from engine.protocol import (
     Accepted,
+    AdapterRef,
     Error,
     Event,
     GenerateJob,
@@ -102,6 +113,51 @@ def test_plan_fills_free_slots_preferring_idle_workers() -> None:
     assert [(i, r.id) for i, r in plan] == [(1, "g1"), (0, "g2"), (1, "t1")]
     # Nothing free, nothing sent.
     assert plan_dispatch(queued, {}, [set(), set()]) == []
+
+
+def generation_row(job_id: str, user_id: int, created_at: float, **values: object) -> JobRow:
+    request = GenerateJob(job_id=job_id, prompt="a photo", output_dir="out", **values)  # type: ignore[arg-type]
+    return dataclasses.replace(row(job_id, "generate", user_id, created_at), payload=encode(request))
+
+
+def test_plan_batches_compatible_generations_in_dispatch_order() -> None:
+    alfa = AdapterRef("alfa", "person", "alfa.safetensors")
+    queued = [
+        generation_row("a0", ALICE, 1, width=64, height=64, adapters=[alfa]),
+        generation_row("a1", ALICE, 2, width=64, height=64, count=2),
+        generation_row("b0", BOB, 3, width=64, height=64),
+        generation_row("c0", CAROL, 4, width=128, height=128),
+        generation_row("c1", CAROL, 5, width=64, height=64, seed=9),
+        row("t1", "train", BOB, 6),
+    ]
+    # Turns: a0, b0, c0, a1, c1. The batch takes the compatible ones in that order, up to 4 images
+    # (a1 has 2); c0 (another size) waits for the next slot.
+    plan = plan_dispatch(queued, {}, [{"train", "generate"}], batch_limit=4)
+    assert [(i, r.id) for i, r in plan] == [(0, "a0"), (0, "b0"), (0, "a1"), (0, "t1")]
+    # A smaller limit: a1 no longer fits, c1 does; a second worker takes c0.
+    plan = plan_dispatch(queued, {}, [{"generate"}, {"generate"}], batch_limit=3)
+    assert [(i, r.id) for i, r in plan] == [(0, "a0"), (0, "b0"), (0, "c1"), (1, "c0")]
+    # The default limit of one image: no batching.
+    assert [r.id for _, r in plan_dispatch(queued, {}, [{"generate"}])] == ["a0"]
+    # A variation never shares a batch.
+    variation = generation_row("v0", ALICE, 0, width=64, height=64, init_image="x.png", strength=0.5)
+    assert [r.id for _, r in plan_dispatch([variation, *queued], {}, [{"generate"}], batch_limit=8)] == ["v0"]
+
+
+def test_a_worker_takes_the_next_batch_while_one_renders() -> None:
+    worker = EngineWorker(Config(), "cpu")
+    worker.ready = True
+    worker.process = types.SimpleNamespace(returncode=None)  # type: ignore[assignment]
+    running, waiting = row("g1", "generate", ALICE, 1), row("g2", "generate", BOB, 2)
+    worker.in_flight = {"g1": running}
+    assert worker.free_kinds() == {"train"}  # sent, not started: the next batch forms in the bot
+    worker.accepted.add("g1")
+    assert worker.free_kinds() == {"train", "generate"}
+    worker.in_flight["g2"] = waiting
+    assert worker.free_kinds() == {"train"}
+    worker.in_flight["t1"] = row("t1", "train", ALICE, 3)
+    worker.accepted.update({"g2", "t1"})
+    assert worker.free_kinds() == {"generate"}
 
 
 def test_the_queue_does_not_import_the_ml_stack() -> None:

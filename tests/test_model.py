@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from engine.model import ModelLoadError, load_base_model, resolve_device
+from engine.model import ModelLoadError, dtype_for, load_base_model, resolve_device
 
 
 def test_tiny_loads_through_the_folder_path(tiny_data_dir: Path, tiny_model_dir: Path) -> None:
@@ -74,3 +74,17 @@ def test_device_names() -> None:
     assert resolve_device("auto").type in {"cuda", "mps", "cpu"}
     with pytest.raises(ModelLoadError, match="not a torch device"):
         resolve_device("gpu-please")
+
+
+def test_dtype_choices() -> None:
+    cpu = torch.device("cpu")
+    assert dtype_for(cpu) == dtype_for(cpu, "auto") == torch.float32  # a CPU has no fast half path
+    assert [dtype_for(cpu, name) for name in ("fp16", "bf16", "fp32")] == [
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ]
+    with pytest.raises(
+        ModelLoadError, match=r"\[model\] dtype: expected auto, fp16, bf16 or fp32, got 'half'"
+    ):
+        dtype_for(cpu, "half")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,10 +21,12 @@ from engine.config import TrainingSection
 from engine.model import LoadedModel, load_base_model
 from engine.protocol import TrainJob
 from engine.train import (
+    CHECKPOINTS_DIR,
     TRAINING_ADAPTER,
     TrainingCancelled,
     TrainingProgress,
     TrainingResult,
+    _optimizer,
     default_steps,
     train_lora,
 )
@@ -443,3 +447,73 @@ def test_sdxl_adapter_with_text_encoders_loads_back(
     prompt = training.sample_prompt.format(token=TOKEN, **{"class": "person"})
     sample = np.asarray(PIL.Image.open(result.samples[0]), dtype=np.int16)
     assert np.abs(render(fresh, prompt, seed=training.seed) - sample).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU's precisions and optimizer, run on the CPU with the same switches
+
+
+def test_without_bitsandbytes_8bit_adam_falls_back_to_adamw_with_one_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    param = torch.nn.Parameter(torch.zeros(2))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with caplog.at_level(logging.INFO, logger="engine.train"):
+        optimizer = _optimizer([param], 1e-3, eight_bit=True)
+    assert type(optimizer) is torch.optim.AdamW
+    assert [record.getMessage() for record in caplog.records] == [
+        "8-bit Adam unavailable (bitsandbytes: import of bitsandbytes halted; None in sys.modules): training "
+        "with torch AdamW, which needs more GPU memory; pip install bitsandbytes to use it"
+    ]
+    caplog.clear()
+    assert type(_optimizer([param], 1e-3, eight_bit=False)) is torch.optim.AdamW
+    assert caplog.records == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_training_autocasts_and_the_fp16_loss_scaler_skips_an_inf_step(
+    dtype: str, tiny_data_dir: Path, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
+) -> None:
+    training = settings(prior_preservation=False, checkpoint_every=100)
+    model = load_base_model("tiny", "cpu", tiny_data_dir, dtype=dtype)
+    assert model.dtype == model.pipeline.unet.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    seen: list[tuple[bool, torch.dtype]] = []
+    model.pipeline.unet.register_forward_pre_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    )
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def poison_the_next_step() -> bool:
+        """After step 1, the fp16 run's next gradients are infinite: GradScaler must skip that step."""
+        if dtype == "fp16" and not snapshot:
+            params = {f"unet.{k}": p for k, p in model.pipeline.unet.named_parameters() if p.requires_grad}
+            snapshot.update({name: param.detach().clone() for name, param in params.items()})
+            next(iter(params.values())).register_hook(lambda grad: grad * float("inf"))
+        return False
+
+    output = tmp_path / dtype
+    result, events = run(
+        model,
+        photos,
+        output,
+        class_images_dir,
+        training,
+        steps=4,
+        stop_after=2,
+        between_steps=poison_the_next_step,
+    )
+    assert result is None and training_steps(events) == [1, 2]
+    assert all(np.isfinite(event.loss) for event in events if event.phase == "training")
+    assert seen and all(enabled and autocast == model.dtype for enabled, autocast in seen), seen
+    # The cancelled run's checkpoint holds the step-2 state: for bf16 no loss scaling at all; for
+    # fp16 the poisoned step left the adapter as step 1 did and halved the scale (65536 -> 32768).
+    checkpoint = output / CHECKPOINTS_DIR / "step-000002"
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    if dtype == "bf16":
+        assert state["scaler"] == {}
+    else:
+        assert state["scaler"]["scale"] == 32768.0
+        weights = load_file(checkpoint / "adapter.safetensors")
+        assert weights.keys() == snapshot.keys()
+        assert all(torch.equal(weights[name], snapshot[name]) for name in snapshot)

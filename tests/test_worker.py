@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -12,10 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from botharness import write_engine_config
 from PIL import Image
 
+from engine.memory import TEST_OOM_VARIABLE
 from engine.protocol import (
     Accepted,
     AdapterRef,
@@ -35,6 +38,7 @@ from engine.protocol import (
     decode,
     encode,
 )
+from engine.worker import OUT_OF_MEMORY_MESSAGE
 
 # Every test here starts an engine process (and the bot, where it runs one).
 pytestmark = pytest.mark.slow
@@ -75,13 +79,13 @@ def write_photos(photos_dir: Path, folder: Path, count: int = 3) -> list[str]:
 class EngineProcess:
     """A worker process with a thread reading its stdout; every line must be a protocol event."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "engine", "--config", str(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=PROJECT_ROOT,
-            env={**os.environ, **WORKER_ENV},
+            env={**os.environ, **WORKER_ENV, **(env or {})},
             text=True,
             bufsize=1,
         )
@@ -128,6 +132,11 @@ class EngineProcess:
         )
         assert isinstance(event, Result | Error)
         return event
+
+    def finished_after(self, job: TrainJob | GenerateJob) -> Result | Error:
+        """Send `job` and wait for its end."""
+        self.send(job)
+        return self.finished(job.job_id)
 
     def of(self, job_id: str) -> list[Event]:
         with self._changed:
@@ -450,6 +459,63 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_shutdown_interrupts_o
         assert first.not_protocol == second.not_protocol == []
     finally:
         second.kill()
+
+
+def test_out_of_memory_fails_the_job_alone_and_waiting_generations_render_as_one_batch(
+    config_file: Path, data_dir: Path, photos: list[str]
+) -> None:
+    engine = EngineProcess(config_file, env={TEST_OOM_VARIABLE: "generate:2,train:2"})
+    try:
+        # Out of memory at denoising step 2, then at training step 2: each job fails with the
+        # member-facing message, and the worker serves the next job.
+        engine.send(generate_job("oom-gen", data_dir))
+        engine.send(train_job("oom-train", data_dir, photos, steps=4))
+        for job_id in ("oom-gen", "oom-train"):
+            error = engine.finished(job_id)
+            assert isinstance(error, Error), error
+            assert (error.code, error.message) == ("out_of_memory", OUT_OF_MEMORY_MESSAGE)
+        trained = engine.finished_after(train_job("after-oom", data_dir, photos, steps=2))
+        assert isinstance(trained, TrainingDone), trained
+        adapter = AdapterRef("zwx", "person", trained.adapter_path)
+
+        # While one generation renders, three compatible ones (two with the member's adapter,
+        # one without) wait, and then render as ONE batch: all accepted before any step of theirs.
+        batch = [
+            generate_job("batch-a", data_dir, prompt="zwx on the moon", seed=1, adapters=[adapter]),
+            generate_job("batch-plain", data_dir, prompt="a red car", seed=2),
+            generate_job("batch-b", data_dir, prompt="zwx in a forest", seed=3, adapters=[adapter], count=2),
+        ]
+        engine.send(generate_job("blocker", data_dir, steps=60))
+        engine.wait_for(lambda e: isinstance(e, Progress) and e.job_id == "blocker")
+        for job in batch:
+            engine.send(job)
+        results = [engine.finished(job.job_id) for job in batch]
+        assert all(isinstance(result, GenerationDone) for result in results), results
+        first_step = min(
+            engine.events.index(e) for job in batch for e in engine.of(job.job_id) if isinstance(e, Progress)
+        )
+        accepted = [
+            engine.events.index(e) for job in batch for e in engine.of(job.job_id) if isinstance(e, Accepted)
+        ]
+        assert len(accepted) == 3 and max(accepted) < first_step
+
+        # Each image is the one its job renders alone (batching moves a pixel by 2/255 at most).
+        for job, result in zip(batch, results, strict=True):
+            alone = engine.finished_after(
+                dataclasses.replace(job, job_id=f"{job.job_id}-alone", output_dir=job.output_dir + "-alone")
+            )
+            assert isinstance(alone, GenerationDone) and isinstance(result, GenerationDone)
+            assert alone.parameters == result.parameters
+            for batched_file, alone_file in zip(result.files, alone.files, strict=True):
+                with Image.open(batched_file) as batched_image, Image.open(alone_file) as alone_image:
+                    difference = np.abs(
+                        np.asarray(batched_image, np.int16) - np.asarray(alone_image, np.int16)
+                    )
+                assert difference.max() <= 2, job.job_id
+        assert engine.shutdown() == 0
+        assert engine.not_protocol == []
+    finally:
+        engine.kill()
 
 
 def test_a_bad_model_path_fails_the_start_with_status_3(tmp_path: Path, tiny_model_dir: Path) -> None:
