@@ -227,6 +227,7 @@ EMBEDS_LIMIT = 6000
 # Shown as fields of their own, in this order; other settings share one field.
 MAIN_SETTINGS = ("Seed", "Steps", "CFG scale", "Sampler", "Size", "Model")
 NEGATIVE_FIELD = "Negative prompt"
+OTHER_FIELD = "Other settings"
 _ZERO_WIDTH_SPACE = "\u200b"
 
 
@@ -249,32 +250,36 @@ def _code_block_text(block: str) -> str:
 
 def picture_info_embed(parameters: Parameters, title: str, budget: int = EMBEDS_LIMIT) -> discord.Embed:
     """A picture's parameters in at most `budget` characters: the prompt (as the description), the
-    negative prompt, the main settings, the LoRAs and the rest of the settings in one field."""
-    embed = discord.Embed(title=title[:256], colour=discord.Colour.blurple())
+    negative prompt, the main settings, the LoRAs and the rest of the settings in one field.
+
+    Short fields are cut to a fixed length and the negative prompt and the other settings to a
+    sixth of the budget each, so that what is left, most of it, goes to the prompt.
+    """
+    embed = discord.Embed(title=title[:80], colour=discord.Colour.blurple())
+    embed.set_footer(text=f"made with {parameters.made_with}")
+    share = budget // 6
     if parameters.negative_prompt:
-        embed.add_field(
-            name=NEGATIVE_FIELD,
-            value=_code_block(parameters.negative_prompt, min(1024, budget // 5)),
-            inline=False,
-        )
+        negative = _code_block(parameters.negative_prompt, min(1024, share))
+        embed.add_field(name=NEGATIVE_FIELD, value=negative, inline=False)
     settings = parameters.settings
     for key in MAIN_SETTINGS:
         if settings.get(key):
-            embed.add_field(name=key, value=settings[key][:60])
+            embed.add_field(name=key, value=settings[key][:50])
     if parameters.loras:
         loras = ", ".join(f"{lora.name} ({lora.weight})" for lora in parameters.loras)
-        embed.add_field(name="LoRAs", value=loras[:150], inline=False)
+        embed.add_field(name="LoRAs", value=loras[:120], inline=False)
     other = "\n".join(
         f"{key}: {value}" for key, value in settings.items() if key not in MAIN_SETTINGS and value
     )
-    if other:
-        embed.add_field(name="Other settings", value=other[: min(1024, budget // 5)], inline=False)
-    embed.set_footer(text=f"made with {parameters.made_with}")
+    other_room = len(OTHER_FIELD) + min(len(other), share) if other else 0
     embed.description = (
-        _code_block(parameters.prompt, min(4096, budget - len(embed)))
+        _code_block(parameters.prompt, min(4096, budget - len(embed) - other_room))
         if parameters.prompt
         else "*(no prompt)*"
     )
+    if other:
+        room = min(1024, budget - len(embed) - len(OTHER_FIELD))
+        embed.add_field(name=OTHER_FIELD, value=other[:room], inline=False)
     return embed
 
 

@@ -265,12 +265,15 @@ def test_info_embed_reads_back_its_prompts_and_four_fit_one_message() -> None:
         + "\n"
         + ", ".join(f"Key {i}: {'v' * 90}" for i in range(40))
     )
-    embeds = [
-        picture_info_embed(huge, "Picture info · " + "f" * 200, EMBEDS_LIMIT // 4 - 20) for _ in range(4)
-    ]
+    embeds = [picture_info_embed(huge, "Picture info · " + "f" * 200, EMBEDS_LIMIT // 4) for _ in range(4)]
     assert sum(len(embed) for embed in embeds) <= EMBEDS_LIMIT
     prompt, negative = picture_prompts(embeds[0])
     assert prompt.startswith("ppp") and prompt.endswith("…") and negative.startswith("nnn")
+    # Most of the room goes to the prompt; the other settings still show.
+    assert len(prompt) > EMBEDS_LIMIT // 4 // 3
+    assert embeds[0].fields[-1].name == "Other settings" and embeds[0].fields[-1].value.startswith(
+        "Key 0: vvv"
+    )
     assert all(len(field.value) <= 1024 for embed in embeds for field in embed.fields)
 
 
@@ -356,13 +359,30 @@ def test_picture_info_of_ours_a1111s_and_comfyuis_with_use_prompt_across_a_resta
                 attachments=[
                     ("plain.png", png_with(), "image/png"),
                     ("fake.png", gif.getvalue(), "image/png"),
+                    # Never downloaded: its size is known beforehand.
+                    ("huge.png", png_with() + bytes(MAX_PICTURE_BYTES), "image/png"),
                 ],
             )
             answer = await picture_info(h, mixed)
             assert not answer.embeds and answer.content == (
                 "**plain.png** carries no prompt or settings: none were saved in it, or an app that re-saved "
-                "it left them out.\n**fake.png** isn't a PNG, JPEG or WebP picture."
+                "it left them out.\n**fake.png** isn't a PNG, JPEG or WebP picture.\n"
+                "**huge.png** is over 20 MB, more than I read, so I didn't look at it."
             )
+            # Five long ones: four shown, within Discord's 6,000 characters for a message's embeds.
+            long_text = "a very long prompt, " * 200 + A1111_TEXT
+            five = h.fake.post_user_message(
+                h.general_channel_id,
+                h.bob,
+                attachments=[(f"{i}.png", png_with(parameters=long_text), "image/png") for i in range(5)],
+            )
+            answer = await picture_info(h, five)
+            assert answer.content == "Shown: the first 4 of 5 pictures with settings."
+            assert [embed["title"] for embed in answer.embeds] == [
+                f"Picture info · {i}.png" for i in range(4)
+            ]
+            assert answer.custom_ids == [f"dreambot:pictureprompt:{i}:portrait" for i in range(4)]
+            assert button(answer, "Use prompt 4") == "dreambot:pictureprompt:3:portrait"
 
             # Every button below is pressed on a new bot process.
             await h.restart()

@@ -22,7 +22,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.bot import DreamBot, report_error
-from bot.pnginfo import MAX_PICTURE_BYTES, Picture, PictureError, read_picture, without_lora_tags
+from bot.pnginfo import MAX_PICTURE_BYTES, Parameters, Picture, PictureError, read_picture, without_lora_tags
 from bot.prompts import ASPECTS, nearest_aspect
 from bot.service import UserFacingError
 from bot.views import EMBEDS_LIMIT, picture_info_embed, picture_prompts
@@ -118,8 +118,9 @@ class Info(commands.Cog):
                 "That message has no picture attached. Picture info reads the prompt and settings saved "
                 "in a PNG (made by me, AUTOMATIC1111 or ComfyUI) or in an AUTOMATIC1111 JPEG or WebP."
             )
-        found: list[tuple[discord.Attachment, Picture]] = []
+        found: list[tuple[str, Parameters, str]] = []  # file name, parameters, aspect
         notes: list[str] = []
+        # One at a time: at most one member's 20 MB is in memory.
         for attachment in attachments:
             name = discord.utils.escape_markdown(attachment.filename)
             try:
@@ -133,7 +134,7 @@ class Info(commands.Cog):
                     "that re-saved it left them out."
                 )
             else:
-                found.append((attachment, picture))
+                found.append((name, picture.parameters, nearest_aspect(picture.width, picture.height)))
         shown = found[:MAX_SHOWN]
         if len(found) > len(shown):
             notes.append(f"Shown: the first {len(shown)} of {len(found)} pictures with settings.")
@@ -144,12 +145,9 @@ class Info(commands.Cog):
         several = len(shown) > 1
         view = discord.ui.View(timeout=None)
         embeds = []
-        for index, (attachment, picture) in enumerate(shown):
-            assert picture.parameters is not None
-            title = f"Picture info · {discord.utils.escape_markdown(attachment.filename)}"
-            # A little room per embed for what Discord counts that the budget cannot see coming.
-            embeds.append(picture_info_embed(picture.parameters, title, EMBEDS_LIMIT // len(shown) - 20))
-            aspect = nearest_aspect(picture.width, picture.height)
+        for index, (name, parameters, aspect) in enumerate(shown):
+            title = f"Picture info · {name}"
+            embeds.append(picture_info_embed(parameters, title, EMBEDS_LIMIT // len(shown)))
             view.add_item(PicturePromptButton(index, aspect, several))
         await interaction.followup.send(
             content or discord.utils.MISSING, embeds=embeds, view=view, ephemeral=True
