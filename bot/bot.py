@@ -53,6 +53,7 @@ COGS = (
     "bot.cogs.help",
     "bot.cogs.imagine",
     "bot.cogs.gallery",
+    "bot.cogs.info",
     "bot.cogs.admin",
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from bot.db import ModelRow
@@ -22,6 +23,13 @@ def size_for_aspect(aspect: str, side: int) -> tuple[int, int]:
         raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
     width_factor, height_factor = ASPECTS[aspect]
     return _multiple_of_8(side * width_factor), _multiple_of_8(side * height_factor)
+
+
+def nearest_aspect(width: int, height: int) -> str:
+    """The aspect preset closest in shape to a picture of this size."""
+    if width < 1 or height < 1:
+        raise ValueError(f"a picture's sides are at least 1 px, got {width}x{height}")
+    return min(ASPECTS, key=lambda name: abs(math.log(width / height * ASPECTS[name][1] / ASPECTS[name][0])))
 
 
 def _multiple_of_8(value: float) -> int:

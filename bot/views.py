@@ -15,6 +15,7 @@ import discord
 
 from bot.bot import DreamBot, reply_privately, report_error
 from bot.db import ACTIVE_JOB_STATES, GenerationRow, JobRow
+from bot.pnginfo import Parameters
 from bot.service import UserFacingError
 from bot.uploads import image_file
 from engine.protocol import ProtocolError, TrainJob
@@ -217,6 +218,75 @@ def image_upload(row: GenerationRow, size_limit: int) -> tuple[discord.File | No
         return None, None
     upload = image_file(path, f"dreambot-{row.id}.png", size_limit)
     return upload, upload.filename
+
+
+# -- picture info --------------------------------------------------------------------------------
+
+# Discord's limit on the characters of all the embeds of one message.
+EMBEDS_LIMIT = 6000
+# Shown as fields of their own, in this order; other settings share one field.
+MAIN_SETTINGS = ("Seed", "Steps", "CFG scale", "Sampler", "Size", "Model")
+NEGATIVE_FIELD = "Negative prompt"
+OTHER_FIELD = "Other settings"
+_ZERO_WIDTH_SPACE = "\u200b"
+
+
+def _code_block(text: str, limit: int) -> str:
+    """The text in a code block of at most `limit` characters, so Markdown in it shows as typed;
+    a zero-width space after each backtick keeps the text from closing the block."""
+    body = text.replace("`", "`" + _ZERO_WIDTH_SPACE)
+    room = max(1, limit - len("```\n\n```"))
+    if len(body) > room:
+        body = body[: room - 1] + "…"
+    return f"```\n{body}\n```"
+
+
+def _code_block_text(block: str) -> str:
+    """What `_code_block` was given (cut short when it had to be)."""
+    if not block.startswith("```\n") or not block.endswith("\n```"):
+        return ""
+    return block.removeprefix("```\n").removesuffix("\n```").replace("`" + _ZERO_WIDTH_SPACE, "`")
+
+
+def picture_info_embed(parameters: Parameters, title: str, budget: int = EMBEDS_LIMIT) -> discord.Embed:
+    """A picture's parameters in at most `budget` characters: the prompt (as the description), the
+    negative prompt, the main settings, the LoRAs and the rest of the settings in one field.
+
+    Short fields are cut to a fixed length and the negative prompt and the other settings to a
+    sixth of the budget each, so that what is left, most of it, goes to the prompt.
+    """
+    embed = discord.Embed(title=title[:80], colour=discord.Colour.blurple())
+    embed.set_footer(text=f"made with {parameters.made_with}")
+    share = budget // 6
+    if parameters.negative_prompt:
+        negative = _code_block(parameters.negative_prompt, min(1024, share))
+        embed.add_field(name=NEGATIVE_FIELD, value=negative, inline=False)
+    settings = parameters.settings
+    for key in MAIN_SETTINGS:
+        if settings.get(key):
+            embed.add_field(name=key, value=settings[key][:50])
+    if parameters.loras:
+        loras = ", ".join(f"{lora.name} ({lora.weight})" for lora in parameters.loras)
+        embed.add_field(name="LoRAs", value=loras[:120], inline=False)
+    other = "\n".join(
+        f"{key}: {value}" for key, value in settings.items() if key not in MAIN_SETTINGS and value
+    )
+    other_room = len(OTHER_FIELD) + min(len(other), share) if other else 0
+    embed.description = (
+        _code_block(parameters.prompt, min(4096, budget - len(embed) - other_room))
+        if parameters.prompt
+        else "*(no prompt)*"
+    )
+    if other:
+        room = min(1024, budget - len(embed) - len(OTHER_FIELD))
+        embed.add_field(name=OTHER_FIELD, value=other[:room], inline=False)
+    return embed
+
+
+def picture_prompts(embed: discord.Embed) -> tuple[str, str]:
+    """The prompt and negative prompt a `picture_info_embed` shows, read back from it."""
+    negative = next((field.value for field in embed.fields if field.name == NEGATIVE_FIELD), None)
+    return _code_block_text(embed.description or ""), _code_block_text(negative or "")
 
 
 # -- words ---------------------------------------------------------------------------------------

@@ -114,18 +114,20 @@ def test_generation_view_custom_ids_carry_the_generation(tmp_path: Path) -> None
     assert custom_ids == [
         "dreambot:reroll:7",
         "dreambot:prompt:7",
+        "dreambot:info:7",
         "dreambot:delete:7",
         *(f"dreambot:vary:7:{index}" for index in range(4)),
         *(f"dreambot:upscale:7:{index}" for index in range(4)),
     ]
     labels = [item.item.label for item in four.children]  # type: ignore[attr-defined]
-    assert labels[3:] == ["V1", "V2", "V3", "V4", "U1", "U2", "U3", "U4"]
+    assert labels[:4] == ["Reroll", "Use prompt", "Info", "Delete"]
+    assert labels[4:] == ["V1", "V2", "V3", "V4", "U1", "U2", "U3", "U4"]
     assert four.timeout is None
 
     one = generation_view(_row(tmp_path, files=["a"]))
-    assert [item.item.label for item in one.children][3:] == ["Variations", "Upscale"]  # type: ignore[attr-defined]
+    assert [item.item.label for item in one.children][4:] == ["Variations", "Upscale"]  # type: ignore[attr-defined]
     upscaled = generation_view(_row(tmp_path, files=["a"], kind="upscale"))
-    assert len(upscaled.children) == 3
+    assert len(upscaled.children) == 4
 
 
 def test_generation_embed_shows_prompt_seed_model(tmp_path: Path) -> None:
@@ -199,7 +201,12 @@ def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) 
             assert len(post.files) == 1 and image_size(post) == (128, 128)
             assert post.embeds[0]["description"] == "abraza as thor"
             assert field(post, "Seed") == "42" and field(post, "Model") == "abraza"
-            assert post.custom_ids[:3] == ["dreambot:reroll:1", "dreambot:prompt:1", "dreambot:delete:1"]
+            assert post.custom_ids[:4] == [
+                "dreambot:reroll:1",
+                "dreambot:prompt:1",
+                "dreambot:info:1",
+                "dreambot:delete:1",
+            ]
             assert [c for c in post.custom_ids if ":vary:" in c or ":upscale:" in c] == [
                 *(f"dreambot:vary:1:{i}" for i in range(4)),
                 *(f"dreambot:upscale:1:{i}" for i in range(4)),
@@ -268,7 +275,7 @@ def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) 
             assert h.db.find_generation(1) is None and not folder.exists()
             # A server manager may delete anyone's.
             bobs_id = int(bobs.custom_ids[0].rsplit(":", 1)[1])
-            assert bobs.custom_ids[2] == f"dreambot:delete:{bobs_id}"
+            assert bobs.custom_ids[3] == f"dreambot:delete:{bobs_id}"
             await delete_picture(h, h.admin, bobs)
             assert bobs.deleted and h.db.find_generation(bobs_id) is None
             # The variation made from the deleted image stays; only its link to the parent is cleared.

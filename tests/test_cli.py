@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from a1111 import read_parameters
 from botharness import selfie_jpeg
 from conftest import PROJECT_ROOT
 from fakehub import FakeHub, assert_token_kept_nowhere
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 from bot.cli import main
 from bot.db import LOCAL_GUILD_ID, Database
+from bot.pnginfo import read_picture
 from engine.config import DEFAULT_BASE_MODEL, load_config
 from engine.model import load_base_model
 
@@ -86,10 +86,10 @@ def test_train_then_imagine_export_and_publish(
     written = sorted((workdir / "out").glob("*.png"))
     assert len(written) == 2
     assert Image.open(written[0]).size == (64, 64)
-    parameters = read_parameters(written[0])
-    assert parameters["prompt"] == "abraza person as thor <lora:abraza:1>"
-    assert parameters["Seed"] == "7"
-    assert "abraza" in parameters["Lora hashes"]
+    parameters = read_picture(written[0].read_bytes()).parameters
+    assert parameters.prompt == "abraza person as thor <lora:abraza:1>"
+    assert parameters.settings["Seed"] == "7"
+    assert "abraza" in parameters.settings["Lora hashes"]
     assert db.search_generations(LOCAL_GUILD_ID, search="thor")[1] == 1
 
     capfd.readouterr()

@@ -14,13 +14,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from a1111 import read_parameters
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL.PngImagePlugin import PngInfo
 
+from bot.pnginfo import read_picture
 from engine.generate import AdapterLoadError, GenerationCancelled, Generator, a1111_parameters, expand_tokens
 from engine.kohya import is_kohya_adapter
 from engine.model import LoadedModel, load_base_model
@@ -184,17 +184,17 @@ def test_png_parameters_round_trip(generator: Generator, tmp_path: Path) -> None
     assert result.files == [tmp_path / "out" / "0.png", tmp_path / "out" / "1.png"]
     for path, seed, text in zip(result.files, result.seeds, result.parameters, strict=True):
         assert PIL.Image.open(path).text["parameters"] == text
-        parsed = read_parameters(path)
-        assert parsed["prompt"] == prompt
-        assert parsed["negative_prompt"] == negative
-        assert parsed["Steps"] == "2"
-        assert parsed["Sampler"] == "DPM++ 2M"
-        assert parsed["CFG scale"] == "6.5"
-        assert parsed["Seed"] == str(seed)
-        assert parsed["Size"] == "64x64"
-        assert parsed["Model"] == "tiny"
-        assert parsed["Version"] == f"dreambot {package_version('dreambot')}"
-        assert "Model hash" not in parsed  # a Hub or folder base has none
+        parsed = read_picture(path.read_bytes()).parameters
+        assert parsed.prompt == prompt
+        assert parsed.negative_prompt == negative
+        assert parsed.settings["Steps"] == "2"
+        assert parsed.settings["Sampler"] == "DPM++ 2M"
+        assert parsed.settings["CFG scale"] == "6.5"
+        assert parsed.settings["Seed"] == str(seed)
+        assert parsed.settings["Size"] == "64x64"
+        assert parsed.settings["Model"] == "tiny"
+        assert parsed.settings["Version"] == f"dreambot {package_version('dreambot')}"
+        assert "Model hash" not in parsed.settings  # a Hub or folder base has none
         assert (
             pixels(PIL.Image.open(path).convert("RGB")).tolist() == pixels(result.images[seed - 7]).tolist()
         )
@@ -238,13 +238,12 @@ def test_read_parameters_multiline_prompt_and_quoted_values(tmp_path: Path) -> N
     info = PngInfo()
     info.add_text("parameters", text)
     PIL.Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    parsed = read_parameters(path)
-    assert parsed["prompt"] == "line one,\nline two"
-    assert parsed["negative_prompt"] == "neg one\nneg two"
-    assert parsed["Key"] == "a, b"
+    parsed = read_picture(path.read_bytes()).parameters
+    assert parsed.prompt == "line one,\nline two"
+    assert parsed.negative_prompt == "neg one\nneg two"
+    assert parsed.settings["Key"] == "a, b"
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
-    with pytest.raises(ValueError, match=r"bare\.png"):
-        read_parameters(tmp_path / "bare.png")
+    assert read_picture((tmp_path / "bare.png").read_bytes()).parameters is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,10 +266,10 @@ def test_variation_and_upscale(generator: Generator, tmp_path: Path) -> None:
     assert upscale.images[0].size == (128, 128)
     resized = source.images[0].resize((128, 128), PIL.Image.LANCZOS)
     assert max_diff(upscale.images[0], resized) > 10
-    parsed = read_parameters(upscale.files[0])
-    assert parsed["Size"] == "128x128"
-    assert parsed["Denoising strength"] == "0.35"
-    assert parsed["Postprocess upscale by"] == "2"
+    parsed = read_picture(upscale.files[0].read_bytes()).parameters
+    assert parsed.settings["Size"] == "128x128"
+    assert parsed.settings["Denoising strength"] == "0.35"
+    assert parsed.settings["Postprocess upscale by"] == "2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,11 +421,17 @@ def test_an_adapter_at_half_weight_has_half_its_effect(
     assert max_diff(images[0.0].images[0], plain) == 0
     assert max_diff(images[0.5].images[0], images[0.0].images[0]) > 10
     assert max_diff(images[0.5].images[0], images[1.0].images[0]) > 10
-    assert read_parameters(images[0.5].files[0])["prompt"] == "bravo person at the beach <lora:bravo:0.5>"
+    assert (
+        read_picture(images[0.5].files[0].read_bytes()).parameters.prompt  # type: ignore[union-attr]
+        == "bravo person at the beach <lora:bravo:0.5>"
+    )
     # A bare token is weight 1: the same picture as its tag at 1, which the PNG gets appended.
     bare = generator.generate(job(prompt="bravo at the beach", adapters=[bravo]), tmp_path / "bare")
     assert max_diff(bare.images[0], images[1.0].images[0]) == 0
-    assert read_parameters(bare.files[0])["prompt"] == "bravo person at the beach <lora:bravo:1>"
+    assert (
+        read_picture(bare.files[0].read_bytes()).parameters.prompt  # type: ignore[union-attr]
+        == "bravo person at the beach <lora:bravo:1>"
+    )
 
     # Each LoRA layer adds weight x its change: half of it at 0.5.
     layer = next(
@@ -642,11 +647,11 @@ def test_png_of_a_lora_generation_carries_the_tag_and_the_hash_of_the_file(
 
     assert is_kohya_adapter(path)
     assert a1111_lora_hash(path) != old_hash
-    parsed = read_parameters(result.files[0])
-    assert parsed["prompt"] == "alfa person at the beach <lora:alfa:1>"
-    assert parsed["Lora hashes"] == f"alfa: {a1111_lora_hash(path)}"
-    assert parsed["Model"] == "tiny"
-    assert parsed["Version"] == f"dreambot {package_version('dreambot')}"
+    parsed = read_picture(result.files[0].read_bytes()).parameters
+    assert parsed.prompt == "alfa person at the beach <lora:alfa:1>"
+    assert parsed.settings["Lora hashes"] == f"alfa: {a1111_lora_hash(path)}"
+    assert parsed.settings["Model"] == "tiny"
+    assert parsed.settings["Version"] == f"dreambot {package_version('dreambot')}"
 
     # The converted file is what the cache now holds: no second load, no second rewrite.
     again = generator.generate(job(prompt="alfa", adapters=[ref({"alfa": path}, "alfa")]))
@@ -660,9 +665,9 @@ def test_a_single_file_base_has_a1111s_model_hash(tiny_model_dir: Path, tmp_path
     pipeline = load_base_model("tiny", "cpu", tiny_model_dir.parent.parent).pipeline
     # The tiny pipeline, named as if it came from that file (a real checkpoint is gigabytes).
     generator = Generator(LoadedModel(pipeline, torch.device("cpu"), torch.float32, str(checkpoint)))
-    parsed = read_parameters(generator.generate(job(), tmp_path / "out").files[0])
-    assert parsed["Model hash"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
-    assert parsed["Model"] == "my-model"
+    parsed = read_picture(generator.generate(job(), tmp_path / "out").files[0].read_bytes()).parameters
+    assert parsed.settings["Model hash"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    assert parsed.settings["Model"] == "my-model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,7 +681,7 @@ def test_sdxl_text_to_image_and_variation(tiny_data_dir: Path, tmp_path: Path) -
     assert (
         max_diff(result.images[0], generator.generate(job(width=64, height=96)).images[0]) <= BATCH_TOLERANCE
     )
-    assert read_parameters(result.files[0])["Model"] == "tiny-sdxl"
+    assert read_picture(result.files[0].read_bytes()).parameters.settings["Model"] == "tiny-sdxl"
 
     variation = generator.generate(job(init_image=str(result.files[0]), strength=0.5, width=64, height=96))
     assert variation.images[0].size == (64, 96)

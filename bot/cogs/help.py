@@ -22,6 +22,8 @@ you posted, and I post a few samples when it's done.
 `/models` your models · `/model share` let others use one (off by default) · \
 `/model export` the LoRA file by DM (A1111, Forge, ComfyUI) · `/model publish` to your own Hugging Face \
 account (private by default) · `/model delete`
+right-click a message with pictures → Apps → **Picture info** (or a picture's **Info** button): how it \
+was made (prompt, seed, settings, LoRAs), from my PNGs, AUTOMATIC1111's or ComfyUI's, with **Use prompt**
 `/queue` your waiting and running jobs, with Cancel buttons
 `/forget` delete everything I keep about you: your photos, models and pictures, the pictures \
 others made with your models, every message I posted about them, and every record of you

@@ -2,7 +2,7 @@
 
 A request goes: checks (channel, safety, whose models, the member's queue cap) -> defer -> the job row
 -> "queued" -> the engine. When the result comes back the generation row is written and posted with
-buttons (Reroll, V1..V4, U1..U4, Use prompt, Delete). The buttons are `DynamicItem`s whose custom_id
+buttons (Reroll, Use prompt, Info, Delete, V1..V4, U1..U4). The buttons are `DynamicItem`s whose custom_id
 carries the generation id, so they keep working after a restart: every click reads the row again.
 """
 
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
+import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,6 +28,7 @@ from PIL import Image
 
 from bot.bot import DreamBot, report_error
 from bot.db import GenerationRow, JobRow
+from bot.pnginfo import Parameters, parse_a1111
 from bot.prompts import size_for_aspect
 from bot.safety import merge_negative
 from bot.service import (
@@ -37,7 +40,7 @@ from bot.service import (
     queue_generation,
 )
 from bot.storage import generation_dir
-from bot.views import GRID_FILE, confirm, generation_embed, image_upload, only_mentions
+from bot.views import GRID_FILE, confirm, generation_embed, image_upload, only_mentions, picture_info_embed
 from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone, whole_word
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,17 @@ def base_size(row: GenerationRow) -> tuple[int, int]:
     if row.kind == "upscale":
         return row.width // 2, row.height // 2
     return row.width, row.height
+
+
+def generation_parameters(row: GenerationRow) -> Parameters:
+    """What the PNGs of a generation say about it; one Seed field lists the seed of each picture."""
+    if not row.parameters:
+        raise UserFacingError("That picture was made before I kept its parameters, so I have none to show.")
+    parameters = parse_a1111(row.parameters[0])
+    if len(row.parameters) == 1:
+        return parameters
+    seeds = [parse_a1111(text).settings.get("Seed", "?") for text in row.parameters]
+    return dataclasses.replace(parameters, settings={**parameters.settings, "Seed": ", ".join(seeds)})
 
 
 # -- the cog -------------------------------------------------------------------------------------
@@ -426,7 +440,57 @@ class Imagine(commands.Cog):
             if own:
                 newest = max(own, key=lambda model: model.created_at)
                 prompt = replace_tokens(prompt, authors, newest.token)
-        await interaction.response.send_modal(UsePromptModal(self, row.id, prompt))
+        await interaction.response.send_modal(
+            UsePromptModal(self, prompt, lambda submitted, text: self.run_prompt(submitted, row.id, text))
+        )
+
+    async def open_picture_prompt_modal(
+        self, interaction: discord.Interaction, prompt: str, negative_prompt: str, aspect: str
+    ) -> None:
+        """The prompt of a picture made elsewhere (Picture info), ready to edit and run with its
+        negative prompt and shape and this server's steps and guidance (its sampler is not ours)."""
+        config = self.bot.config
+        width, height = size_for_aspect(aspect, config.training.resolution)
+        request = ImageRequest(
+            prompt=prompt,
+            negative_prompt=merge_negative(config.safety.default_negative_prompt, negative_prompt),
+            seed=None,
+            count=1,
+            width=width,
+            height=height,
+            steps=config.generation.steps,
+            guidance=config.generation.guidance,
+        )
+        await interaction.response.send_modal(
+            UsePromptModal(
+                self,
+                prompt,
+                lambda submitted, text: self.queue(
+                    submitted, dataclasses.replace(request, prompt=text), redirect=True
+                ),
+            )
+        )
+
+    async def show_info(self, interaction: discord.Interaction, generation_id: int) -> None:
+        """A generation's parameters, privately, with its Use prompt button."""
+        row = self._generation(generation_id)
+        if not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        view = discord.ui.View(timeout=None)
+        view.add_item(GenerationButton("prompt", row.id))
+        embed = picture_info_embed(generation_parameters(row), f"Picture info · generation #{row.id}")
+        await interaction.followup.send(embed=embed, view=view, ephemeral=True)
+
+    def posted_generation(self, message: discord.Message) -> int | None:
+        """The generation a message of mine shows: a post with its buttons, or its gallery copy."""
+        if self.bot.user is None or message.author.id != self.bot.user.id:
+            return None
+        for row in message.components:
+            for component in getattr(row, "children", []):
+                if match := GENERATION_TEMPLATE.fullmatch(getattr(component, "custom_id", None) or ""):
+                    return int(match["id"])
+        gallery = self.bot.db.generation_by_gallery_message(message.id)
+        return gallery.id if gallery is not None else None
 
     async def run_prompt(self, interaction: discord.Interaction, generation_id: int, prompt: str) -> None:
         row = self._generation(generation_id)
@@ -465,15 +529,19 @@ def _imagine(interaction: discord.Interaction) -> Imagine:
     return cog
 
 
+GENERATION_TEMPLATE = re.compile(r"dreambot:(?P<action>reroll|prompt|info|delete):(?P<id>\d+)")
+
+
 class GenerationButton(
     discord.ui.DynamicItem[discord.ui.Button],
-    template=r"dreambot:(?P<action>reroll|prompt|delete):(?P<id>\d+)",
+    template=GENERATION_TEMPLATE,
 ):
-    """Reroll, Use prompt or Delete: an action on a whole generation (row 0)."""
+    """Reroll, Use prompt, Info or Delete: an action on a whole generation (row 0)."""
 
     LOOKS: ClassVar[dict[str, tuple[str, str, discord.ButtonStyle]]] = {
         "reroll": ("Reroll", "🎲", discord.ButtonStyle.primary),
         "prompt": ("Use prompt", "✏️", discord.ButtonStyle.secondary),
+        "info": ("Info", "ℹ️", discord.ButtonStyle.secondary),
         "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
     }
 
@@ -495,7 +563,12 @@ class GenerationButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = _imagine(interaction)
-        start = {"reroll": cog.reroll, "prompt": cog.open_prompt_modal, "delete": cog.delete}[self.action]
+        start = {
+            "reroll": cog.reroll,
+            "prompt": cog.open_prompt_modal,
+            "info": cog.show_info,
+            "delete": cog.delete,
+        }[self.action]
         await cog.guarded(interaction, start(interaction, self.generation_id))
 
 
@@ -539,7 +612,7 @@ BUTTONS = (GenerationButton, ImageButton)
 def generation_view(row: GenerationRow) -> discord.ui.View:
     """The buttons under a generation; no timeout, as every click is resolved from its custom_id."""
     view = discord.ui.View(timeout=None)
-    for action in ("reroll", "prompt", "delete"):
+    for action in ("reroll", "prompt", "info", "delete"):
         view.add_item(GenerationButton(action, row.id))
     if row.kind != "upscale":
         several = len(row.files) > 1
@@ -550,19 +623,24 @@ def generation_view(row: GenerationRow) -> discord.ui.View:
 
 
 class UsePromptModal(discord.ui.Modal, title="Imagine with this prompt"):
-    def __init__(self, cog: Imagine, generation_id: int, prompt: str) -> None:
+    """A prompt to edit; `run` queues the edited one (with a generation's or a picture's settings)."""
+
+    def __init__(
+        self,
+        cog: Imagine,
+        prompt: str,
+        run: Callable[[discord.Interaction, str], Coroutine[Any, Any, None]],
+    ) -> None:
         super().__init__()
         self.cog = cog
-        self.generation_id = generation_id
+        self.run = run
         self.prompt = discord.ui.TextInput(
             label="Prompt", style=discord.TextStyle.paragraph, default=prompt[:1000], max_length=1000
         )
         self.add_item(self.prompt)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await self.cog.guarded(
-            interaction, self.cog.run_prompt(interaction, self.generation_id, self.prompt.value)
-        )
+        await self.cog.guarded(interaction, self.run(interaction, self.prompt.value))
 
 
 # -- small words -------------------------------------------------------------------------------
