@@ -54,6 +54,7 @@ COGS = (
     "bot.cogs.imagine",
     "bot.cogs.gallery",
     "bot.cogs.admin",
+    "bot.cogs.settings",
 )
 
 

@@ -15,7 +15,7 @@ from botharness import JOB_TIMEOUT, BotHarness, button, delete_picture, imagine,
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
-from bot.cogs.imagine import base_size, generation_view, make_grid, replace_tokens
+from bot.cogs.imagine import base_size, generation_view, make_grid
 from bot.db import GenerationRow, new_job_id
 from bot.views import GRID_FILE, generation_embed, post_image
 from engine.protocol import GenerateJob, GenerationDone, encode
@@ -79,16 +79,6 @@ def test_make_grid_puts_four_images_two_a_row(tmp_path: Path) -> None:
 def test_make_grid_for_two_and_three(tmp_path: Path, count: int, size: tuple[int, int]) -> None:
     with Image.open(make_grid(_images(tmp_path, count), tmp_path / GRID_FILE)) as image:
         assert image.size == size
-
-
-def test_replace_tokens_swaps_whole_words_only() -> None:
-    prompt = "Abraza and abraza's dog, not abrazatron, as thor (abraza:1.2)"
-    assert replace_tokens(prompt, ["abraza"], "zorblat") == (
-        "zorblat and zorblat's dog, not abrazatron, as thor (zorblat:1.2)"
-    )
-    assert replace_tokens("a photo of abraza", [], "zorblat") == "a photo of abraza"
-    # Member text is never read as a regular expression.
-    assert replace_tokens("x.y and xzy", ["x.y"], "q") == "q and xzy"
 
 
 def test_post_image_is_the_only_image_or_the_grid(tmp_path: Path) -> None:
