@@ -71,8 +71,10 @@ def fill(prompt: str, subject: ModelRow | None) -> str:
 
 
 def template_form(prompt: str, models: Iterable[ModelRow]) -> str:
-    """The prompt with these models written as `[SUBJECT]`: their token (and its class word after it,
-    which `[SUBJECT]` brings back) in the text, their name in a LoRA tag."""
+    """The prompt as anyone may reuse it: `[me]` written as `[SUBJECT]` (her "me" is not the reader's),
+    and these models as `[SUBJECT]`: their token (and its class word after it, which `[SUBJECT]`
+    brings back) in the text, their name in a LoRA tag."""
+    prompt = _SUBJECT.sub(lambda _: SUBJECT, prompt)
     for model in models:
         token = re.escape(model.token)
         in_text = re.compile(

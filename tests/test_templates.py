@@ -82,6 +82,7 @@ def test_template_form_writes_the_authors_tokens_as_subject() -> None:
     filled = fill(template_form("abraza as thor <lora:abraza:0.5>", authors), model("zorblat"))
     assert filled == "zorblat person as thor <lora:zorblat:0.5>"
     assert template_form("a photo of abraza", []) == "a photo of abraza"
+    assert template_form("[me] and [Subject] by [ARTIST]", []) == "[SUBJECT] and [SUBJECT] by [ARTIST]"
 
 
 # -- with the database ---------------------------------------------------------------------------

@@ -419,14 +419,10 @@ class Imagine(commands.Cog):
         """The prompt as a template, ready to edit and run: as its author typed it when it was one,
         else with the author's tokens written as [SUBJECT], which the clicker's own model fills."""
         row = self._generation(generation_id)
-        prompt = row.template or row.prompt
-        if row.template is None and interaction.user.id != row.user_id:
-            authors = [
-                model
-                for model in self.bot.db.models_of(row.user_id, row.guild_id)
-                if model.token in row.tokens
-            ]
-            prompt = template_form(prompt, authors)
+        authors = []
+        if interaction.user.id != row.user_id:
+            authors = [m for m in self.bot.db.models_of(row.user_id, row.guild_id) if m.token in row.tokens]
+        prompt = template_form(row.template or row.prompt, authors)
         await interaction.response.send_modal(UsePromptModal(self, row.id, prompt))
 
     async def run_prompt(self, interaction: discord.Interaction, generation_id: int, prompt: str) -> None:
