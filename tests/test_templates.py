@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.cogs.help import HELP_TEXT
 from bot.db import Database, MemberSettings, ModelRow
 from bot.service import (
     ImageRequest,
@@ -154,3 +155,17 @@ def test_member_settings_are_stored_and_checked(tmp_path: Path) -> None:
             check_member_settings(wrong)
         assert str(refused.value).startswith(message)
     check_member_settings(mine)
+
+
+def test_readme_and_help_promise_what_the_templates_do() -> None:
+    readme = " ".join(
+        (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8").split()
+    )
+    example = "Portrait of [SUBJECT] as [CHARACTER], art by [ARTIST]"
+    assert f"in `{example}`, `[SUBJECT]` (or `[me]`, in any case) stands for your own model" in readme
+    assert example in HELP_TEXT and "`[me]` or `[SUBJECT]` stands for your own model" in HELP_TEXT
+    assert "/settings" in HELP_TEXT and "`/settings show`, `/settings set [model] [aspect]" in readme
+    # What they promise: "token class", placeholders refused, A1111's [word] and \[ARTIST\] left alone.
+    assert fill("Portrait of [SUBJECT]", model()) == "Portrait of abraza person"
+    assert placeholders(example) == ["[CHARACTER]", "[ARTIST]"]
+    assert placeholders("a [word] and \\[ARTIST\\]") == []
