@@ -25,7 +25,7 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.bot import DreamBot, report_error
-from bot.db import GenerationRow, JobRow
+from bot.db import GenerationRow, JobRow, ModelRow
 from bot.prompts import MAX_COMMAND_STEPS, size_for_aspect
 from bot.safety import merge_negative
 from bot.service import (
@@ -419,7 +419,7 @@ class Imagine(commands.Cog):
         """The prompt as a template, ready to edit and run: as its author typed it when it was one,
         else with the author's tokens written as [SUBJECT], which the clicker's own model fills."""
         row = self._generation(generation_id)
-        authors = []
+        authors: list[ModelRow] = []
         if interaction.user.id != row.user_id:
             authors = [m for m in self.bot.db.models_of(row.user_id, row.guild_id) if m.token in row.tokens]
         prompt = template_form(row.template or row.prompt, authors)
