@@ -55,6 +55,7 @@ COGS = (
     "bot.cogs.gallery",
     "bot.cogs.info",
     "bot.cogs.admin",
+    "bot.cogs.settings",
 )
 
 

@@ -38,6 +38,7 @@ from bot.service import (
     end_training,
     export_adapter,
     export_instructions,
+    fill_template,
     finish_generation,
     finish_training,
     queue_generation,
@@ -376,6 +377,8 @@ def imagine_command(config: Config, args: argparse.Namespace) -> int:
         guidance=config.generation.guidance if args.guidance is None else args.guidance,
     )
     try:
+        # [me] is the local user's default model, as on Discord.
+        request = fill_template(db, LOCAL_GUILD_ID, LOCAL_USER_ID, request)
         adapters = check_generation_request(
             db, config, LOCAL_GUILD_ID, LOCAL_USER_ID, request, nsfw_allowed=False
         )

@@ -129,6 +129,8 @@ class GenerationRow:
     stars: int
     created_at: float
     parameters: list[str] = field(default_factory=list)
+    # The prompt as the member typed it when it was a template (`[SUBJECT]`): "Use prompt" offers it.
+    template: str | None = None
 
 
 @dataclass
@@ -144,8 +146,23 @@ class PostRow:
     job_id: str | None
 
 
+@dataclass(frozen=True)
+class MemberSettings:
+    """A member's own defaults for /imagine, in every server; None: the server's default."""
+
+    aspect: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+    count: int | None = None
+    # Whether her pictures are copied to the gallery channel.
+    gallery: bool = True
+
+
+MEMBER_SETTINGS = tuple(MemberSettings.__dataclass_fields__)
+
 _JSON_FIELDS = {"samples", "metadata", "context", "result", "tokens", "files", "parameters"}
-_BOOL_FIELDS = {"shared"}
+_BOOL_FIELDS = {"shared", "gallery"}
 
 
 def _row(cls: type, raw: dict[str, Any]) -> Any:
@@ -255,6 +272,26 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX posts_by_user ON posts (user_id);
     CREATE INDEX posts_by_model ON posts (model_id);
+    """,
+    # A member's settings follow her across servers; her default model is one of a server's models, so
+    # it is kept per server beside them, and goes with the model.
+    """
+    ALTER TABLE generations ADD COLUMN template TEXT;
+    CREATE TABLE member_settings (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id),
+        aspect TEXT,
+        steps INTEGER,
+        guidance REAL,
+        negative_prompt TEXT,
+        count INTEGER,
+        gallery INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE default_models (
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        guild_id INTEGER NOT NULL,
+        model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+        PRIMARY KEY (user_id, guild_id)
+    );
     """,
 ]
 
@@ -551,6 +588,28 @@ class Database:
             {"guild_id": guild_id, "key": key, "value": str(value)}, pk=("guild_id", "key")
         )
 
+    # -- a member's own settings -------------------------------------------------------------
+
+    def member_settings(self, user_id: int) -> MemberSettings:
+        rows = list(self.db["member_settings"].rows_where("user_id = ?", [user_id]))
+        return _row(MemberSettings, rows[0]) if rows else MemberSettings()
+
+    def set_member_settings(self, user_id: int, settings: MemberSettings) -> None:
+        """Store them (the member's users row must exist: ensure_user)."""
+        values = {name: getattr(settings, name) for name in MEMBER_SETTINGS}
+        self.db["member_settings"].upsert({"user_id": user_id, **values}, pk="user_id")
+
+    def default_model(self, user_id: int, guild_id: int) -> ModelRow | None:
+        """The model she chose as her default in this server, if she chose one and it still exists."""
+        rows = list(self.db["default_models"].rows_where("user_id = ? AND guild_id = ?", [user_id, guild_id]))
+        return self.find_model(rows[0]["model_id"]) if rows else None
+
+    def set_default_model(self, user_id: int, guild_id: int, model_id: int | None) -> None:
+        """Choose her default model in this server; None: back to her newest ready one."""
+        self.db.execute("DELETE FROM default_models WHERE user_id = ? AND guild_id = ?", [user_id, guild_id])
+        if model_id is not None:
+            self.db["default_models"].insert({"user_id": user_id, "guild_id": guild_id, "model_id": model_id})
+
     # -- forgetting a member ----------------------------------------------------------------
 
     def generations_to_forget(self, user_id: int) -> list[GenerationRow]:
@@ -579,6 +638,8 @@ class Database:
             self.db.execute(f"DELETE FROM generations WHERE {_HER_GENERATIONS}", who)
             self.db.execute(f"DELETE FROM posts WHERE {_HER_POSTS}", who)
             self.db.execute(f"DELETE FROM jobs WHERE {_HER_JOBS}", who)
+            self.db.execute("DELETE FROM default_models WHERE user_id = :user_id", who)
+            self.db.execute("DELETE FROM member_settings WHERE user_id = :user_id", who)
             self.db.execute("DELETE FROM models WHERE owner_id = :user_id", who)
             self.db.execute("DELETE FROM users WHERE id = :user_id", who)
         self._scrub()

@@ -9,6 +9,9 @@ from bot.db import ModelRow
 from engine.prompt_syntax import parse_prompt
 from engine.protocol import words_in
 
+# The most denoising steps /imagine and /settings offer; the engine takes up to engine.protocol.MAX_STEPS.
+MAX_COMMAND_STEPS = 100
+
 # Width and height relative to the model's training side.
 ASPECTS: dict[str, tuple[float, float]] = {
     "square": (1.0, 1.0),

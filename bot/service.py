@@ -8,6 +8,7 @@ The CLI acts as a local member (LOCAL_USER_ID in LOCAL_GUILD_ID) through the sam
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import sqlite3
@@ -18,15 +19,18 @@ from typing import Literal
 
 from PIL import Image
 
-from bot.db import Database, GenerationRow, JobRow, ModelRow, new_job_id
-from bot.prompts import models_in_prompt
+from bot.db import Database, GenerationRow, JobRow, MemberSettings, ModelRow, new_job_id
+from bot.prompts import ASPECTS, MAX_COMMAND_STEPS, models_in_prompt
 from bot.safety import prompt_refusal
 from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, remove_paths
-from bot.words import subject_problem, token_problem
+from bot.templates import TemplateError, fill, placeholders, unfilled_message
+from bot.words import normalize_token, subject_problem, token_problem
 from engine.config import Config
 from engine.kohya import upgrade_adapter
 from engine.prompt_syntax import PromptSyntaxError, parse_prompt
 from engine.protocol import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
     MAX_SEED,
     AdapterRef,
     Error,
@@ -234,6 +238,8 @@ class ImageRequest:
     init_image: str | None = None
     strength: float | None = None
     upscale: bool = False
+    # The prompt as the member typed it, when `prompt` is its filled-in template (fill_template).
+    template: str | None = None
 
     @property
     def kind(self) -> GenerationKind:
@@ -270,11 +276,38 @@ def usable_models(db: Database, guild_id: int, user_id: int, prompt: str) -> lis
     return [model.adapter_ref(weights.get(model.token, 1.0)) for model in models]
 
 
+def default_model(db: Database, guild_id: int, user_id: int) -> ModelRow | None:
+    """The model `[SUBJECT]` stands for: the one she chose in /settings while it is ready, else her
+    newest ready one in this server."""
+    chosen = db.default_model(user_id, guild_id)
+    if chosen is not None and chosen.state == "ready":
+        return chosen
+    ready = [model for model in db.models_of(user_id, guild_id) if model.state == "ready"]
+    return ready[-1] if ready else None
+
+
+def fill_template(db: Database, guild_id: int, user_id: int, request: ImageRequest) -> ImageRequest:
+    """The request with `[SUBJECT]`/`[me]` filled in with the member's default model, the prompt as
+    typed kept as its template; as it is when its prompt is no template or is already filled."""
+    if request.template is not None:
+        return request
+    try:
+        prompt = fill(request.prompt, default_model(db, guild_id, user_id))
+    except TemplateError as error:
+        raise UserFacingError(str(error)) from None
+    if prompt == request.prompt:
+        return request
+    return dataclasses.replace(request, prompt=prompt, template=request.prompt)
+
+
 def check_generation_request(
     db: Database, config: Config, guild_id: int, user_id: int, request: ImageRequest, *, nsfw_allowed: bool
 ) -> list[AdapterRef]:
     """Refuse what may not be drawn (safety), a prompt that does not read, models the member may not
     use, and a full queue; else the adapters the prompt uses."""
+    # Never drawn with a placeholder in it: the engine would read `[ARTIST]` as a weaker "ARTIST".
+    if names := placeholders(request.prompt):
+        raise UserFacingError(unfilled_message(names))
     refusal = prompt_refusal(
         request.prompt, request.negative_prompt, config.safety, nsfw_channel=nsfw_allowed
     )
@@ -329,7 +362,7 @@ def queue_generation(
         channel_id=channel_id,
         payload=encode(job),
         job_id=job_id,
-        context={"parent_id": request.parent_id},
+        context={"parent_id": request.parent_id, "template": request.template},
     )
 
 
@@ -376,6 +409,7 @@ def finish_generation(
         parameters=[result.parameters[index] for index in kept],
         kind=generation_kind(request.init_image, request.upscale),
         parent_id=job.context.get("parent_id"),
+        template=job.context.get("template"),
     )
     return FinishedGeneration(row, hidden)
 
@@ -383,6 +417,40 @@ def finish_generation(
 def end_generation(config: Config, job: JobRow) -> None:
     """A generation that failed or was cancelled leaves no files."""
     shutil.rmtree(generation_dir(config, job.id), ignore_errors=True)
+
+
+# -- a member's settings ------------------------------------------------------------------------
+
+
+def check_member_settings(settings: MemberSettings) -> None:
+    """Refuse a value /imagine could not use, saying the value received."""
+    if settings.aspect is not None and settings.aspect not in ASPECTS:
+        raise UserFacingError(f"The aspect has to be one of {', '.join(ASPECTS)}, not “{settings.aspect}”.")
+    if settings.steps is not None and not 1 <= settings.steps <= MAX_COMMAND_STEPS:
+        raise UserFacingError(f"Steps go from 1 to {MAX_COMMAND_STEPS}, not {settings.steps}.")
+    if settings.guidance is not None and not 0 <= settings.guidance <= MAX_GUIDANCE:
+        raise UserFacingError(f"Guidance goes from 0 to {MAX_GUIDANCE:g}, not {settings.guidance:g}.")
+    if settings.count is not None and not 1 <= settings.count <= MAX_IMAGES:
+        raise UserFacingError(f"The count goes from 1 to {MAX_IMAGES}, not {settings.count}.")
+    if settings.negative_prompt is not None:
+        try:
+            parse_prompt(settings.negative_prompt, loras=False)
+        except PromptSyntaxError as error:
+            raise UserFacingError(f"I can't read your negative prompt: {error}.") from None
+
+
+def choose_default_model(db: Database, guild_id: int, user_id: int, token: str) -> ModelRow:
+    """Her model called `token` in this server, now her default; refused for anyone else's or none."""
+    model = db.model_by_token(guild_id, normalize_token(token))
+    if model is None or model.owner_id != user_id:
+        raise UserFacingError(
+            f"You have no model called “{token}” in this server: `/models` lists yours, and "
+            "[SUBJECT] stands for your own face, so only your own models can be your default."
+        )
+    if model.state != "ready":
+        raise UserFacingError(f"**{model.token}** isn't trained yet ({model.state}): pick a ready model.")
+    db.set_default_model(user_id, guild_id, model.id)
+    return model
 
 
 # -- export ------------------------------------------------------------------------------------

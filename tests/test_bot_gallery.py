@@ -121,7 +121,7 @@ def test_gallery_pages_searches_filters_and_sorts_by_stars(tmp_path: Path) -> No
             ix = await h.fake.click(h.bob, mine, button(mine, "Use prompt")["custom_id"])
             modal = await ix.wait_modal()
             text_input = modal["components"][0]["components"][0]
-            assert text_input["value"] == "abraza at a castle"  # bob has no model of his own
+            assert text_input["value"] == "[SUBJECT] at a castle"  # her model is offered as his own face
             ix = await h.fake.submit_modal(
                 h.bob, h.general_channel_id, modal["custom_id"], {text_input["custom_id"]: "a castle at dusk"}
             )

@@ -15,7 +15,7 @@ from botharness import JOB_TIMEOUT, BotHarness, button, delete_picture, imagine,
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
-from bot.cogs.imagine import base_size, generation_view, make_grid, replace_tokens
+from bot.cogs.imagine import base_size, generation_view, make_grid
 from bot.db import GenerationRow, new_job_id
 from bot.views import GRID_FILE, generation_embed, post_image
 from engine.protocol import GenerateJob, GenerationDone, encode
@@ -79,16 +79,6 @@ def test_make_grid_puts_four_images_two_a_row(tmp_path: Path) -> None:
 def test_make_grid_for_two_and_three(tmp_path: Path, count: int, size: tuple[int, int]) -> None:
     with Image.open(make_grid(_images(tmp_path, count), tmp_path / GRID_FILE)) as image:
         assert image.size == size
-
-
-def test_replace_tokens_swaps_whole_words_only() -> None:
-    prompt = "Abraza and abraza's dog, not abrazatron, as thor (abraza:1.2)"
-    assert replace_tokens(prompt, ["abraza"], "zorblat") == (
-        "zorblat and zorblat's dog, not abrazatron, as thor (zorblat:1.2)"
-    )
-    assert replace_tokens("a photo of abraza", [], "zorblat") == "a photo of abraza"
-    # Member text is never read as a regular expression.
-    assert replace_tokens("x.y and xzy", ["x.y"], "q") == "q and xzy"
 
 
 def test_post_image_is_the_only_image_or_the_grid(tmp_path: Path) -> None:
@@ -242,11 +232,11 @@ def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) 
             assert image_size(upscaled) == (128, 128) and upscaled.embeds[0]["title"] == "Upscaled"
             assert not [c for c in upscaled.custom_ids if ":vary:" in c or ":upscale:" in c]
 
-            # Use prompt, by bob: his own token replaces alice's, and it runs as his.
+            # Use prompt, by bob: alice's token is offered as [SUBJECT] (his face goes in), and it runs as his.
             ix = await h.fake.click(h.bob, post, "dreambot:prompt:1")
             modal = await ix.wait_modal()
             text_input = modal["components"][0]["components"][0]
-            assert text_input["value"] == "zorblat as thor"
+            assert text_input["value"] == "[SUBJECT] as thor"
             ix = await h.fake.submit_modal(
                 h.bob, h.prompts_channel_id, modal["custom_id"], {text_input["custom_id"]: "zorblat as loki"}
             )
@@ -402,6 +392,78 @@ def test_late_results_errors_and_buttons_after_a_restart(tmp_path: Path) -> None
             assert rerolled.embeds[0]["description"] == "abraza in the rain"
             ix = await h.fake.click(h.bob, post, "dreambot:delete:1")
             assert "Only the member who made this image" in await refusal(ix)
+            assert not h.fake.errors
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_settings_and_templates(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_bot(tmp_path) as h:
+            h.trained_model(h.alice, "quorbly")
+            h.trained_model(h.alice, "abraza")
+            # Bob has no model yet: [me] points him to /train.
+            ix = await h.fake.slash(h.bob, h.prompts_channel_id, "imagine", prompt="[me] as a viking")
+            assert "you have no trained model in this server yet: teach me your face with `/train`" in (
+                await refusal(ix)
+            )
+            ix = await h.fake.slash(
+                h.alice, h.prompts_channel_id, "imagine", prompt="[me] as thor by [ARTIST]"
+            )
+            assert await refusal(ix) == (
+                "Your prompt is a template: replace [ARTIST] with an artist's name, then send it again."
+            )
+
+            ix = await h.fake.slash(
+                h.alice, h.general_channel_id, "settings set", model="quorbly", aspect="portrait", steps=3,
+                guidance=4.5, negative="soggy fog", count=2, gallery=False,
+            )  # fmt: skip
+            saved = await ix.wait_original(lambda m: m.content.startswith("Saved."))
+            for line in ("Model for [SUBJECT] and [me] in this server: **quorbly** (chosen)", "Aspect: portrait",
+                         "Steps: 3", "Guidance: 4.5", "Pictures at a time: 2", "Negative prompt: soggy fog",
+                         "Gallery: your pictures stay out"):  # fmt: skip
+                assert line in saved.content.splitlines()
+            ix = await h.fake.slash(h.alice, h.general_channel_id, "settings show")
+            shown = await ix.wait_original(lambda m: m.content.startswith("**Your settings**"))
+            assert shown.ephemeral and shown.content == saved.content.removeprefix("Saved.\n")
+
+            # /imagine without options: her settings, and [me] is her chosen model (not her newest).
+            post = await imagine(h, h.alice, prompt="[me] as a viking")
+            row = h.db.generation(int(post.custom_ids[0].rsplit(":", 1)[1]))
+            request = h.db.job(row.job_id).request
+            assert (request.steps, request.guidance, request.count) == (3, 4.5, 2)
+            assert (request.width, request.height) == (64, 96) and request.negative_prompt.endswith(
+                ", soggy fog"
+            )
+            assert request.prompt == "quorbly person as a viking"
+            assert [adapter.token for adapter in request.adapters] == ["quorbly"]
+            assert row.template == "[me] as a viking" and field(post, "Model") == "quorbly"
+
+            # Bob (now with a model) reuses her picture: [SUBJECT] is offered, and his face goes in.
+            h.trained_model(h.bob, "zorblat")
+            ix = await h.fake.click(h.bob, post, button(post, "Use prompt"))
+            modal = await ix.wait_modal()
+            text_input = modal["components"][0]["components"][0]
+            assert text_input["value"] == "[SUBJECT] as a viking"
+            ix = await h.fake.submit_modal(
+                h.bob,
+                h.prompts_channel_id,
+                modal["custom_id"],
+                {text_input["custom_id"]: text_input["value"]},
+            )
+            bobs = await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+            bobs_row = h.db.generation(int(bobs.custom_ids[0].rsplit(":", 1)[1]))
+            bobs_request = h.db.job(bobs_row.job_id).request
+            assert bobs_request.prompt == "zorblat person as a viking"
+            assert [adapter.token for adapter in bobs_request.adapters] == ["zorblat"]
+            assert bobs_row.template == "[SUBJECT] as a viking"
+
+            # Bob's picture goes to the gallery; hers, posted before it, stayed out.
+            copy = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files)
+            assert f"<@{h.bob}>" in copy.content
+            assert [m.id for m in h.fake.messages_in(h.gallery_channel_id) if m.files] == [copy.id]
+            assert h.db.generation(row.id).gallery_message_id is None
             assert not h.fake.errors
 
     run(scenario)

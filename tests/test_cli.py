@@ -82,7 +82,8 @@ def test_train_then_imagine_export_and_publish(
     assert Path(model.adapter_path).is_file()
     assert not (workdir / "data" / "photos").exists() or not any((workdir / "data" / "photos").iterdir())
 
-    assert main(["imagine", "abraza as thor", "--seed", "7", "--count", "2", "--out", "out"]) == 0
+    # [me] is the local user's default model: her newest, abraza.
+    assert main(["imagine", "[me] as thor", "--seed", "7", "--count", "2", "--out", "out"]) == 0
     written = sorted((workdir / "out").glob("*.png"))
     assert len(written) == 2
     assert Image.open(written[0]).size == (64, 64)
@@ -161,6 +162,11 @@ def test_imagine_refuses_a_prompt_that_does_not_read_before_any_engine_starts(
     )
     assert main(["imagine", "a castle <lora:abraza:0.5>"]) == 1
     assert "<lora:abraza> names no trained model in this server" in capsys.readouterr().err
+    # Templates: [me] needs a model of the local user's, a placeholder is filled in first.
+    assert main(["imagine", "[me] as thor"]) == 1
+    assert "no trained model in this server yet: teach me your face with /train" in capsys.readouterr().err
+    assert main(["imagine", "a castle by [ARTIST]"]) == 1
+    assert "replace [ARTIST] with an artist's name" in capsys.readouterr().err
     assert Database.in_data_dir(workdir / "data").active_jobs() == []
     assert not (workdir / "out").exists()
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.db import MIGRATIONS, Database, JobRow, fts_query, new_job_id
+from bot.db import MIGRATIONS, Database, JobRow, MemberSettings, fts_query, new_job_id
 from engine.protocol import AdapterRef, GenerateJob, TrainingDone, TrainJob, encode
 
 
@@ -56,9 +56,27 @@ def test_a_database_of_the_first_schema_gains_the_posts_table(tmp_path: Path) ->
     old.commit()
     old.close()
     db = Database(path)
-    assert db.schema_version == len(MIGRATIONS) == 2
+    assert db.schema_version == len(MIGRATIONS)
     db.add_post(message_id=100, channel_id=5, guild_id=10, user_id=1)
     assert [post.message_id for post in db.posts_to_forget(1)] == [100]
+
+
+def test_a_database_of_the_second_schema_gains_templates_and_member_settings(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(f"{MIGRATIONS[0]}; {MIGRATIONS[1]}; PRAGMA user_version = 2;")
+    old.execute("INSERT INTO users (id, name, created_at) VALUES (1, 'alice', 0)")
+    old.execute(
+        "INSERT INTO generations (job_id, guild_id, user_id, channel_id, prompt, seed, steps, guidance, width, "
+        "height, kind, created_at) VALUES ('j', 10, 1, 5, 'abraza as thor', 1, 2, 7.5, 64, 64, 'txt2img', 0)"
+    )
+    old.commit()
+    old.close()
+    db = Database(path)
+    assert db.schema_version == len(MIGRATIONS)
+    assert db.generation(1).template is None and db.member_settings(1) == MemberSettings()
+    db.set_member_settings(1, MemberSettings(steps=30, gallery=False))
+    assert db.member_settings(1) == MemberSettings(steps=30, gallery=False)
 
 
 def test_tokens_are_unique_per_server(db: Database) -> None:

@@ -191,6 +191,9 @@ def test_forget_leaves_no_byte_of_the_member_in_the_database_files(tmp_path: Pat
         async with running_bot(tmp_path, training={"max_steps": 500}) as h:
             h.trained_model(h.alice, "abraza", shared=True)
             h.trained_model(h.bob, "zorvik")
+            # Her settings (a negative prompt of her own, her default model) go with her too.
+            saved = await answer(h, h.alice, "settings set", model="abraza", negative="quinquiremic")
+            await h.fake.wait_until(lambda: saved.content.startswith("Saved."))
             picture = await imagine(
                 h, h.alice, prompt="abraza xylophonic marmalade castle", negative="gorgonzolic"
             )
@@ -200,7 +203,15 @@ def test_forget_leaves_no_byte_of_the_member_in_the_database_files(tmp_path: Pat
             progress = await start_training(h, h.alice, "quorbly")
             needles = {
                 word: word.encode()
-                for word in ("xylophonic", "marmalade", "gorgonzolic", "abraza", "quorbly", "alice")
+                for word in (
+                    "xylophonic",
+                    "marmalade",
+                    "gorgonzolic",
+                    "quinquiremic",
+                    "abraza",
+                    "quorbly",
+                    "alice",
+                )
             }
             needles |= id_needles("her user id", h.alice)
             for message in (picture, progress):
@@ -210,10 +221,12 @@ def test_forget_leaves_no_byte_of_the_member_in_the_database_files(tmp_path: Pat
             database = h.data_dir / DATABASE_FILE
             before = traces(database, needles)
             assert before["xylophonic"] and before["alice"] and before["her user id (integer)"]
+            assert h.db.member_settings(h.alice).negative_prompt == "quinquiremic" and before["quinquiremic"]
 
             done = await forget(h, h.alice)
             assert {name: count for name, count in traces(database, needles).items() if count} == {}
             assert "2 models, 3 jobs, 2 pictures" in done.content
+            assert h.db.db["member_settings"].count == 0 and h.db.db["default_models"].count == 0
             assert picture.deleted and with_her_face.deleted and progress.deleted and not bobs.deleted
             # Bob's post about the picture of her face went with it; the one about his own stays.
             assert {post.job_id for post in h.db.posts_to_forget(h.bob)} == {

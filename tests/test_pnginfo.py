@@ -404,9 +404,10 @@ def test_picture_info_of_ours_a1111s_and_comfyuis_with_use_prompt_across_a_resta
             for message in (post, gallery):
                 again = await picture_info(h, message)
                 assert again.embeds == ours.embeds and again.custom_ids == ["dreambot:prompt:1"]
-            # Use prompt from our info is the picture's own: bob's token replaces alice's.
+            # Use prompt from our info is the picture's own: alice's token is offered as [SUBJECT],
+            # which becomes bob's own model when he renders it.
             ix = await h.fake.click(h.bob, ours, "dreambot:prompt:1")
-            assert (await ix.wait_modal())["components"][0]["components"][0]["value"] == "zorblat as thor"
+            assert (await ix.wait_modal())["components"][0]["components"][0]["value"] == "[SUBJECT] as thor"
 
             # Use prompt from the A1111 info: its prompt without LoRA tags, its negative and shape.
             ix = await h.fake.click(h.bob, info, "dreambot:pictureprompt:0:portrait")

@@ -69,6 +69,8 @@ class Gallery(commands.Cog):
         channel = self.bot.gallery_channel(guild)
         if guild is None or channel is None or channel.id == message.channel.id:
             return
+        if not self.bot.db.member_settings(row.user_id).gallery:
+            return  # she keeps her pictures out of the gallery (/settings)
         if is_age_restricted(message.channel) and not channel.is_nsfw():
             return  # what an age-restricted channel allows stays there
         upload, name = image_upload(row, guild.filesize_limit)

@@ -16,6 +16,7 @@ you which ones I can't use and why; nothing is queued until the set is good.
 you posted, and I post a few samples when it's done.
 3. `/imagine abraza as a viking` draws you anywhere. AUTOMATIC1111's prompt syntax works: \
 `(word:1.3)` and `(word)` stronger, `[word]` weaker, `BREAK`, and `<lora:abraza:0.7>` for less of you.
+4. Share templates: `[me]` or `[SUBJECT]` stands for your own model, other words in capitals (`[ARTIST]`) are placeholders to fill in, as in `Portrait of [SUBJECT] as [CHARACTER], art by [ARTIST]`. **Use prompt** on anyone's picture puts your face in, not theirs.
 
 **Commands**
 `/train` · or right-click your own message with photos → Apps → **Train on these photos**
@@ -25,6 +26,7 @@ account (private by default) · `/model delete`
 right-click a message with pictures → Apps → **Picture info** (or a picture's **Info** button): how it \
 was made (prompt, seed, settings, LoRAs), from my PNGs, AUTOMATIC1111's or ComfyUI's, with **Use prompt**
 `/queue` your waiting and running jobs, with Cancel buttons
+`/settings` your defaults for /imagine (model, aspect, steps, guidance, negative prompt, count) and whether your pictures go to the gallery
 `/forget` delete everything I keep about you: your photos, models and pictures, the pictures \
 others made with your models, every message I posted about them, and every record of you
 

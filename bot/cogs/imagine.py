@@ -27,28 +27,28 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.bot import DreamBot, report_error
-from bot.db import GenerationRow, JobRow
+from bot.db import GenerationRow, JobRow, ModelRow
 from bot.pnginfo import Parameters, parse_a1111
-from bot.prompts import size_for_aspect
+from bot.prompts import MAX_COMMAND_STEPS, size_for_aspect
 from bot.safety import merge_negative
 from bot.service import (
     ImageRequest,
     UserFacingError,
     check_generation_request,
     end_generation,
+    fill_template,
     finish_generation,
     queue_generation,
 )
 from bot.storage import generation_dir
+from bot.templates import template_form
 from bot.views import GRID_FILE, confirm, generation_embed, image_upload, only_mentions, picture_info_embed
-from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone, whole_word
+from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone
 
 log = logging.getLogger(__name__)
 
 # Interaction tokens live 15 minutes; past 14 the result goes to the channel instead.
 INTERACTION_LIFETIME = 14 * 60
-# What /imagine offers; the engine takes up to engine.protocol.MAX_STEPS.
-MAX_COMMAND_STEPS = 100
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -70,13 +70,6 @@ def make_grid(paths: Sequence[Path], target: Path) -> Path:
             image.close()
     sheet.save(target, format="PNG")
     return target
-
-
-def replace_tokens(prompt: str, tokens: Sequence[str], replacement: str) -> str:
-    """The prompt with each whole-word occurrence of `tokens` (any case) replaced by `replacement`."""
-    for token in tokens:
-        prompt = whole_word(token).sub(replacement, prompt)
-    return prompt
 
 
 def base_size(row: GenerationRow) -> tuple[int, int]:
@@ -133,11 +126,11 @@ class Imagine(commands.Cog):
     @app_commands.command()
     @app_commands.guild_only()
     @app_commands.describe(
-        prompt="What to draw; put a member's token in it (e.g. “abraza as thor”) to draw them",
-        negative="What to keep out of the picture",
+        prompt="What to draw; a member's token (“abraza as thor”) or [me] (your own model) draws them",
+        negative="What to keep out of the picture (your /settings one when empty)",
         seed="The same seed and prompt give the same picture (random when empty)",
-        count="How many pictures (1-4)",
-        aspect="The picture's shape",
+        count="How many pictures (1-4; your /settings count when empty)",
+        aspect="The picture's shape (your /settings aspect when empty)",
         steps="Denoising steps: more is slower and finer",
         guidance="How closely to follow the prompt",
     )
@@ -147,23 +140,27 @@ class Imagine(commands.Cog):
         prompt: app_commands.Range[str, 1, 1000],
         negative: app_commands.Range[str, 1, 1000] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
-        count: app_commands.Range[int, 1, MAX_IMAGES] = 1,
-        aspect: Literal["square", "portrait", "landscape"] = "square",
+        count: app_commands.Range[int, 1, MAX_IMAGES] | None = None,
+        aspect: Literal["square", "portrait", "landscape"] | None = None,
         steps: app_commands.Range[int, 1, MAX_COMMAND_STEPS] | None = None,
         guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
     ) -> None:
-        """Imagine a picture; a member's token in the prompt puts them in it."""
+        """Imagine a picture; a member's token, or [me] for your own model, puts them in it."""
         config = self.bot.config
-        width, height = size_for_aspect(aspect, config.training.resolution)
+        # What she leaves out comes from her /settings, then from the server's config.
+        mine = self.bot.db.member_settings(interaction.user.id)
+        width, height = size_for_aspect(aspect or mine.aspect or "square", config.training.resolution)
         request = ImageRequest(
             prompt=prompt,
-            negative_prompt=merge_negative(config.safety.default_negative_prompt, negative),
+            negative_prompt=merge_negative(
+                config.safety.default_negative_prompt, negative or mine.negative_prompt
+            ),
             seed=seed,
-            count=count,
+            count=count or mine.count or 1,
             width=width,
             height=height,
-            steps=steps or config.generation.steps,
-            guidance=config.generation.guidance if guidance is None else guidance,
+            steps=steps or mine.steps or config.generation.steps,
+            guidance=_first_given(guidance, mine.guidance, config.generation.guidance),
         )
         await self.queue(interaction, request, redirect=False)
 
@@ -180,6 +177,8 @@ class Imagine(commands.Cog):
             raise UserFacingError("Images are made in servers, not in direct messages.")
         channel = self._channel_for(interaction, redirect=redirect)
         db, config = self.bot.db, self.bot.config
+        # [SUBJECT] is whoever asks: on someone else's picture, the clicker's own model.
+        request = fill_template(db, guild.id, user.id, request)
         # Checked and written with no await between, so two quick requests cannot both pass the cap.
         adapters = check_generation_request(
             db, config, guild.id, user.id, request, nsfw_allowed=channel.is_nsfw()
@@ -389,6 +388,7 @@ class Imagine(commands.Cog):
             "height": height,
             "steps": row.steps,
             "guidance": row.guidance,
+            "template": row.template,
         }
         return ImageRequest(**{**values, **changes})
 
@@ -430,16 +430,13 @@ class Imagine(commands.Cog):
         )
 
     async def open_prompt_modal(self, interaction: discord.Interaction, generation_id: int) -> None:
-        """The prompt, with the author's tokens swapped for the clicker's own, ready to edit and run."""
+        """The prompt as a template, ready to edit and run: as its author typed it when it was one,
+        else with the author's tokens written as [SUBJECT], which the clicker's own model fills."""
         row = self._generation(generation_id)
-        prompt = row.prompt
-        if interaction.user.id != row.user_id and interaction.guild is not None:
-            ready = self.bot.db.ready_models(interaction.guild.id)
-            own = [model for model in ready if model.owner_id == interaction.user.id]
-            authors = [model.token for model in ready if model.owner_id == row.user_id]
-            if own:
-                newest = max(own, key=lambda model: model.created_at)
-                prompt = replace_tokens(prompt, authors, newest.token)
+        authors: list[ModelRow] = []
+        if interaction.user.id != row.user_id:
+            authors = [m for m in self.bot.db.models_of(row.user_id, row.guild_id) if m.token in row.tokens]
+        prompt = template_form(row.template or row.prompt, authors)
         await interaction.response.send_modal(
             UsePromptModal(self, prompt, lambda submitted, text: self.run_prompt(submitted, row.id, text))
         )
@@ -494,7 +491,7 @@ class Imagine(commands.Cog):
 
     async def run_prompt(self, interaction: discord.Interaction, generation_id: int, prompt: str) -> None:
         row = self._generation(generation_id)
-        request = self._same_settings(row, prompt=prompt, count=1)
+        request = self._same_settings(row, prompt=prompt, template=None, count=1)
         await self.queue(interaction, request, redirect=True)
 
     async def delete(self, interaction: discord.Interaction, generation_id: int) -> None:
@@ -644,6 +641,11 @@ class UsePromptModal(discord.ui.Modal, title="Imagine with this prompt"):
 
 
 # -- small words -------------------------------------------------------------------------------
+
+
+def _first_given(*values: float | None) -> float:
+    """The first value that is not None (0 is a guidance like any other); the last is always given."""
+    return next(value for value in values if value is not None)
 
 
 def _pictures(count: int) -> str:
