@@ -22,9 +22,14 @@ you posted, and I post a few samples when it's done.
 `/models` your models · `/model share` let others use one (off by default) · \
 `/model export` the LoRA file by DM (A1111, Forge, ComfyUI) · `/model publish` to your own Hugging Face \
 account (private by default) · `/model delete`
+`/prompt save` a prompt to the server's prompt book (or **Save prompt** under your picture) · \
+`/prompt browse` search it, by stars, newest or most used · `/prompt use` render one with your face \
+(or **Try with my face** on its card in the prompts channel); your model's name in a saved prompt becomes \
+`[SUBJECT]`, so whoever uses it gets their own face · ⭐ a card to vote for it · `/prompt delete` one of yours
 `/queue` your waiting and running jobs, with Cancel buttons
 `/forget` delete everything I keep about you: your photos, models and pictures, the pictures \
-others made with your models, every message I posted about them, and every record of you
+others made with your models, your saved prompts and their cards, every message I posted about them, \
+and every record of you
 
 **Tips for good photos**
 • Just you, face clearly visible, no sunglasses; a mix of close-ups and head-and-shoulders.
