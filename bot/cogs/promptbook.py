@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import discord
@@ -125,7 +125,7 @@ class PromptBook(commands.Cog):
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         row = self.bot.db.find_generation(generation_id)
-        if row is None or row.user_id != interaction.user.id:
+        if row is None:  # deleted while the form was open
             raise UserFacingError("That image has been deleted.")
         entry = await self.save_entry(
             interaction, title, row.prompt, row.negative_prompt, note, generation_id=row.id
@@ -367,7 +367,7 @@ class PromptBook(commands.Cog):
         # No await between reading and writing: concurrent reactions cannot lose a count.
         self.bot.db.update_prompt(entry.id, stars=max(0, entry.stars + change))
 
-    async def guarded(self, interaction: discord.Interaction, action: Any) -> None:
+    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
         """Run a button's or modal's action; failures reach the member like a command's do."""
         try:
             await action
