@@ -24,7 +24,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.db import Database, GenerationRow, JobRow, PostRow
+from bot.db import Database, GenerationRow, JobRow, PostRow, PromptRow
 from bot.jobs import JobQueue
 from bot.service import UserFacingError
 from bot.words import load_base_vocabulary
@@ -54,6 +54,7 @@ COGS = (
     "bot.cogs.imagine",
     "bot.cogs.gallery",
     "bot.cogs.info",
+    "bot.cogs.promptbook",
     "bot.cogs.admin",
     "bot.cogs.settings",
 )
@@ -146,6 +147,16 @@ class DreamBot(commands.Bot):
             for channel, message_id in posts
             if isinstance(channel, discord.TextChannel | discord.Thread) and message_id is not None
         )
+
+    def prompt_cards(self, entries: Iterable[PromptRow]) -> list[discord.PartialMessage]:
+        """The cards of prompt book entries, to take down (see take_down)."""
+        return [
+            self.get_partial_messageable(entry.card_channel_id, guild_id=entry.guild_id).get_partial_message(
+                entry.card_message_id
+            )
+            for entry in entries
+            if entry.card_channel_id is not None and entry.card_message_id is not None
+        ]
 
     def record_post(self, message: discord.Message, job: JobRow) -> None:
         """Remember a message about a member's job or model, so that /forget and /model delete find it."""

@@ -1,4 +1,4 @@
-"""SQLite storage for users, models, jobs and generations (through sqlite-utils).
+"""SQLite storage for users, models, jobs, generations and the prompt book (through sqlite-utils).
 
 The row is the source of truth: a job is written here before anyone is told it is queued, and the
 queue rebuilds itself from these rows after a restart. One process writes (the bot, or the CLI when
@@ -131,6 +131,35 @@ class GenerationRow:
     parameters: list[str] = field(default_factory=list)
     # The prompt as the member typed it when it was a template (`[SUBJECT]`): "Use prompt" offers it.
     template: str | None = None
+
+
+@dataclass
+class PromptRow:
+    """An entry of a server's prompt book: a prompt a member saved, with the card that shows it."""
+
+    id: int
+    guild_id: int
+    user_id: int
+    title: str
+    # In template form: the author's own model is written [SUBJECT], for whoever uses it.
+    prompt: str
+    negative_prompt: str
+    note: str
+    # The picture it was saved from (None when typed, or once that picture is deleted).
+    generation_id: int | None
+    card_channel_id: int | None
+    card_message_id: int | None
+    stars: int
+    uses: int
+    created_at: float
+
+
+PromptSort = Literal["top", "new", "used"]
+_PROMPT_ORDER: dict[str, str] = {
+    "top": "p.stars DESC, p.created_at DESC",
+    "new": "p.created_at DESC",
+    "used": "p.uses DESC, p.created_at DESC",
+}
 
 
 @dataclass
@@ -292,6 +321,39 @@ MIGRATIONS: list[str] = [
         model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
         PRIMARY KEY (user_id, guild_id)
     );
+    """,
+    # The prompt book: saved prompts, their cards in the prompts channel and a search index.
+    """
+    CREATE TABLE prompts (
+        id INTEGER PRIMARY KEY,
+        guild_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        title TEXT NOT NULL COLLATE NOCASE,
+        prompt TEXT NOT NULL,
+        negative_prompt TEXT NOT NULL DEFAULT '',
+        note TEXT NOT NULL DEFAULT '',
+        generation_id INTEGER REFERENCES generations(id) ON DELETE SET NULL,
+        card_channel_id INTEGER,
+        card_message_id INTEGER,
+        stars INTEGER NOT NULL DEFAULT 0,
+        uses INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        UNIQUE (guild_id, title)
+    );
+    CREATE INDEX prompts_by_card ON prompts (card_message_id);
+    CREATE VIRTUAL TABLE prompts_fts USING fts5 (title, prompt, note, content='prompts', content_rowid='id');
+    CREATE TRIGGER prompts_ai AFTER INSERT ON prompts BEGIN
+        INSERT INTO prompts_fts (rowid, title, prompt, note) VALUES (new.id, new.title, new.prompt, new.note);
+    END;
+    CREATE TRIGGER prompts_ad AFTER DELETE ON prompts BEGIN
+        INSERT INTO prompts_fts (prompts_fts, rowid, title, prompt, note)
+        VALUES ('delete', old.id, old.title, old.prompt, old.note);
+    END;
+    CREATE TRIGGER prompts_au AFTER UPDATE OF title, prompt, note ON prompts BEGIN
+        INSERT INTO prompts_fts (prompts_fts, rowid, title, prompt, note)
+        VALUES ('delete', old.id, old.title, old.prompt, old.note);
+        INSERT INTO prompts_fts (rowid, title, prompt, note) VALUES (new.id, new.title, new.prompt, new.note);
+    END;
     """,
 ]
 
@@ -577,6 +639,122 @@ class Database:
         with self.db.conn:
             self.db.conn.executemany("DELETE FROM posts WHERE message_id = ?", [[i] for i in message_ids])
 
+    # -- the prompt book --------------------------------------------------------------------
+
+    def add_prompt(
+        self,
+        *,
+        guild_id: int,
+        user_id: int,
+        title: str,
+        prompt: str,
+        negative_prompt: str = "",
+        note: str = "",
+        generation_id: int | None = None,
+    ) -> PromptRow:
+        """A new entry; sqlite3.IntegrityError when the server's book already has that title (any case)."""
+        prompt_id = (
+            self.db["prompts"]
+            .insert(
+                {
+                    "guild_id": guild_id,
+                    "user_id": user_id,
+                    "title": title,
+                    "prompt": prompt,
+                    "negative_prompt": negative_prompt,
+                    "note": note,
+                    "generation_id": generation_id,
+                    "stars": 0,
+                    "uses": 0,
+                    "created_at": time.time(),
+                }
+            )
+            .last_pk
+        )
+        return self.prompt(prompt_id)
+
+    def prompt(self, prompt_id: int) -> PromptRow:
+        return _row(PromptRow, self.db["prompts"].get(prompt_id))
+
+    def find_prompt(self, prompt_id: int) -> PromptRow | None:
+        rows = list(self.db["prompts"].rows_where("id = ?", [prompt_id]))
+        return _row(PromptRow, rows[0]) if rows else None
+
+    def prompt_by_title(self, guild_id: int, title: str) -> PromptRow | None:
+        """The entry of that title in the server's book, whatever its case."""
+        rows = list(self.db["prompts"].rows_where("guild_id = ? AND title = ?", [guild_id, title.strip()]))
+        return _row(PromptRow, rows[0]) if rows else None
+
+    def prompt_by_card(self, message_id: int) -> PromptRow | None:
+        rows = list(self.db["prompts"].rows_where("card_message_id = ?", [message_id]))
+        return _row(PromptRow, rows[0]) if rows else None
+
+    def update_prompt(self, prompt_id: int, **changes: Any) -> PromptRow:
+        self.db["prompts"].update(prompt_id, changes)
+        return self.prompt(prompt_id)
+
+    def count_prompt_use(self, prompt_id: int) -> None:
+        self.db.execute("UPDATE prompts SET uses = uses + 1 WHERE id = ?", [prompt_id])
+
+    def delete_prompt(self, prompt_id: int) -> None:
+        self.db["prompts"].delete(prompt_id)
+
+    def prompt_titles(self, guild_id: int, *, user_id: int | None = None) -> list[str]:
+        """The titles of a server's book (optionally one author's), for autocomplete."""
+        where, args = "guild_id = ?", [guild_id]
+        if user_id is not None:
+            where, args = where + " AND user_id = ?", [*args, user_id]
+        return [raw["title"] for raw in self.db["prompts"].rows_where(where, args, order_by="title")]
+
+    def search_prompts(
+        self,
+        guild_id: int,
+        *,
+        search: str | None = None,
+        sort: PromptSort = "new",
+        offset: int = 0,
+        limit: int = 1,
+    ) -> tuple[list[PromptRow], int]:
+        """A page of a server's prompt book and the total that match, for /prompt browse: by stars
+        (top), newest first (new) or most used (used)."""
+        if sort not in _PROMPT_ORDER:
+            raise ValueError(f"sort must be one of {', '.join(_PROMPT_ORDER)}, got {sort!r}")
+        where = ["p.guild_id = ?"]
+        args: list[Any] = [guild_id]
+        if search:
+            where.append("p.id IN (SELECT rowid FROM prompts_fts WHERE prompts_fts MATCH ?)")
+            args.append(fts_query(search))
+        condition = " AND ".join(where)
+        total = self.db.execute(f"SELECT count(*) FROM prompts p WHERE {condition}", args).fetchone()[0]
+        cursor = self.db.execute(
+            f"SELECT p.* FROM prompts p WHERE {condition} ORDER BY {_PROMPT_ORDER[sort]}, p.id DESC "
+            "LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        columns = [c[0] for c in cursor.description]
+        return [_row(PromptRow, dict(zip(columns, raw, strict=True))) for raw in cursor.fetchall()], total
+
+    def _her_prompts(self, user_id: int) -> tuple[str, dict[str, Any]]:
+        """The entries a member's /forget removes: hers, those saved from a picture of her face, and
+        those that name one of her models (a recipe for her face), as a condition on `prompts`."""
+        where = [
+            "prompts.user_id = :user_id",
+            f"prompts.generation_id IN (SELECT id FROM generations WHERE {_HER_GENERATIONS})",
+        ]
+        args: dict[str, Any] = {"user_id": user_id}
+        for number, model in enumerate(self.models_of(user_id)):
+            where.append(
+                f"(prompts.guild_id = :guild{number} AND prompts.id IN "
+                f"(SELECT rowid FROM prompts_fts WHERE prompts_fts MATCH :token{number}))"
+            )
+            args |= {f"guild{number}": model.guild_id, f"token{number}": fts_query(model.token)}
+        return " OR ".join(where), args
+
+    def prompts_to_forget(self, user_id: int) -> list[PromptRow]:
+        where, args = self._her_prompts(user_id)
+        rows = self.db["prompts"].rows_where(where, args, order_by="id")
+        return [_row(PromptRow, raw) for raw in rows]
+
     # -- settings (admin-set limits per server) ---------------------------------------------
 
     def setting(self, guild_id: int, key: str, default: int) -> int:
@@ -633,7 +811,10 @@ class Database:
         for generation in self.generations_to_forget(user_id):
             files.extend(generation.files)
         who = {"user_id": user_id}
+        prompts, prompt_args = self._her_prompts(user_id)
         with self.db.conn:
+            # Before the generations and models: which entries show her face is read from them.
+            self.db.execute(f"DELETE FROM prompts WHERE {prompts}", prompt_args)
             # Before the models: which pictures used her models is read from them.
             self.db.execute(f"DELETE FROM generations WHERE {_HER_GENERATIONS}", who)
             self.db.execute(f"DELETE FROM posts WHERE {_HER_POSTS}", who)
@@ -651,6 +832,7 @@ class Database:
         rowids as dividers until VACUUM rebuilds them, and the WAL keeps old copies of every page until
         a checkpoint empties it."""
         self.db.execute("INSERT INTO generations_fts (generations_fts) VALUES ('optimize')")
+        self.db.execute("INSERT INTO prompts_fts (prompts_fts) VALUES ('optimize')")
         self.db.execute("VACUUM")
         busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:

@@ -65,8 +65,17 @@ def fill(prompt: str, subject: ModelRow | None) -> str:
         return prompt
     if subject is None:
         raise TemplateError(no_model_message())
-    phrase = f"{subject.token} {subject.class_word}"
-    tagged = _SUBJECT_TAG.sub(lambda _: f"<lora:{subject.token}", prompt)
+    return _put_subject(prompt, subject.token, f"{subject.token} {subject.class_word}")
+
+
+def with_stand_in(prompt: str) -> str:
+    """The template with a plain word where the subject goes, to check that it reads as a prompt
+    before anyone's model fills it (placeholders such as [ARTIST] stay for the reader to fill)."""
+    return _put_subject(prompt, "subject", "subject")
+
+
+def _put_subject(prompt: str, token: str, phrase: str) -> str:
+    tagged = _SUBJECT_TAG.sub(lambda _: f"<lora:{token}", prompt)
     return outside_tags(tagged, lambda text: _SUBJECT.sub(lambda _: phrase, text))
 
 

@@ -23,6 +23,7 @@ from engine.protocol import ProtocolError, TrainJob
 log = logging.getLogger(__name__)
 
 CANCEL_TEMPLATE = r"dreambot:cancel:(?P<job_id>[0-9a-f]+)"
+SAVE_PROMPT_TEMPLATE = r"dreambot:saveprompt:(?P<id>\d+)"
 CONFIRM_TIMEOUT = 60.0
 MAX_BUTTONS = 25
 GRID_FILE = "grid.png"
@@ -287,6 +288,44 @@ def picture_prompts(embed: discord.Embed) -> tuple[str, str]:
     """The prompt and negative prompt a `picture_info_embed` shows, read back from it."""
     negative = next((field.value for field in embed.fields if field.name == NEGATIVE_FIELD), None)
     return _code_block_text(embed.description or ""), _code_block_text(negative or "")
+
+
+class SavePromptButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=SAVE_PROMPT_TEMPLATE
+):
+    """ "Save prompt" under a generation (row 3): the imagine cog shows it, the prompt book cog
+    registers it and does the saving; the generation id is in its custom_id."""
+
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Save prompt",
+                emoji="📖",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"dreambot:saveprompt:{generation_id}",
+                row=3,
+            )
+        )
+        self.generation_id = generation_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction,
+        item: discord.ui.Button[discord.ui.View],
+        match: re.Match[str],
+        /,
+    ) -> SavePromptButton:
+        return cls(int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
+        try:
+            book = interaction.client.get_cog("PromptBook")
+            if book is None:
+                raise UserFacingError("The prompt book is switched off right now.")
+            await book.open_save_modal(interaction, self.generation_id)  # type: ignore[attr-defined]
+        except Exception as error:
+            await report_error(interaction, error)
 
 
 # -- words ---------------------------------------------------------------------------------------

@@ -108,16 +108,20 @@ def test_generation_view_custom_ids_carry_the_generation(tmp_path: Path) -> None
         "dreambot:delete:7",
         *(f"dreambot:vary:7:{index}" for index in range(4)),
         *(f"dreambot:upscale:7:{index}" for index in range(4)),
+        "dreambot:saveprompt:7",
     ]
     labels = [item.item.label for item in four.children]  # type: ignore[attr-defined]
     assert labels[:4] == ["Reroll", "Use prompt", "Info", "Delete"]
-    assert labels[4:] == ["V1", "V2", "V3", "V4", "U1", "U2", "U3", "U4"]
+    assert labels[4:] == ["V1", "V2", "V3", "V4", "U1", "U2", "U3", "U4", "Save prompt"]
+    # A row of its own: Discord allows five buttons a row, and the V and U rows are full.
+    assert four.children[-1].item.row == 3  # type: ignore[attr-defined]
     assert four.timeout is None
 
     one = generation_view(_row(tmp_path, files=["a"]))
-    assert [item.item.label for item in one.children][4:] == ["Variations", "Upscale"]  # type: ignore[attr-defined]
+    assert [item.item.label for item in one.children][4:] == ["Variations", "Upscale", "Save prompt"]  # type: ignore[attr-defined]
     upscaled = generation_view(_row(tmp_path, files=["a"], kind="upscale"))
-    assert len(upscaled.children) == 4
+    labels = [item.item.label for item in upscaled.children]  # type: ignore[attr-defined]
+    assert labels == ["Reroll", "Use prompt", "Info", "Delete", "Save prompt"]  # no V and U of an upscale
 
 
 def test_generation_embed_shows_prompt_seed_model(tmp_path: Path) -> None:

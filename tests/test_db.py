@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bot.db import MIGRATIONS, Database, JobRow, MemberSettings, fts_query, new_job_id
+from bot.db import MIGRATIONS, Database, JobRow, MemberSettings, PromptRow, fts_query, new_job_id
 from engine.protocol import AdapterRef, GenerateJob, TrainingDone, TrainJob, encode
 
 
@@ -256,3 +257,71 @@ def test_a_job_row_of_the_previous_version_reads_as_the_typed_contract(db: Datab
     assert row.request == train
     assert row.outcome == TrainingDone(job_id="old", **old_result)
     assert db.update_job("old", state="failed").outcome is None
+
+
+# -- the prompt book ---------------------------------------------------------------------------
+
+
+def _saved(db: Database, user_id: int, title: str, prompt: str, **extra: Any) -> PromptRow:
+    return db.add_prompt(guild_id=10, user_id=user_id, title=title, prompt=prompt, **extra)
+
+
+def test_saved_prompts_have_unique_titles_per_server_in_any_case(db: Database) -> None:
+    knight = _saved(db, 1, "Knight", "[SUBJECT] as a knight", note="steps 30 work best")
+    assert db.prompt_by_title(10, " knight ") == knight and knight.note == "steps 30 work best"
+    with pytest.raises(sqlite3.IntegrityError):
+        _saved(db, 2, "KNIGHT", "a knight")
+    # Another server's book is its own.
+    assert db.add_prompt(guild_id=11, user_id=2, title="knight", prompt="a knight").guild_id == 11
+    assert db.prompt_by_title(10, "dragon") is None
+
+
+def test_prompt_book_search_and_sorts(db: Database) -> None:
+    knight = _saved(db, 1, "Knight", "[SUBJECT] as a knight in armour")
+    dragon = _saved(db, 2, "Dragon rider", "riding a red dragon", note="add (wings:1.2)")
+    castle = _saved(db, 1, "Castle", "a castle at dusk")
+    db.update_prompt(dragon.id, stars=3)
+    db.update_prompt(knight.id, stars=1)
+    for _ in range(2):
+        db.count_prompt_use(castle.id)
+    db.count_prompt_use(knight.id)
+
+    def ids(**options: Any) -> list[int]:
+        return [row.id for row in db.search_prompts(10, limit=10, **options)[0]]
+
+    assert ids() == [castle.id, dragon.id, knight.id]
+    assert ids(sort="top") == [dragon.id, knight.id, castle.id]
+    assert ids(sort="used") == [castle.id, knight.id, dragon.id]
+    # Title, prompt and note are searched; every word must match; member text is never FTS5 syntax.
+    assert ids(search="rider") == ids(search="wings") == ids(search="RED dragon") == [dragon.id]
+    assert ids(search="armour knight") == [knight.id]
+    assert ids(search='knight" OR "castle') == []
+    page, total = db.search_prompts(10, sort="top", offset=1, limit=1)
+    assert total == 3 and [row.id for row in page] == [knight.id]
+    with pytest.raises(ValueError, match="got 'stars'"):
+        db.search_prompts(10, sort="stars")  # type: ignore[arg-type]
+    # An edited or deleted entry leaves the index.
+    db.update_prompt(castle.id, prompt="a lighthouse")
+    assert ids(search="castle") == [castle.id] and ids(search="dusk") == []
+    db.delete_prompt(castle.id)
+    assert ids(search="lighthouse") == []
+
+
+def test_forget_removes_her_entries_and_those_showing_or_naming_her_model(db: Database) -> None:
+    db.add_model(guild_id=10, owner_id=1, token="abraza", class_word="person")
+    hers = _saved(db, 1, "Knight", "[SUBJECT] as a knight")
+    her_face = _generation(db, 2, "abraza on a beach", ["abraza"])
+    from_her_face = _saved(db, 2, "Beach", "abraza on a beach", generation_id=her_face)
+    naming_her = _saved(db, 2, "Duel", "<lora:abraza:0.6> fights a dragon")
+    bobs = _saved(db, 2, "Dragon", "a red dragon", generation_id=_generation(db, 2, "a red dragon", []))
+    # The same word in another server names someone else's model.
+    elsewhere = db.add_prompt(guild_id=11, user_id=2, title="Duel", prompt="abraza fights")
+    db.update_prompt(hers.id, card_channel_id=5, card_message_id=900)
+
+    forgotten = db.prompts_to_forget(1)
+    assert [row.id for row in forgotten] == [hers.id, from_her_face.id, naming_her.id]
+    assert forgotten[0].card_message_id == 900
+    db.forget_user(1)
+    assert db.find_prompt(bobs.id) == bobs and db.find_prompt(elsewhere.id) == elsewhere
+    assert [row.id for row in db.search_prompts(10, limit=10)[0]] == [bobs.id]
+    assert db.search_prompts(10, search="knight")[1] == 0

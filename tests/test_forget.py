@@ -201,18 +201,26 @@ def test_forget_leaves_no_byte_of_the_member_in_the_database_files(tmp_path: Pat
             with_her_face = await imagine(h, h.bob, prompt="abraza beside zorvik on a bicycle")
             bobs = await imagine(h, h.bob, prompt="zorvik bobsword lighthouse")
             progress = await start_training(h, h.alice, "quorbly")
+            # Her entry in the prompt book, with its card, and bob's that names her model.
+            await answer(
+                h,
+                h.alice,
+                "prompt save",
+                title="zanzibarine",
+                prompt="a quixotical harbour",
+                note="mellifluent",
+            )
+            await answer(h, h.bob, "prompt save", title="duel", prompt="abraza fights a dragon")
+            hers, naming_her = (h.db.prompt_by_title(h.guild_id, title) for title in ("zanzibarine", "duel"))
+            assert hers is not None and naming_her is not None and hers.prompt == "a quixotical harbour"
+            cards = [h.fake.message(entry.card_message_id or 0) for entry in (hers, naming_her)]
             needles = {
                 word: word.encode()
                 for word in (
-                    "xylophonic",
-                    "marmalade",
-                    "gorgonzolic",
-                    "quinquiremic",
-                    "abraza",
-                    "quorbly",
-                    "alice",
+                    "xylophonic", "marmalade", "gorgonzolic", "quinquiremic", "abraza", "quorbly", "alice",
+                    "zanzibarine", "quixotical", "mellifluent",
                 )
-            }
+            }  # fmt: skip
             needles |= id_needles("her user id", h.alice)
             for message in (picture, progress):
                 needles |= id_needles(f"message {message.id}", message.id)
@@ -222,12 +230,14 @@ def test_forget_leaves_no_byte_of_the_member_in_the_database_files(tmp_path: Pat
             before = traces(database, needles)
             assert before["xylophonic"] and before["alice"] and before["her user id (integer)"]
             assert h.db.member_settings(h.alice).negative_prompt == "quinquiremic" and before["quinquiremic"]
+            assert before["quixotical"] and before["mellifluent"]
 
             done = await forget(h, h.alice)
             assert {name: count for name, count in traces(database, needles).items() if count} == {}
             assert "2 models, 3 jobs, 2 pictures" in done.content
             assert h.db.db["member_settings"].count == 0 and h.db.db["default_models"].count == 0
             assert picture.deleted and with_her_face.deleted and progress.deleted and not bobs.deleted
+            assert all(card.deleted for card in cards) and h.db.search_prompts(h.guild_id)[1] == 0
             # Bob's post about the picture of her face went with it; the one about his own stays.
             assert {post.job_id for post in h.db.posts_to_forget(h.bob)} == {
                 job.id for job in h.db.jobs_of(h.bob)
@@ -273,9 +283,12 @@ def test_readme_and_help_promise_what_these_tests_check() -> None:
         "one in a channel the bot can no longer see is named to you with its link",
         "No byte of your prompts, names or ids is left in the database file or its WAL.",
         "`/model delete` takes down that model's samples and training messages.",
+        "Your saved prompts and their cards go too, and those others saved from a picture of your face "
+        "or that name your models.",
     ):
         assert promise in readme
     assert (
         "`/forget` delete everything I keep about you: your photos, models and pictures, the pictures "
-        "others made with your models, every message I posted about them, and every record of you"
-    ) in HELP_TEXT
+        "others made with your models, your saved prompts and their cards, every message I posted about "
+        "them, and every record of you"
+    ) in " ".join(HELP_TEXT.split())

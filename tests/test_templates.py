@@ -169,3 +169,11 @@ def test_readme_and_help_promise_what_the_templates_do() -> None:
     assert fill("Portrait of [SUBJECT]", model()) == "Portrait of abraza person"
     assert placeholders(example) == ["[CHARACTER]", "[ARTIST]"]
     assert placeholders("a [word] and \\[ARTIST\\]") == []
+
+
+def test_a_template_with_a_stand_in_reads_as_a_prompt() -> None:
+    from bot.templates import with_stand_in
+
+    assert with_stand_in("[SUBJECT] as thor, <lora:[me]:0.7>, by [ARTIST]") == (
+        "subject as thor, <lora:subject:0.7>, by [ARTIST]"
+    )

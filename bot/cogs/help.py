@@ -25,10 +25,15 @@ you posted, and I post a few samples when it's done.
 account (private by default) · `/model delete`
 right-click a message with pictures → Apps → **Picture info** (or a picture's **Info** button): how it \
 was made (prompt, seed, settings, LoRAs), from my PNGs, AUTOMATIC1111's or ComfyUI's, with **Use prompt**
+`/prompt save` a prompt to the server's prompt book (or **Save prompt** under your picture) · \
+`/prompt browse` search it, by stars, newest or most used · `/prompt use` render one with your face \
+(or **Try with my face** on its card in the prompts channel); your model's name in a saved prompt becomes \
+`[SUBJECT]`, so whoever uses it gets their own face · ⭐ a card to vote for it · `/prompt delete` one of yours
 `/queue` your waiting and running jobs, with Cancel buttons
 `/settings` your defaults for /imagine (model, aspect, steps, guidance, negative prompt, count) and whether your pictures go to the gallery
 `/forget` delete everything I keep about you: your photos, models and pictures, the pictures \
-others made with your models, every message I posted about them, and every record of you
+others made with your models, your saved prompts and their cards, every message I posted about them, \
+and every record of you
 
 **Tips for good photos**
 • Just you, face clearly visible, no sunglasses; a mix of close-ups and head-and-shoulders.

@@ -2,7 +2,8 @@
 
 A request goes: checks (channel, safety, whose models, the member's queue cap) -> defer -> the job row
 -> "queued" -> the engine. When the result comes back the generation row is written and posted with
-buttons (Reroll, Use prompt, Info, Delete, V1..V4, U1..U4). The buttons are `DynamicItem`s whose custom_id
+buttons (Reroll, Use prompt, Info, Delete, V1..V4, U1..U4, and the prompt book's Save prompt). The
+buttons are `DynamicItem`s whose custom_id
 carries the generation id, so they keep working after a restart: every click reads the row again.
 """
 
@@ -42,7 +43,15 @@ from bot.service import (
 )
 from bot.storage import generation_dir
 from bot.templates import template_form
-from bot.views import GRID_FILE, confirm, generation_embed, image_upload, only_mentions, picture_info_embed
+from bot.views import (
+    GRID_FILE,
+    SavePromptButton,
+    confirm,
+    generation_embed,
+    image_upload,
+    only_mentions,
+    picture_info_embed,
+)
 from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone
 
 log = logging.getLogger(__name__)
@@ -616,6 +625,7 @@ def generation_view(row: GenerationRow) -> discord.ui.View:
         for action in ("vary", "upscale"):
             for index in range(len(row.files)):
                 view.add_item(ImageButton(action, row.id, index, several))
+    view.add_item(SavePromptButton(row.id))
     return view
 
 

@@ -28,8 +28,9 @@ class Privacy(commands.Cog):
         """Delete everything I keep about you: photos, models, pictures, my messages and your records."""
         question = (
             "Delete **everything** I keep about you, in every server: your training photos, models and "
-            "pictures, the pictures others made with your models, my messages about them, and every "
-            "record of you? Running jobs are cancelled. This cannot be undone."
+            "pictures, the pictures others made with your models, your saved prompts and those that use "
+            "your models, my messages about them, and every record of you? Running jobs are cancelled. "
+            "This cannot be undone."
         )
         if not await confirm(interaction, question, "Delete everything"):
             return
@@ -44,7 +45,9 @@ class Privacy(commands.Cog):
 
         jobs = db.jobs_to_forget(user_id)
         generations = db.generations_to_forget(user_id)
+        prompts = db.prompts_to_forget(user_id)
         refused = await self.bot.take_down_posts(db.posts_to_forget(user_id))
+        refused += await self.bot.take_down(self.bot.prompt_cards(prompts))
         for generation in generations:
             refused += await self.bot.delete_generation_posts(generation)
         config = self.bot.config
@@ -58,7 +61,8 @@ class Privacy(commands.Cog):
         await interaction.edit_original_response(
             content=(
                 f"Done. I deleted {count(len(models), 'model')}, {count(len(jobs), 'job')}, "
-                f"{count(len(generations), 'picture')} (their posts and gallery copies too) and "
+                f"{count(len(generations), 'picture')} (their posts and gallery copies too), "
+                f"{count(len(prompts), 'saved prompt')} (their cards too) and "
                 f"{count(files, 'file')} (photos, model weights, samples and pictures), and took down my "
                 "messages about your trainings and images. Nothing of yours is left in my records"
                 + (f".{refusal_line(refused)}" if refused else " or in the channels.")
