@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import discord
 
@@ -27,6 +28,8 @@ SAVE_PROMPT_TEMPLATE = r"dreambot:saveprompt:(?P<id>\d+)"
 CONFIRM_TIMEOUT = 60.0
 MAX_BUTTONS = 25
 GRID_FILE = "grid.png"
+# A ⭐ reaction is a vote, on a gallery post and on a prompt book card alike.
+STAR = "⭐"
 
 
 def only_mentions(user_id: int) -> discord.AllowedMentions:
@@ -135,6 +138,65 @@ class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]]
             await reply_privately(interaction, f"Cancelled: {describe_job(job)}.")
         except Exception as error:
             await report_error(interaction, error)
+
+
+# -- paging ------------------------------------------------------------------------------------
+
+
+class Pager(discord.ui.View):
+    """One result at a time, turned with Previous and Next; only the member who opened it turns it.
+
+    A subclass gives `render` (the current page, read afresh; None when nothing matches any more)
+    and its texts, and may add buttons of its own after Previous and Next."""
+
+    # The answer to another member who presses a button, and the page shown once nothing matches.
+    not_yours: ClassVar[str]
+    nothing_left: ClassVar[str]
+
+    def __init__(self, opener_id: int, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.opener_id = opener_id
+        self.index = 0
+        self.message: discord.InteractionMessage | None = None
+
+    def render(self) -> tuple[discord.Embed, discord.File | None] | None:
+        raise NotImplementedError
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        if interaction.user.id == self.opener_id:
+            return True
+        await interaction.response.send_message(self.not_yours, ephemeral=True)
+        return False
+
+    async def _show(self, interaction: discord.Interaction) -> None:
+        page = self.render()
+        if page is None:
+            self.stop()
+            await interaction.response.edit_message(
+                content=self.nothing_left, embed=None, attachments=[], view=None
+            )
+            return
+        embed, upload = page
+        await interaction.response.edit_message(
+            embed=embed, attachments=[upload] if upload else [], view=self
+        )
+
+    @discord.ui.button(label="Previous", emoji="◀️", style=discord.ButtonStyle.secondary)
+    async def previous(self, interaction: discord.Interaction, button: discord.ui.Button[Pager]) -> None:
+        self.index = max(0, self.index - 1)
+        await self._show(interaction)
+
+    @discord.ui.button(label="Next", emoji="▶️", style=discord.ButtonStyle.secondary)
+    async def next(self, interaction: discord.Interaction, button: discord.ui.Button[Pager]) -> None:
+        self.index += 1
+        await self._show(interaction)
+
+    async def on_timeout(self) -> None:
+        if self.message is not None:
+            try:
+                await self.message.edit(view=None)
+            except discord.HTTPException:
+                log.debug("could not close an expired pager", exc_info=True)
 
 
 # -- confirmation --------------------------------------------------------------------------------

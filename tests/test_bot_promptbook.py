@@ -112,7 +112,10 @@ def test_prompt_book_save_browse_use_try_delete_and_forget(tmp_path: Path) -> No
             assert post.embeds[0]["description"] == "zorvik person as a knight in shining armour"
             assert "Model zorvik" in post.text
             no_model = await answer(h, h.admin, "prompt use", title="Knight")
-            assert "you have no trained model in this server yet" in no_model.content and "`/train`" in no_model.content
+            assert (
+                "you have no trained model in this server yet" in no_model.content
+                and "`/train`" in no_model.content
+            )
             used = await browse(h, h.alice, sort="used")
             assert page(used) == ("Knight", "1 / 2") and "Uses 1" in used.text
 

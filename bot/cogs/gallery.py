@@ -22,14 +22,13 @@ from bot.bot import DreamBot
 from bot.db import GenerationRow
 from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import generation_embed, image_upload
+from bot.views import STAR, Pager, generation_embed, image_upload
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine
 
 log = logging.getLogger(__name__)
 
-STAR = "⭐"
 # At start-up the stars of this many of the newest gallery posts, of at most this age, are counted
 # again from their reactions (one request each).
 RECOUNT_POSTS = 200
@@ -196,8 +195,11 @@ class Gallery(commands.Cog):
         ]
 
 
-class GalleryPager(discord.ui.View):
+class GalleryPager(Pager):
     """One /gallery result at a time; only the member who opened it can turn its pages."""
+
+    not_yours = "This is someone else's gallery: use /gallery to browse your own."
+    nothing_left = "No images match any more."
 
     def __init__(
         self,
@@ -211,18 +213,15 @@ class GalleryPager(discord.ui.View):
         sort: Literal["newest", "top"],
         exclude_channel_ids: Collection[int] = (),
     ) -> None:
-        super().__init__(timeout=PAGER_TIMEOUT)
+        super().__init__(opener_id, PAGER_TIMEOUT)
         self.exclude_channel_ids = exclude_channel_ids
         self.bot = bot
-        self.opener_id = opener_id
         self.guild_id = guild_id
         self.user_id = user_id
         self.token = token
         self.search = search
         self.sort: Literal["newest", "top"] = sort
-        self.index = 0
         self.row: GenerationRow | None = None
-        self.message: discord.InteractionMessage | None = None
 
     def render(self) -> tuple[discord.Embed, discord.File | None] | None:
         """The current page, read afresh (stars change, images get deleted); None when none match."""
@@ -259,50 +258,12 @@ class GalleryPager(discord.ui.View):
             limit=1,
         )
 
-    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        if interaction.user.id == self.opener_id:
-            return True
-        await interaction.response.send_message(
-            "This is someone else's gallery: use /gallery to browse your own.", ephemeral=True
-        )
-        return False
-
-    async def _show(self, interaction: discord.Interaction) -> None:
-        page = self.render()
-        if page is None:
-            self.stop()
-            await interaction.response.edit_message(
-                content="No images match any more.", embed=None, attachments=[], view=None
-            )
-            return
-        embed, upload = page
-        await interaction.response.edit_message(
-            embed=embed, attachments=[upload] if upload else [], view=self
-        )
-
-    @discord.ui.button(label="Previous", emoji="◀️", style=discord.ButtonStyle.secondary)
-    async def previous(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        self.index = max(0, self.index - 1)
-        await self._show(interaction)
-
-    @discord.ui.button(label="Next", emoji="▶️", style=discord.ButtonStyle.secondary)
-    async def next(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        self.index += 1
-        await self._show(interaction)
-
     @discord.ui.button(label="Use prompt", emoji="✏️", style=discord.ButtonStyle.primary)
     async def use_prompt(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         # Not isinstance: load_extension executes the imagine module afresh, so its class differs.
         cog = cast("Imagine | None", self.bot.get_cog("Imagine"))
         if cog is not None and self.row is not None:
             await cog.guarded(interaction, cog.open_prompt_modal(interaction, self.row.id))
-
-    async def on_timeout(self) -> None:
-        if self.message is not None:
-            try:
-                await self.message.edit(view=None)
-            except discord.HTTPException:
-                log.debug("could not close an expired gallery pager", exc_info=True)
 
 
 async def setup(bot: DreamBot) -> None:

@@ -25,7 +25,7 @@ from bot.safety import merge_negative, prompt_refusal
 from bot.service import ImageRequest, UserFacingError
 from bot.templates import SUBJECT, template_form, with_stand_in
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import SavePromptButton, confirm, image_upload, refusal_line
+from bot.views import STAR, Pager, SavePromptButton, confirm, image_upload, refusal_line
 from engine.prompt_syntax import PromptSyntaxError, parse_prompt
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAR = "⭐"
 MAX_TITLE = 80
 MAX_NOTE = 500
 # A /prompt browse pager stops answering after this long; /prompt browse again opens a new one.
@@ -405,21 +404,21 @@ class SavePromptModal(discord.ui.Modal, title="Save to the prompt book"):
         )
 
 
-class PromptPager(discord.ui.View):
+class PromptPager(Pager):
     """One entry of the prompt book at a time; only the member who opened it turns its pages."""
+
+    not_yours = "This is someone else's page: use /prompt browse to open your own."
+    nothing_left = "No saved prompt matches any more."
 
     def __init__(
         self, book: PromptBook, *, opener_id: int, guild_id: int, search: str | None, sort: PromptSort
     ) -> None:
-        super().__init__(timeout=PAGER_TIMEOUT)
+        super().__init__(opener_id, PAGER_TIMEOUT)
         self.book = book
-        self.opener_id = opener_id
         self.guild_id = guild_id
         self.search = search
         self.sort: PromptSort = sort
-        self.index = 0
         self.entry: PromptRow | None = None
-        self.message: discord.InteractionMessage | None = None
 
     def render(self) -> tuple[discord.Embed, discord.File | None] | None:
         """The current page, read afresh (stars and uses change, entries get deleted); None when none match."""
@@ -445,48 +444,10 @@ class PromptPager(discord.ui.View):
         self.next.disabled = self.index >= total - 1
         return embed, upload
 
-    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        if interaction.user.id == self.opener_id:
-            return True
-        await interaction.response.send_message(
-            "This is someone else's page: use /prompt browse to open your own.", ephemeral=True
-        )
-        return False
-
-    async def _show(self, interaction: discord.Interaction) -> None:
-        page = self.render()
-        if page is None:
-            self.stop()
-            await interaction.response.edit_message(
-                content="No saved prompt matches any more.", embed=None, attachments=[], view=None
-            )
-            return
-        embed, upload = page
-        await interaction.response.edit_message(
-            embed=embed, attachments=[upload] if upload else [], view=self
-        )
-
-    @discord.ui.button(label="Previous", emoji="◀️", style=discord.ButtonStyle.secondary)
-    async def previous(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        self.index = max(0, self.index - 1)
-        await self._show(interaction)
-
-    @discord.ui.button(label="Next", emoji="▶️", style=discord.ButtonStyle.secondary)
-    async def next(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        self.index += 1
-        await self._show(interaction)
-
     @discord.ui.button(label="Try with my face", emoji="🪄", style=discord.ButtonStyle.primary)
     async def try_it(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         if self.entry is not None:
             await self.book.guarded(interaction, self.book.render(interaction, self.entry.id))
-
-    async def on_timeout(self) -> None:
-        if self.message is not None:
-            try:
-                await self.message.edit(view=None)
-            except discord.HTTPException:
-                log.debug("could not close an expired prompt book pager", exc_info=True)
 
 
 async def setup(bot: DreamBot) -> None:
