@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, files_under, running_bot
 
-from bot.cogs.training import PROGRESS_EDIT_INTERVAL, format_duration, progress_bar, progress_status
+from bot.cogs.training import (
+    PROGRESS_EDIT_INTERVAL,
+    format_duration,
+    loss_trend,
+    progress_bar,
+    progress_status,
+)
 from bot.words import (
     CLASS_WORDS,
     COMMON_WORDS,
@@ -91,6 +97,14 @@ def test_the_progress_bar_fills_with_the_fraction() -> None:
     assert progress_bar(0.5) == "█" * 10 + "░" * 10
     assert progress_bar(1) == "█" * 20
     assert progress_bar(1.7) == "█" * 20  # never overflows
+
+
+def test_the_loss_trend_is_the_newest_loss_and_its_direction() -> None:
+    assert loss_trend([0.2, 0.18, 0.142]) == "loss 0.142 ↘"
+    assert loss_trend([0.1, 0.12]) == "loss 0.120 ↗"
+    assert loss_trend([0.1, 0.101]) == "loss 0.101 →"
+    assert loss_trend([0.1]) == "loss 0.100 →"
+    assert "step 3/10 (30%) · loss 0.142 ↘ · about" in progress_status("training", 3, 10, 60, [0.2, 0.142])
 
 
 def test_progress_status_shows_phase_step_percent_eta_and_bar() -> None:
