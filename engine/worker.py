@@ -369,7 +369,8 @@ class Worker:
         throttle = _Throttle(TRAINING_PROGRESS_INTERVAL)
 
         def on_progress(progress: TrainingProgress) -> None:
-            if throttle.due(progress.phase, progress.step >= progress.total):
+            # The one preview of a training is never throttled away.
+            if throttle.due(progress.phase, progress.step >= progress.total) or progress.preview:
                 self.emit(
                     Progress(
                         task.job_id,
@@ -378,6 +379,7 @@ class Worker:
                         progress.total,
                         progress.loss,
                         progress.eta_seconds,
+                        None if progress.preview is None else str(progress.preview),
                     )
                 )
 
