@@ -162,6 +162,9 @@ def test_train_reports_each_photo_then_posts_the_samples(tmp_path: Path) -> None
             # The progress message went from queued to done, editing no more often than every ~5 s.
             await fake.wait_until(lambda: "✅ Done" in progress.content, timeout=10)
             assert "Waiting in the queue" in progress.history[0]["content"]
+            # The [training] preview_at sample was attached to it on the way.
+            versions = [*progress.history, progress.payload]
+            assert any(a["filename"] == "preview.png" for v in versions for a in v.get("attachments") or [])
             edits = [r.time for r in fake.requests if r.method == "PATCH" and r.message is progress]
             assert len(edits) >= 2
             assert all(b - a >= PROGRESS_EDIT_INTERVAL - 0.2 for a, b in itertools.pairwise(edits[:-1]))

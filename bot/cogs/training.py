@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -38,6 +40,7 @@ PROGRESS_EDIT_INTERVAL = 5.0
 # The trend arrow compares the newest loss with the one this many Progress events back (~0.5 s each).
 LOSS_TREND_EVENTS = 10
 LOSS_FLAT_BAND = 0.02
+PREVIEW_NAME = "preview.png"
 PROGRESS_BAR_WIDTH = 20
 PHASE_LABELS = {
     "class images": "Preparing reference images",
@@ -135,6 +138,8 @@ class Training(commands.Cog):
         self._last_edit: dict[str, float] = {}
         # job id -> its latest Progress losses, for the trend arrow.
         self._losses: dict[str, deque[float]] = {}
+        # job id -> its [training] preview_at sample, until an edit attaches it to the progress message.
+        self._previews: dict[str, bytes] = {}
         # The newest progress text of a job whose last edit was too recent; flushed by a background task.
         self._pending: dict[str, tuple[JobRow, str]] = {}
         self._edit_locks: dict[str, asyncio.Lock] = {}
@@ -317,6 +322,12 @@ class Training(commands.Cog):
         losses = self._losses.setdefault(job.id, deque(maxlen=LOSS_TREND_EVENTS))
         if event.loss is not None:
             losses.append(event.loss)
+        if event.preview is not None:
+            # Read now: the training's folder is moved away when it finishes, maybe before the next edit.
+            try:
+                self._previews[job.id] = await asyncio.to_thread(Path(event.preview).read_bytes)
+            except OSError:
+                log.warning("the preview of job %s is gone", job.id, exc_info=True)
         status = progress_status(
             event.phase,
             event.step,
@@ -380,11 +391,16 @@ class Training(commands.Cog):
                 self._edit_locks.pop(job.id, None)
             else:
                 self._last_edit[job.id] = time.monotonic()
+            # The preview rides on the next edit (the final one too, if it came late): no extra edit.
+            preview = self._previews.pop(job.id, None)
             if job.progress_message_id is None:
                 return
             channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+            extra: dict[str, Any] = {}
+            if preview is not None:
+                extra["attachments"] = [discord.File(io.BytesIO(preview), PREVIEW_NAME)]
             try:
-                await channel.get_partial_message(job.progress_message_id).edit(content=text)
+                await channel.get_partial_message(job.progress_message_id).edit(content=text, **extra)
             except discord.HTTPException as error:
                 log.warning("cannot edit the progress message of job %s: %s", job.id, error)
 
