@@ -84,6 +84,8 @@ class TrainingSection:
     sample_count: int = 4
     sample_prompt: str = "portrait photo of {token} {class}, detailed, soft light"
     seed: int = 0
+    # One sample rendered at this fraction of the steps, shown while the training runs; 0 for none.
+    preview_at: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,10 @@ def _check_values(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    if not 0 <= config.training.preview_at < 1:
+        raise ConfigError(
+            f"[training] preview_at: expected a fraction from 0 (no preview) up to 1, got {config.training.preview_at!r}"
+        )
     if config.training.resolution % 8:
         raise ConfigError(
             f"[training] resolution: expected a multiple of 8, got {config.training.resolution!r}"

@@ -49,6 +49,7 @@ from PIL.PngImagePlugin import PngInfo
 from engine import kohya
 from engine.memory import raise_if_test_oom
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
+from engine.preview import write_preview
 from engine.prompt_embeds import batch_embeddings, encode_prompts
 from engine.prompt_syntax import ParsedPrompt, outside_tags, parse_prompt
 from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
@@ -393,12 +394,18 @@ class Generator:
         output_dirs: Sequence[Path | None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, int, list[Path | None]], None] | None = None,
+        preview_due: Callable[[], bool] | None = None,
     ) -> list[GenerationResult]:
         """Render several jobs in ONE pipeline call (one UNet batch), each with its own adapter; one
         result per job, as `generate` would give it alone up to batching's float rounding.
 
         More than one job needs equal, non-None `GenerateJob.batch_key`s. When the jobs' adapters
-        differ, each image goes through its own job's adapter (`per_sample_adapters`)."""
+        differ, each image goes through its own job's adapter (`per_sample_adapters`).
+
+        After a step for which `preview_due()` is true, each job with an output_dir gets a preview of
+        its first image (engine.preview) and `on_preview(step, total, paths)` gets their paths, one
+        per job (None for a job without an output_dir)."""
         started = time.perf_counter()
         if not jobs:
             raise ValueError("generate_batch needs at least one job, got none")
@@ -432,7 +439,9 @@ class Generator:
             num_images_per_prompt=first.count if len(counts) == 1 else 1,
             # CPU generators: the same seed gives the same noise on any device.
             generator=[torch.Generator("cpu").manual_seed(seed) for job_seeds in seeds for seed in job_seeds],
-            callback_on_step_end=_step_callback(on_step, stop),
+            callback_on_step_end=_step_callback(
+                on_step, stop, self._previews(jobs, dirs, on_preview, preview_due)
+            ),
             output_type="pil",
         )
         extra: dict[str, str] = {}
@@ -494,6 +503,32 @@ class Generator:
             files = _write_pngs(job_images, parameters, output_dir) if output_dir is not None else []
             results.append(GenerationResult(job_images, job_seeds, parameters, files, seconds, job_nsfw))
         return results
+
+    def _previews(
+        self,
+        jobs: Sequence[GenerateJob],
+        dirs: Sequence[Path | None],
+        on_preview: Callable[[int, int, list[Path | None]], None] | None,
+        preview_due: Callable[[], bool] | None,
+    ) -> Callable[[int, int, torch.Tensor], None] | None:
+        """The step hook that writes each job's preview when one is due; None when none is wanted."""
+        if on_preview is None or preview_due is None:
+            return None
+        # The latents hold the batch image by image, job by job: a job's first image leads its rows.
+        firsts = [sum(job.count for job in jobs[:index]) for index in range(len(jobs))]
+
+        def write(step: int, total: int, latents: torch.Tensor) -> None:
+            if not preview_due():
+                return
+            paths = [
+                None
+                if folder is None
+                else write_preview(latents[first], Path(folder), sdxl=self.model.is_sdxl)
+                for first, folder in zip(firsts, dirs, strict=True)
+            ]
+            on_preview(step, total, paths)
+
+        return write
 
     def _parameters(
         self,
@@ -575,7 +610,9 @@ def _init_image(path: Path, job: GenerateJob) -> PIL.Image.Image:
 
 
 def _step_callback(
-    on_step: Callable[[int, int], None] | None, stop: Callable[[], bool]
+    on_step: Callable[[int, int], None] | None,
+    stop: Callable[[], bool],
+    on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
     def callback(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         # Raising (rather than pipeline._interrupt) stops at once: no VAE decode of a dropped image.
@@ -584,6 +621,8 @@ def _step_callback(
         raise_if_test_oom("generate", step + 1)
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
+        if on_latents is not None:
+            on_latents(step + 1, pipeline.num_timesteps, callback_kwargs["latents"])
         return {}
 
     return callback

@@ -243,6 +243,8 @@ class Progress:
     total: int
     loss: float | None = None
     eta_seconds: float | None = None
+    # A small picture of the job so far (engine.preview), under its output_dir; None in most events.
+    preview: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ ADAPTER_FILE = "adapter.safetensors"
 METADATA_FILE = kohya.TRAINING_FILE
 CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
+PREVIEW_FILE = "preview.png"
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -85,6 +87,8 @@ class TrainingProgress:
     total: int
     loss: float | None
     eta_seconds: float | None
+    # The [training] preview_at sample, on the one step that rendered it.
+    preview: Path | None = None
 
 
 @dataclass
@@ -182,6 +186,7 @@ def train_lora(
         step, losses, smoothed, earlier_seconds = resumed or (0, [], None, 0.0)
 
         loop_started, first_step = time.monotonic(), step
+        preview_step = math.ceil(total * settings.preview_at) if settings.preview_at > 0 else None
         while step < total:
             if stop():
                 # A shutdown stops here too: keep every step done so far for the resume.
@@ -198,7 +203,10 @@ def train_lora(
                 seconds = earlier_seconds + time.monotonic() - started
                 _save_checkpoint(checkpoints, step, trainer, fingerprint, losses, smoothed, seconds)
             per_step = (time.monotonic() - loop_started) / (step - first_step)
-            report(TrainingProgress("training", step, total, smoothed, per_step * (total - step)))
+            preview = None
+            if step == preview_step:
+                preview = trainer.render_preview(job, settings, output_dir / PREVIEW_FILE, stop)
+            report(TrainingProgress("training", step, total, smoothed, per_step * (total - step), preview))
             if between_steps is not None:
                 trainer.hand_over(between_steps)
 
@@ -368,6 +376,22 @@ class _Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def render_preview(
+        self, job: TrainJob, settings: TrainingSection, path: Path, stop: Callable[[], bool]
+    ) -> Path:
+        """The first sample as the adapter draws it now, written to `path`; training mode is restored."""
+        for module in self.models.values():
+            module.eval()
+        try:
+            prompt = sample_prompt(job, settings)
+            image = _render(self.model.pipeline, [prompt], [settings.seed], settings.resolution, stop).images[
+                0
+            ]
+        finally:
+            for module in self.models.values():
+                module.train()
+        return _write_png(image, path)
 
     def hand_over(self, between_steps: Callable[[], bool]) -> None:
         """Let the worker use the pipeline; if it did, take the training state back."""

@@ -64,6 +64,8 @@ MAX_LINE_BYTES = 1024 * 1024
 # Progress events are for a Discord message edited a few times a minute: more is only pipe noise.
 TRAINING_PROGRESS_INTERVAL = 0.5
 GENERATION_PROGRESS_INTERVAL = 0.2
+# A preview is a file written and a Discord message edited with an upload: one every 2 s at most.
+PREVIEW_INTERVAL = 2.0
 OUT_OF_MEMORY_MESSAGE = "the GPU ran out of memory: try fewer images or a smaller size"
 
 
@@ -367,7 +369,8 @@ class Worker:
         throttle = _Throttle(TRAINING_PROGRESS_INTERVAL)
 
         def on_progress(progress: TrainingProgress) -> None:
-            if throttle.due(progress.phase, progress.step >= progress.total):
+            # The one preview of a training is never throttled away.
+            if throttle.due(progress.phase, progress.step >= progress.total) or progress.preview:
                 self.emit(
                     Progress(
                         task.job_id,
@@ -376,6 +379,7 @@ class Worker:
                         progress.total,
                         progress.loss,
                         progress.eta_seconds,
+                        None if progress.preview is None else str(progress.preview),
                     )
                 )
 
@@ -414,12 +418,22 @@ class Worker:
                 for task in tasks:
                     self.emit(Progress(task.job_id, "generating", step, total))
 
+        # Started now, so that the first preview shows 2 s of denoising rather than the noise.
+        previews = _Throttle(PREVIEW_INTERVAL, time.monotonic(), "generating")
+
+        def on_preview(step: int, total: int, paths: list[Path | None]) -> None:
+            for task, path in zip(tasks, paths, strict=True):
+                if path is not None:
+                    self.emit(Progress(task.job_id, "generating", step, total, preview=str(path)))
+
         results: list[GenerationResult] = self.generator.generate_batch(
             jobs,  # type: ignore[arg-type]
             [Path(job.output_dir) for job in jobs],
             on_step=on_step,
             # A batch stops when all its jobs are cancelled; one cancelled alone is dropped at the end.
             should_stop=lambda: all(task.stop.is_set() for task in tasks),
+            on_preview=on_preview,
+            preview_due=lambda: previews.due("generating", False),
         )
         for task, result in zip(tasks, results, strict=True):
             if task.stop.is_set():

@@ -471,3 +471,30 @@ def test_settings_and_templates(tmp_path: Path) -> None:
             assert not h.fake.errors
 
     run(scenario)
+
+
+@pytest.mark.slow
+def test_a_slow_render_shows_previews_before_the_picture(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # 150 steps on the tiny model take several seconds: long enough for a preview or more.
+        async with running_bot(tmp_path, generation={"steps": 150}) as h:
+            started = time.monotonic()
+            ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a lighthouse")
+            post = await ix.wait_original(lambda m: m.embeds and m.files, timeout=JOB_TIMEOUT)
+            elapsed = time.monotonic() - started
+            previews = [
+                version
+                for version in post.history
+                if "🎨 step " in (version.get("content") or "") and version.get("attachments")
+            ]
+            assert previews, [version.get("content") for version in post.history]
+            assert all(v["attachments"][0]["filename"] == "preview.jpg" for v in previews)
+            assert "/150" in previews[0]["content"]
+            # At most one preview edit every 2 s.
+            assert len(previews) <= elapsed / 2 + 1
+            # The final picture replaced the preview.
+            assert [a["filename"] for a in post.attachments] != ["preview.jpg"]
+            assert "step" not in post.content
+            assert not h.fake.errors
+
+    run(scenario)

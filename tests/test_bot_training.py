@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, files_under, running_bot
 
-from bot.cogs.training import PROGRESS_EDIT_INTERVAL, format_duration, progress_bar, progress_status
+from bot.cogs.training import (
+    PROGRESS_EDIT_INTERVAL,
+    format_duration,
+    loss_trend,
+    progress_bar,
+    progress_status,
+)
 from bot.words import (
     CLASS_WORDS,
     COMMON_WORDS,
@@ -93,6 +99,14 @@ def test_the_progress_bar_fills_with_the_fraction() -> None:
     assert progress_bar(1.7) == "█" * 20  # never overflows
 
 
+def test_the_loss_trend_is_the_newest_loss_and_its_direction() -> None:
+    assert loss_trend([0.2, 0.18, 0.142]) == "loss 0.142 ↘"
+    assert loss_trend([0.1, 0.12]) == "loss 0.120 ↗"
+    assert loss_trend([0.1, 0.101]) == "loss 0.101 →"
+    assert loss_trend([0.1]) == "loss 0.100 →"
+    assert "step 3/10 (30%) · loss 0.142 ↘ · about" in progress_status("training", 3, 10, 60, [0.2, 0.142])
+
+
 def test_progress_status_shows_phase_step_percent_eta_and_bar() -> None:
     text = progress_status("training", 120, 400, 95)
     first, bar = text.split("\n")
@@ -148,6 +162,9 @@ def test_train_reports_each_photo_then_posts_the_samples(tmp_path: Path) -> None
             # The progress message went from queued to done, editing no more often than every ~5 s.
             await fake.wait_until(lambda: "✅ Done" in progress.content, timeout=10)
             assert "Waiting in the queue" in progress.history[0]["content"]
+            # The [training] preview_at sample was attached to it on the way.
+            versions = [*progress.history, progress.payload]
+            assert any(a["filename"] == "preview.png" for v in versions for a in v.get("attachments") or [])
             edits = [r.time for r in fake.requests if r.method == "PATCH" and r.message is progress]
             assert len(edits) >= 2
             assert all(b - a >= PROGRESS_EDIT_INTERVAL - 0.2 for a, b in itertools.pairwise(edits[:-1]))

@@ -51,6 +51,7 @@ MESSAGES = [
     Ready(device="cuda", base_model="tiny"),
     Accepted(job_id="a1"),
     Progress(job_id="a1", phase="training", step=3, total=40, loss=0.12, eta_seconds=8.5),
+    Progress(job_id="a1", phase="generating", step=14, total=25, preview="/d/g/preview.jpg"),
     TrainingDone(
         job_id="a1",
         files=["/d/a/samples/0.png"],
@@ -232,3 +233,9 @@ def test_a_bad_value_on_a_line_names_the_job() -> None:
 def test_one_definition_of_a_word(text: str, holds_abraza: bool) -> None:
     assert ("abraza" in words_in(text)) is holds_abraza
     assert (whole_word("abraza").search(text) is not None) is holds_abraza
+
+
+def test_a_progress_line_of_an_older_engine_has_no_preview() -> None:
+    line = '{"type": "progress", "job_id": "a1", "phase": "generating", "step": 3, "total": 25}'
+    assert decode(line) == Progress("a1", "generating", 3, 25)
+    assert decode(line).preview is None  # type: ignore[union-attr]

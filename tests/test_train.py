@@ -47,6 +47,7 @@ def settings(**overrides: object) -> TrainingSection:
         checkpoint_every=5,
         sample_count=1,
         gradient_checkpointing=False,
+        preview_at=0,
     )
     values.update(overrides)
     return TrainingSection(**values)  # type: ignore[arg-type]
@@ -209,10 +210,15 @@ def test_training_learns_writes_a_loadable_adapter_and_leaves_the_pipeline_as_it
     probe = unet_probe(sd.pipeline)
     base_loss = instance_loss(sd.pipeline, photos)
     # A high learning rate: the tiny random UNet has little to learn from 30 steps of attention LoRA.
-    training = settings(gradient_checkpointing=True, learning_rate=1e-2)
+    training = settings(gradient_checkpointing=True, learning_rate=1e-2, preview_at=0.5)
     output_dir = tmp_path / "out"
     result, events = run(sd, photos, output_dir, tmp_path / "class_images", training, steps=30)
     assert result is not None
+    # One preview sample, halfway, rendered with the adapter in training.
+    (preview,) = [event for event in events if event.preview is not None]
+    assert preview.step == 15 and preview.preview == output_dir / "preview.png"
+    with PIL.Image.open(preview.preview) as image:
+        assert image.size == (64, 64)
 
     assert_pristine(sd, probe)
     assert len(result.losses) == result.steps == 30

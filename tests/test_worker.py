@@ -533,3 +533,18 @@ def test_a_bad_model_path_fails_the_start_with_status_3(tmp_path: Path, tiny_mod
         assert engine.not_protocol == []
     finally:
         engine.kill()
+
+
+def test_a_slow_generation_sends_previews_that_exist(engine: EngineProcess, data_dir: Path) -> None:
+    engine.send(generate_job("gen-preview", data_dir, steps=150))
+    result = engine.finished("gen-preview")
+
+    assert isinstance(result, GenerationDone), result
+    previews = [e for e in engine.of("gen-preview") if isinstance(e, Progress) and e.preview is not None]
+    assert previews, "no preview in a 150-step generation"
+    for event in previews:
+        assert 0 < event.step < event.total == 150
+        assert Path(event.preview).resolve().is_relative_to(Path(result.files[0]).parent.resolve())
+    with Image.open(previews[-1].preview) as image:
+        assert image.format == "JPEG"
+        assert max(image.size) == 256

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import math
 import re
@@ -52,12 +53,15 @@ from bot.views import (
     only_mentions,
     picture_info_embed,
 )
-from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone
+from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone, Progress
 
 log = logging.getLogger(__name__)
 
 # Interaction tokens live 15 minutes; past 14 the result goes to the channel instead.
 INTERACTION_LIFETIME = 14 * 60
+# The least time between two preview edits of one message, whatever rate the engine sends them at.
+PREVIEW_EDIT_INTERVAL = 2.0
+PREVIEW_NAME = "preview.jpg"
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -112,6 +116,8 @@ class _Waiting:
     # (listeners run as concurrent tasks); once finished, no late status edit overwrites the result.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     finished: bool = False
+    # When its message last got a preview: one edit with an upload every PREVIEW_EDIT_INTERVAL at most.
+    previewed_at: float = float("-inf")
 
     def usable(self) -> bool:
         return time.monotonic() < self.deadline
@@ -258,6 +264,34 @@ class Imagine(commands.Cog):
                 await waiting.interaction.edit_original_response(content="🎨 Drawing…")
             except discord.HTTPException:
                 log.debug("could not show job %s as started", job.id, exc_info=True)
+
+    @commands.Cog.listener()
+    async def on_generation_progress(self, job: JobRow, event: Progress) -> None:
+        """Show the engine's preview of the picture so far on the waiting message."""
+        waiting = self._waiting.get(job.id)
+        if waiting is None or event.preview is None:
+            return
+        async with waiting.lock:
+            # Discord allows a few edits a second per message; an upload every 2 s is plenty to watch.
+            if (
+                waiting.finished
+                or not waiting.usable()
+                or time.monotonic() - waiting.previewed_at < PREVIEW_EDIT_INTERVAL
+            ):
+                return
+            try:
+                preview = await asyncio.to_thread(Path(event.preview).read_bytes)
+            except OSError:
+                log.debug("the preview of job %s is gone", job.id, exc_info=True)
+                return
+            waiting.previewed_at = time.monotonic()
+            try:
+                await waiting.interaction.edit_original_response(
+                    content=f"🎨 step {event.step}/{event.total}",
+                    attachments=[discord.File(io.BytesIO(preview), PREVIEW_NAME)],
+                )
+            except discord.HTTPException:
+                log.debug("could not show job %s's preview", job.id, exc_info=True)
 
     @contextlib.asynccontextmanager
     async def _finishing(self, job_id: str) -> AsyncIterator[_Waiting | None]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # Discord rate-limits message edits; a progress message changes at most this often per job.
 PROGRESS_EDIT_INTERVAL = 5.0
+# The trend arrow compares the newest loss with the one this many Progress events back (~0.5 s each).
+LOSS_TREND_EVENTS = 10
+LOSS_FLAT_BAND = 0.02
+PREVIEW_NAME = "preview.png"
 PROGRESS_BAR_WIDTH = 20
 PHASE_LABELS = {
     "class images": "Preparing reference images",
@@ -62,10 +69,27 @@ def progress_bar(fraction: float, width: int = PROGRESS_BAR_WIDTH) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def progress_status(phase: str, step: int, total: int, eta_seconds: float | None) -> str:
-    """Two lines for the progress message: phase, step/total, percent and ETA, then a text bar."""
+def loss_trend(losses: Sequence[float]) -> str:
+    """The newest loss and where the last few went: "loss 0.142 ↘" (down), "↗" (up) or "→"."""
+    newest, oldest = losses[-1], losses[0]
+    # Within 2 % of where it was counts as flat: the smoothed loss wobbles a little from step to step.
+    if newest < oldest * (1 - LOSS_FLAT_BAND):
+        arrow = "↘"
+    elif newest > oldest * (1 + LOSS_FLAT_BAND):
+        arrow = "↗"
+    else:
+        arrow = "→"
+    return f"loss {newest:.3f} {arrow}"
+
+
+def progress_status(
+    phase: str, step: int, total: int, eta_seconds: float | None, losses: Sequence[float] = ()
+) -> str:
+    """Two lines for the progress message: phase, step/total, percent, loss trend and ETA, then a text bar."""
     fraction = step / total if total > 0 else 0.0
     line = f"{PHASE_LABELS.get(phase, phase.capitalize())}: step {step}/{total} ({fraction:.0%})"
+    if losses:
+        line += f" · {loss_trend(losses)}"
     if eta_seconds is not None and step < total:
         line += f" · about {format_duration(eta_seconds)} left"
     return f"{line}\n`{progress_bar(fraction)}`"
@@ -112,6 +136,10 @@ class Training(commands.Cog):
         )
         self.train_menu.guild_only = True
         self._last_edit: dict[str, float] = {}
+        # job id -> its latest Progress losses, for the trend arrow.
+        self._losses: dict[str, deque[float]] = {}
+        # job id -> its [training] preview_at sample, until an edit attaches it to the progress message.
+        self._previews: dict[str, bytes] = {}
         # The newest progress text of a job whose last edit was too recent; flushed by a background task.
         self._pending: dict[str, tuple[JobRow, str]] = {}
         self._edit_locks: dict[str, asyncio.Lock] = {}
@@ -291,7 +319,22 @@ class Training(commands.Cog):
 
     @commands.Cog.listener()
     async def on_training_progress(self, job: JobRow, event: Progress) -> None:
-        status = progress_status(event.phase, event.step, event.total, event.eta_seconds)
+        losses = self._losses.setdefault(job.id, deque(maxlen=LOSS_TREND_EVENTS))
+        if event.loss is not None:
+            losses.append(event.loss)
+        if event.preview is not None:
+            # Read now: the training's folder is moved away when it finishes, maybe before the next edit.
+            try:
+                self._previews[job.id] = await asyncio.to_thread(Path(event.preview).read_bytes)
+            except OSError:
+                log.warning("the preview of job %s is gone", job.id, exc_info=True)
+        status = progress_status(
+            event.phase,
+            event.step,
+            event.total,
+            event.eta_seconds,
+            losses if event.phase == "training" else (),
+        )
         await self._show_progress(job, _progress_text(job, status))
 
     @commands.Cog.listener()
@@ -344,14 +387,20 @@ class Training(commands.Cog):
             if final:
                 self._pending.pop(job.id, None)
                 self._last_edit.pop(job.id, None)
+                self._losses.pop(job.id, None)
                 self._edit_locks.pop(job.id, None)
             else:
                 self._last_edit[job.id] = time.monotonic()
+            # The preview rides on the next edit (the final one too, if it came late): no extra edit.
+            preview = self._previews.pop(job.id, None)
             if job.progress_message_id is None:
                 return
             channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+            extra: dict[str, Any] = {}
+            if preview is not None:
+                extra["attachments"] = [discord.File(io.BytesIO(preview), PREVIEW_NAME)]
             try:
-                await channel.get_partial_message(job.progress_message_id).edit(content=text)
+                await channel.get_partial_message(job.progress_message_id).edit(content=text, **extra)
             except discord.HTTPException as error:
                 log.warning("cannot edit the progress message of job %s: %s", job.id, error)
 
