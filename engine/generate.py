@@ -202,7 +202,14 @@ class _AdapterEntry:
 class AdapterCache:
     """LRU of LoRA adapters loaded on ONE pipeline by name; switching never reloads base weights."""
 
-    def __init__(self, pipeline: Any, capacity: int, *, hotswap: bool = False) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        capacity: int,
+        *,
+        hotswap: bool = False,
+        compile_options: dict[str, Any] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"adapter cache capacity has to be at least 1 but is {capacity}")
         self.pipeline = pipeline
@@ -212,6 +219,8 @@ class AdapterCache:
         # Hotswap mode: the token each slot holds.
         self._slots: dict[str, str] = {}
         self._compiled = False
+        # torch.compile's options (bench/gpu.py picks its mode; the engine uses the defaults).
+        self._compile_options = compile_options or {}
         # Which kohya naming an old adapter file is rewritten in (see _upgrade).
         self._sdxl = isinstance(pipeline, StableDiffusionXLPipeline)
         self.capacity = capacity
@@ -275,7 +284,7 @@ class AdapterCache:
             self._slots[slot] = adapter.token
         if slots and not self._compiled:
             # peft pads the slots for hotswapping at the first load, which has to precede compiling.
-            self.pipeline.unet.compile()
+            self.pipeline.unet.compile(**self._compile_options)
             self._compiled = True
         if slots:
             self.pipeline.enable_lora()
@@ -412,6 +421,7 @@ class Generator:
         *,
         compile_unet: bool = False,
         hotswap_rank: int = 16,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         """`compile_unet`: torch.compile the UNet (when the first adapter loads) and hotswap adapters (ranks up to `hotswap_rank`)
         into fixed slots; jobs with different adapters are then never batched together."""
@@ -440,7 +450,9 @@ class Generator:
         self._image2image = AutoPipelineForImage2Image.from_pipe(base, **overrides)
         for pipeline in (self._text2image, self._image2image):
             pipeline.set_progress_bar_config(disable=True)
-        self.adapters = AdapterCache(base, adapter_cache_size, hotswap=compile_unet)
+        self.adapters = AdapterCache(
+            base, adapter_cache_size, hotswap=compile_unet, compile_options=compile_options
+        )
 
     def generate(
         self,
