@@ -504,9 +504,10 @@ class SectionRun:
             ),
             "adapter_switch": "AdapterCache.activate between two loaded adapters, median of switches",
             "compiled": (
-                "the engine's [model] compile path (Generator(compile_unet=True), torch.compile options "
-                f"{plan.compile_options!r}) in a child process killed at its cap: the UNet compiles at the "
-                "first adapter; the switch figure is the first image after hotswapping in the other adapter"
+                f"pipeline.unet.compile({', '.join(f'{k}={v!r}' for k, v in plan.compile_options.items())}) "
+                "by the engine's [model] compile path (Generator(compile_unet=True)), in a child process "
+                "killed at its cap: the UNet compiles at the first adapter; the switch figure is the first "
+                "image after hotswapping in the other adapter"
             ),
             "imagine_latency": (
                 "engine.worker.Worker on this process's model: from a generate job's line to its result "
