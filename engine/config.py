@@ -50,6 +50,12 @@ class ModelSection:
     safety_checker: bool = True
     # Weights and math: "auto" is bf16 on GPUs that have it, fp16 on other GPUs, fp32 on a CPU.
     dtype: str = "auto"
+    # Fast inference paths: "auto" is on with CUDA, off elsewhere; true/false force them.
+    # channels_last memory format for the UNet and VAE (faster convolutions on tensor cores).
+    channels_last: str | bool = "auto"
+    # torch.compile the UNet (compiled at the first adapter load; members' adapters are hotswapped into fixed
+    # slots so switching never recompiles; no mixed-adapter batches then).
+    compile: str | bool = "auto"
 
     @property
     def devices(self) -> list[str]:
@@ -253,6 +259,10 @@ def _check_values(config: Config) -> None:
         )
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"[model] dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
+    for key in ("channels_last", "compile"):
+        value = getattr(config.model, key)
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f'[model] {key}: expected "auto", true or false, got {value!r}')
     if not config.model.devices:
         raise ConfigError("[model] device: expected a device name or a non-empty list, got []")
     # Every member's negative prompt starts with it: one that does not read would refuse them all.

@@ -203,10 +203,25 @@ class _AdapterEntry:
 class AdapterCache:
     """LRU of LoRA adapters loaded on ONE pipeline by name; switching never reloads base weights."""
 
-    def __init__(self, pipeline: Any, capacity: int) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        capacity: int,
+        *,
+        hotswap: bool = False,
+        compile_options: dict[str, Any] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"adapter cache capacity has to be at least 1 but is {capacity}")
         self.pipeline = pipeline
+        # For a compiled UNet: the job's i-th adapter is hotswapped into the fixed slot i, so the
+        # set of adapter names (and the compiled graph) never changes; capacity is the slot count.
+        self.hotswap = hotswap
+        # Hotswap mode: the token each slot holds.
+        self._slots: dict[str, str] = {}
+        self._compiled = False
+        # torch.compile's options (bench/gpu.py picks its mode; the engine uses the defaults).
+        self._compile_options = compile_options or {}
         # Which kohya naming an old adapter file is rewritten in (see _upgrade).
         self._sdxl = isinstance(pipeline, StableDiffusionXLPipeline)
         self.capacity = capacity
@@ -228,6 +243,9 @@ class AdapterCache:
 
         Any other adapter on the pipeline, the cache's or not (a training adapter), is deactivated.
         """
+        if self.hotswap:
+            self._activate_slots(adapters)
+            return
         wanted = [adapter.token for adapter in adapters]
         keys = {adapter.token: _file_key(adapter.token, adapter.path) for adapter in adapters}
         missing = [adapter for adapter in adapters if adapter.token not in self._entries]
@@ -249,8 +267,45 @@ class AdapterCache:
         else:
             self.pipeline.disable_lora()
 
+    def _activate_slots(self, adapters: Sequence[AdapterRef]) -> None:
+        if len(adapters) > self.capacity:
+            raise AdapterLoadError(
+                f"{len(adapters)} adapters in one picture, but [generation] adapter_cache allows "
+                f"{self.capacity} with [model] compile on"
+            )
+        slots = [f"slot{index}" for index in range(len(adapters))]
+        for slot, adapter in zip(slots, adapters, strict=True):
+            key = _file_key(adapter.token, adapter.path)
+            entry = self._entries.get(adapter.token)
+            if self._slots.get(slot) == adapter.token and entry is not None and entry.key == key:
+                continue
+            self._entries.pop(self._slots.pop(slot, ""), None)
+            self._entries.pop(adapter.token, None)
+            self._load(adapter, key, name=slot)
+            self._slots[slot] = adapter.token
+        if slots and not self._compiled:
+            # peft pads the slots for hotswapping at the first load, which has to precede compiling.
+            self.pipeline.unet.compile(**self._compile_options)
+            self._compiled = True
+        if slots:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters(slots, adapter_weights=[adapter.weight for adapter in adapters])
+        else:
+            self.pipeline.disable_lora()
+
+    def adapter_name(self, token: str) -> str:
+        """The name `token`'s loaded adapter has on the pipeline (its slot when hotswapping)."""
+        if not self.hotswap:
+            return token
+        return next(slot for slot, held in self._slots.items() if held == token)
+
     def forget(self, token: str) -> None:
         """Unload `token`'s adapter if it is loaded (its model was deleted or retrained)."""
+        if self.hotswap:
+            # The slot keeps its weights (the compiled graph needs it); the next adapter replaces them.
+            self._entries.pop(token, None)
+            self._slots = {slot: held for slot, held in self._slots.items() if held != token}
+            return
         if self._entries.pop(token, None) is not None:
             self.pipeline.delete_adapters([token])
             log.info("adapter %r unloaded", token)
@@ -263,9 +318,12 @@ class AdapterCache:
             if token not in keep:
                 self.forget(token)
 
-    def _load(self, adapter: AdapterRef, key: _FileKey) -> None:
+    def _load(self, adapter: AdapterRef, key: _FileKey, name: str | None = None) -> None:
         token, path = adapter.token, key[0]
-        if token in self._present_adapters():
+        # Hotswapping replaces the weights of a slot loaded once before, in place.
+        swap = name is not None and name in self._present_adapters()
+        name = name or token
+        if token == name and token in self._present_adapters():
             raise AdapterLoadError(
                 f"adapter {token!r}: the name is taken on this pipeline by an adapter that was not loaded "
                 f"from {path!r}"
@@ -277,12 +335,15 @@ class AdapterCache:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 # A folder and a file name: diffusers 0.37 refuses a bare file path when offline.
                 file = Path(path)
-                self.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=token)
-            if token not in self._present_adapters():
+                self.pipeline.load_lora_weights(
+                    str(file.parent), weight_name=file.name, adapter_name=name, hotswap=swap
+                )
+            if name not in self._present_adapters():
                 raise ValueError("none of its layers exist in this base model")
         except Exception as error:
             # No half-loaded adapter may stay behind: diffusers only cleans up the component that failed.
-            self.pipeline.delete_adapters([token])
+            if not swap:
+                self.pipeline.delete_adapters([name])
             if isinstance(error, torch.OutOfMemoryError):
                 raise
             # Whatever else stops a user's file from loading is that file's problem, not the engine's.
@@ -354,9 +415,27 @@ def _brief(error: Exception, limit: int = 300) -> str:
 
 
 class Generator:
-    def __init__(self, model: LoadedModel, adapter_cache_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        adapter_cache_size: int = 8,
+        *,
+        compile_unet: bool = False,
+        hotswap_rank: int = 16,
+        compile_options: dict[str, Any] | None = None,
+    ) -> None:
+        """`compile_unet`: torch.compile the UNet (when the first adapter loads) and hotswap adapters (ranks up to `hotswap_rank`)
+        into fixed slots; jobs with different adapters are then never batched together."""
         self.model = model
         base = model.pipeline
+        # peft's per-row adapter names would change the compiled graph's inputs on every batch.
+        self.mixed_batches = not compile_unet
+        if compile_unet:
+            # Before the first adapter: pads every slot to one rank, so swapping never reshapes.
+            base.enable_lora_hotswap(target_rank=hotswap_rank)
+            # Loading an adapter freezes the base weights; the compiled graph is guarded on that flag,
+            # so they are frozen from the start (training only ever trains its LoRA weights).
+            base.unet.requires_grad_(False)
         # DPM++ 2M as A1111 names it; our own instance, so the base pipeline's scheduler is untouched.
         scheduler = DPMSolverMultistepScheduler.from_config(
             base.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False
@@ -372,7 +451,9 @@ class Generator:
         self._image2image = AutoPipelineForImage2Image.from_pipe(base, **overrides)
         for pipeline in (self._text2image, self._image2image):
             pipeline.set_progress_bar_config(disable=True)
-        self.adapters = AdapterCache(base, adapter_cache_size)
+        self.adapters = AdapterCache(
+            base, adapter_cache_size, hotswap=compile_unet, compile_options=compile_options
+        )
 
     def generate(
         self,
@@ -461,13 +542,20 @@ class Generator:
 
         adapter_sets = {tuple(adapter.token for adapter in job.adapters) for job in jobs}
         wanted = list({adapter.token: adapter for job in jobs for adapter in job.adapters}.values())
+        if len(adapter_sets) > 1 and not self.mixed_batches:
+            raise ValueError(
+                f"jobs {[job.job_id for job in jobs]}: no mixed-adapter batch with a compiled UNet"
+            )
         with _inference_state(self.model.pipeline):
             self.adapters.activate(wanted)
             for component in _modules(self.model.pipeline):
                 component.eval()
             mixed = len(adapter_sets) > 1
             # Jobs with different adapters (at most one each, see batch_key): one per row.
-            names = [job.adapters[0].token if job.adapters else BASE_ONLY for job in jobs]
+            names = [
+                self.adapters.adapter_name(job.adapters[0].token) if job.adapters else BASE_ONLY
+                for job in jobs
+            ]
             embeddings = []
             for index, job in enumerate(jobs):
                 # With the job's adapters active: a LoRA of the text encoder changes the embeddings.

@@ -92,6 +92,11 @@ def dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
     return torch.float16
 
 
+def fast_path_on(choice: str | bool, device: torch.device) -> bool:
+    """`[model] channels_last` / `compile`: "auto" is on with CUDA only (CPU gains little, compiling costs)."""
+    return device.type == "cuda" if choice == "auto" else bool(choice)
+
+
 def load_base_model(
     base: str,
     device: str,
@@ -100,6 +105,7 @@ def load_base_model(
     use_xformers: bool = True,
     safety_checker: bool = True,
     dtype: str = "auto",
+    channels_last: str | bool = False,
 ) -> LoadedModel:
     """Load `base` onto `device` in `dtype` (`[model] dtype`; see module docstring for what `base` may name)."""
     if not base:
@@ -129,6 +135,9 @@ def load_base_model(
     pipeline.set_progress_bar_config(disable=True)
     if use_xformers and torch_device.type == "cuda":
         _enable_xformers(pipeline)
+    if fast_path_on(channels_last, torch_device):
+        for module in (pipeline.unet, pipeline.vae):
+            module.to(memory_format=torch.channels_last)
     return LoadedModel(pipeline=pipeline, device=torch_device, dtype=torch_dtype, base=base)
 
 

@@ -35,7 +35,7 @@ import torch
 from engine.config import Config, ConfigError, load_config
 from engine.generate import AdapterLoadError, GenerationCancelled, GenerationResult, Generator
 from engine.memory import release_memory
-from engine.model import LoadedModel, ModelLoadError, load_base_model
+from engine.model import LoadedModel, ModelLoadError, fast_path_on, load_base_model
 from engine.protocol import (
     LOG_FORMAT,
     Accepted,
@@ -283,6 +283,7 @@ class Worker:
                 assert isinstance(task.job, GenerateJob)
                 if (
                     task.job.batch_key == key
+                    and (self.generator.mixed_batches or task.job.adapters == first.job.adapters)
                     and images + task.job.count <= self.config.generation.batch_limit
                 ):
                     self._generations.remove(task)
@@ -487,12 +488,16 @@ def main(argv: list[str] | None = None) -> int:
             use_xformers=config.model.xformers,
             safety_checker=config.model.safety_checker,
             dtype=config.model.dtype,
+            channels_last=config.model.channels_last,
         )
     except ModelLoadError as error:
         # Not logged here as well: the bot (or the CLI) that started this worker reports it, once.
         emit(Error(None, str(error), "bad_model"))
         return EXIT_BAD_MODEL
-    generator = Generator(model, config.generation.adapter_cache)
+    compile_unet = fast_path_on(config.model.compile, model.device)
+    generator = Generator(
+        model, config.generation.adapter_cache, compile_unet=compile_unet, hotswap_rank=config.training.rank
+    )
     log.info("ready: %s on %s", config.model.base, model.device)
     emit(Ready(str(model.device), config.model.base))
     asyncio.run(Worker(config, model, generator, emit).serve(sys.stdin))

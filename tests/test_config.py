@@ -5,8 +5,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.config import Config, ConfigError, config_from_dict, load_config
+from engine.model import fast_path_on
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -68,6 +70,8 @@ def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
             {"model": {"dtype": "half"}},
             r"\[model\] dtype: expected one of auto, fp16, bf16, fp32, got 'half'",
         ),
+        ({"model": {"compile": "yes"}}, r'\[model\] compile: expected "auto", true or false, got \'yes\''),
+        ({"model": {"channels_last": 1}}, r"\[model\] channels_last: expected a string or true or false"),
         (
             {"generation": {"batch_limit": 0}},
             r"\[generation\] batch_limit: expected a positive number, got 0",
@@ -85,3 +89,12 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     path.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("choice", "device", "on"),
+    [("auto", "cuda", True), ("auto", "cpu", False), (True, "cpu", True), (False, "cuda", False)],
+)
+def test_fast_paths_auto_means_cuda(choice: str | bool, device: str, on: bool) -> None:
+    assert config_from_dict({"model": {"compile": choice}}).model.compile == choice
+    assert fast_path_on(choice, torch.device(device)) is on

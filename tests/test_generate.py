@@ -730,3 +730,43 @@ def test_prompts_that_cannot_share_a_batch_say_so(
     long = job(job_id="long", prompt=", ".join(["a photo of a cat"] * 30))
     with pytest.raises(ValueError, match="prompts of different lengths"):
         generator.generate_batch([job(job_id="short"), long])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast inference paths ([model] channels_last, compile)
+
+
+def test_channels_last_matches_the_plain_path(tiny_data_dir: Path, generator: Generator) -> None:
+    channels_last = Generator(load_base_model("tiny", "cpu", tiny_data_dir, channels_last=True))
+    assert channels_last.model.pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # Same math in another memory layout: at most one pixel level of float rounding.
+    assert max_diff(channels_last.generate(job()).images[0], generator.generate(job()).images[0]) <= 1
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_data_dir: Path) -> Generator:
+    """Compiled once for the module: inductor on 2 CPU cores takes a while."""
+    return Generator(
+        load_base_model("tiny", "cpu", tiny_data_dir), adapter_cache_size=1, compile_unet=True, hotswap_rank=4
+    )
+
+
+@pytest.mark.slow
+def test_compiled_unet_hotswaps_members_without_recompiling(
+    compiled: Generator, generator: Generator, adapter_files: dict[str, Path]
+) -> None:
+    # "bravo" also adapts the text encoder, which diffusers cannot hotswap.
+    members = [
+        job(prompt=f"{name} on a beach", adapters=[ref(adapter_files, name)]) for name in ("alfa", "charlie")
+    ]
+    eager = [generator.generate(member).images[0] for member in members]
+    first = compiled.generate(members[0]).images[0]  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        switched = [compiled.generate(member).images[0] for member in (members[1], members[0])]
+    assert compiled.adapters.loads == 3  # each switch swapped weights into the one slot
+    assert max(pixels(eager[0]).ravel() - pixels(eager[1]).ravel()) > 10  # the adapters differ
+    # Compiled kernels fuse and reorder float math: within 2/255 of the eager picture.
+    for image, expected in ((first, eager[0]), (switched[0], eager[1]), (switched[1], eager[0])):
+        assert max_diff(image, expected) <= 2
+    with pytest.raises(ValueError, match="no mixed-adapter batch"):
+        compiled.generate_batch([replace(members[0], job_id="a"), replace(members[1], job_id="b")])
