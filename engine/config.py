@@ -54,8 +54,10 @@ class ModelSection:
     # channels_last memory format for the UNet and VAE (faster convolutions on tensor cores).
     channels_last: str | bool = "auto"
     # torch.compile the UNet (compiled at the first adapter load; members' adapters are hotswapped into fixed
-    # slots so switching never recompiles; no mixed-adapter batches then).
-    compile: str | bool = "auto"
+    # slots so switching never recompiles; no mixed-adapter batches then). Off by default until it has
+    # run on a GPU: the first picture carries the compile time, text-encoder adapters cannot load,
+    # and a generation between training steps may recompile.
+    compile: str | bool = False
 
     @property
     def devices(self) -> list[str]:
