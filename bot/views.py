@@ -32,6 +32,11 @@ GRID_FILE = "grid.png"
 STAR = "⭐"
 
 
+def is_star_vote(payload: discord.RawReactionActionEvent, bot_user: discord.abc.User | None) -> bool:
+    """A ⭐ given or taken back by a member (the bot's own ⭐, added so people can click it, is no vote)."""
+    return str(payload.emoji) == STAR and bot_user is not None and payload.user_id != bot_user.id
+
+
 def only_mentions(user_id: int) -> discord.AllowedMentions:
     """Ping exactly this member and no one else (not roles, not @everyone written in a prompt)."""
     return discord.AllowedMentions(

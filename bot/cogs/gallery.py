@@ -22,7 +22,7 @@ from bot.bot import DreamBot
 from bot.db import GenerationRow
 from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import STAR, Pager, generation_embed, image_upload
+from bot.views import STAR, Pager, generation_embed, image_upload, is_star_vote
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine
@@ -103,7 +103,7 @@ class Gallery(commands.Cog):
         self._count_star(payload, -1)
 
     def _count_star(self, payload: discord.RawReactionActionEvent, change: int) -> None:
-        if str(payload.emoji) != STAR or self.bot.user is None or payload.user_id == self.bot.user.id:
+        if not is_star_vote(payload, self.bot.user):
             return
         row = self.bot.db.generation_by_gallery_message(payload.message_id)
         if row is None or row.guild_id != payload.guild_id:

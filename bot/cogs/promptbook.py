@@ -25,7 +25,7 @@ from bot.safety import merge_negative, prompt_refusal
 from bot.service import ImageRequest, UserFacingError
 from bot.templates import SUBJECT, template_form, with_stand_in
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import STAR, Pager, SavePromptButton, confirm, image_upload, refusal_line
+from bot.views import STAR, Pager, SavePromptButton, confirm, image_upload, is_star_vote, refusal_line
 from engine.prompt_syntax import PromptSyntaxError, parse_prompt
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ class PromptBook(commands.Cog):
         self._count_star(payload, -1)
 
     def _count_star(self, payload: discord.RawReactionActionEvent, change: int) -> None:
-        if str(payload.emoji) != STAR or self.bot.user is None or payload.user_id == self.bot.user.id:
+        if not is_star_vote(payload, self.bot.user):
             return
         entry = self.bot.db.prompt_by_card(payload.message_id)
         if entry is None or entry.guild_id != payload.guild_id:
