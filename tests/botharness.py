@@ -242,15 +242,16 @@ def _toml_value(value: Any) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_bot(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIterator[BotHarness]:
-    """A running bot; keyword arguments override config sections, e.g. `limits={"max_models_per_user": 1}`."""
+async def fake_discord(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIterator[BotHarness]:
+    """The fake Discord and the bot's config (TEST_SETTINGS, then `overrides`), with no bot started:
+    `running_bot` starts one in this process, the process tests start `dreambot run`."""
     guild = FakeGuild("Dream Lab", channels=("general", "prompts", "gallery"))
     nsfw_channel_id = guild.add_channel("after-dark", nsfw=True)
     alice, bob = guild.add_member("alice"), guild.add_member("bob")
     admin = guild.add_member("admin", admin=True)
     config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", guild.id, overrides))
     async with FakeDiscord(guild) as fake:
-        harness = BotHarness(
+        yield BotHarness(
             fake=fake,
             config=config,
             guild_id=guild.id,
@@ -262,6 +263,12 @@ async def running_bot(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncItera
             bob=bob,
             admin=admin,
         )
+
+
+@contextlib.asynccontextmanager
+async def running_bot(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIterator[BotHarness]:
+    """A running bot; keyword arguments override config sections, e.g. `limits={"max_models_per_user": 1}`."""
+    async with fake_discord(tmp_path, **overrides) as harness:
         await harness.start()
         try:
             yield harness

@@ -10,20 +10,17 @@ import asyncio
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, TRAIN_TIMEOUT, BotHarness, start_training, write_config
+from botharness import JOB_TIMEOUT, TRAIN_TIMEOUT, BotHarness, fake_discord, start_training, write_config
 from botprocess import start_bot_process
-from fakediscord import FakeDiscord, FakeGuild
 from test_bot_resilience import training_steps
 
 from bot.cli import main
 from bot.storage import adapter_dir
-from engine.config import DEFAULT_BASE_MODEL, load_config
+from engine.config import DEFAULT_BASE_MODEL
 
 # Every test here starts an engine process (and the bot, where it runs one).
 pytestmark = pytest.mark.slow
@@ -41,30 +38,6 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+\[\d+
 
 def run(scenario: Any) -> None:
     asyncio.run(scenario())
-
-
-@asynccontextmanager
-async def fake_discord(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIterator[BotHarness]:
-    """The fake Discord and the bots' config (botharness.TEST_SETTINGS), without a bot: the tests
-    start it as a process. The harness gives them start_training and the guild's ids."""
-    guild = FakeGuild("Dream Lab", channels=("general", "prompts", "gallery"))
-    nsfw_channel_id = guild.add_channel("after-dark", nsfw=True)
-    alice, bob = guild.add_member("alice"), guild.add_member("bob")
-    admin = guild.add_member("admin", admin=True)
-    config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", guild.id, overrides))
-    async with FakeDiscord(guild) as fake:
-        yield BotHarness(
-            fake=fake,
-            config=config,
-            guild_id=guild.id,
-            general_channel_id=guild.channel_id("general"),
-            prompts_channel_id=guild.channel_id("prompts"),
-            gallery_channel_id=guild.channel_id("gallery"),
-            nsfw_channel_id=nsfw_channel_id,
-            alice=alice,
-            bob=bob,
-            admin=admin,
-        )
 
 
 async def start_bot(h: BotHarness, log: Path, **env: str) -> asyncio.subprocess.Process:
