@@ -14,9 +14,9 @@ job sent (JobQueue._send), generations batched by GenerateJob.batch_key up to [g
 batch_limit, and a member with [limits] max_queued_jobs_per_user jobs queued or running refused
 another (bot.service.check_queue_cap). The dispatcher runs after every arrival and every finished
 job, as JobQueue wakes on each submit and each result, and only when a free slot fits a queued job
-(a plan without one sends nothing). As in the bot, a worker rendering a batch is as free for the
-next one as an idle worker (the next batch waits in it), and plan_dispatch breaks that tie by the
-lower worker index.
+(a plan without one sends nothing). As in the bot, a worker rendering a batch can take the next
+one (it waits in the worker), and plan_dispatch sends each job to the least busy worker with a free
+slot (`busy`: its jobs in flight), among equals to one holding the member's adapter (`holds`).
 
 What is assumed (each is a constant or an option below, and the output repeats them):
 - Arrivals: /imagine requests form a Poisson process (--imagine-per-s across the server); each is
@@ -365,6 +365,11 @@ class _Worker:
     generation_busy_s: float = 0.0
     training_busy_s: float = 0.0
 
+    @property
+    def jobs_in_flight(self) -> int:
+        """As len(EngineWorker.in_flight): sent and not finished."""
+        return len(self.rendering) + len(self.waiting) + (self.training is not None)
+
     def free_kinds(self) -> set[JobKind]:
         """As EngineWorker.free_kinds: one training in flight, one batch of generations not started."""
         kinds: set[JobKind] = set()
@@ -458,6 +463,8 @@ class _Simulation:
             last_served=self.last_served,
             free=free,
             batch_limit=self.scenario.batch_limit,
+            busy=[worker.jobs_in_flight for worker in self.workers],
+            holds=lambda index, row: row.kind == "generate" and row.user_id in self.workers[index].adapters,
         )
         self.plan_s += time.perf_counter() - started
         self.plan_calls += 1

@@ -1,11 +1,15 @@
 """The job queue: the bot's side of the engine workers.
 
 Rows in the jobs table are the source of truth. A cog writes a job as 'queued' and calls `submit`;
-the dispatcher sends queued jobs to the engine workers (`python -m engine`, one process per
-configured device) and writes every change of state to the row before the cogs hear of it through
-`on_event`. A worker that dies is restarted, and the jobs it was running are retried once; a bot
-that stops or dies leaves its running jobs 'running', and the next start queues them again
-(trainings resume from their newest checkpoint).
+the dispatcher sends queued jobs to the engine workers and writes every change of state to the row
+before the cogs hear of it through `on_event`. A worker that dies is restarted, and the jobs it was
+running are retried once; a bot that stops or dies leaves its running jobs 'running', and the next
+start queues them again (trainings resume from their newest checkpoint).
+
+Where the workers run is the pool's business ([engine] backend): `python -m engine` processes here,
+one per [model] device (LocalPool), or Ray actors on every GPU of a cluster (bot.cluster.RayPool),
+whose number changes as machines join and leave. The queue, its policy and the protocol events are
+the same for both.
 
 This module starts processes and talks JSON lines to them: it must never import torch or diffusers.
 """
@@ -18,6 +22,8 @@ import itertools
 import logging
 import sys
 import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 
@@ -35,6 +41,8 @@ from engine.protocol import (
     Ready,
     Result,
     ShutdownJob,
+    TrainingDone,
+    TrainJob,
     decode,
     encode,
 )
@@ -52,6 +60,9 @@ DROPPED_MESSAGE = (
     "Try again later, or with fewer images or a smaller size."
 )
 CANCELLED_MESSAGE = "cancelled"
+UNAVAILABLE_MESSAGE = (
+    "The image engine is unavailable: no engine machine is connected right now. Try again in a few minutes."
+)
 # Events carry paths and metadata, never images, but a training's metadata can be long.
 STDOUT_LINE_LIMIT = 16 * 1024 * 1024
 # Generations first: they take seconds, trainings minutes.
@@ -93,17 +104,24 @@ def plan_dispatch(
     last_served: Mapping[int, int],
     free: Sequence[Collection[JobKind]],
     batch_limit: int = 1,
+    *,
+    busy: Sequence[int] | None = None,
+    holds: Callable[[int, JobRow], bool] | None = None,
 ) -> list[tuple[int, JobRow]]:
     """Which queued jobs to send now, as (worker index, job) pairs.
 
     `free[i]` holds the kinds worker i can take now: a worker runs at most one training and one
-    batch of generations at a time (it interleaves the generations into the training). Each job
-    goes to the worker with the most free slots, so an idle worker is preferred to one that is busy
-    training. A free generation slot takes the next generation in dispatch order and, still in
+    batch of generations at a time (it interleaves the generations into the training), and takes
+    the next batch while one renders. Each job goes to the least busy worker with a free slot for
+    it (`busy[i]`: the jobs worker i has in flight), so an idle GPU is never passed over for one
+    whose batch is rendering; among equally busy ones, to one that already holds the job's adapter
+    (`holds(i, row)`: loading costs less than waiting for a batch, so it only breaks ties), then to
+    the one with the most free slots. A free generation slot takes the next generation in dispatch order and, still in
     dispatch order, the generations that can share its batch (GenerateJob.batch_key), up to
     `batch_limit` images: members keep their turns, and the worker renders them as one batch.
     """
     slots = [set(kinds) for kinds in free]
+    load = list(busy) if busy is not None else [0] * len(slots)
     plan: list[tuple[int, JobRow]] = []
     order = dispatch_order(queued, last_served)
     taken: set[str] = set()
@@ -113,8 +131,9 @@ def plan_dispatch(
         candidates = [index for index, kinds in enumerate(slots) if row.kind in kinds]
         if not candidates:
             continue
-        index = max(candidates, key=lambda i: len(slots[i]))
+        index = max(candidates, key=lambda i: (-load[i], holds is not None and holds(i, row), len(slots[i])))
         slots[index].discard(row.kind)
+        load[index] += 1
         plan.append((index, row))
         if row.kind == "generate":
             for companion in _batch_companions(row, order[position + 1 :], batch_limit):
@@ -150,16 +169,17 @@ def _batch_companions(first: JobRow, later: Sequence[JobRow], batch_limit: int) 
 
 
 # ---------------------------------------------------------------------------------------------
-# One engine process
+# The workers
 
 
-class EngineWorker:
-    """One `python -m engine` process for one device; the JobQueue restarts it when it dies."""
+class EngineWorker(ABC):
+    """One engine worker as the JobQueue sees it, whichever backend runs it. The queue keeps its
+    bookkeeping here, restarts it when it dies, and stops doing so once it is retired (its machine
+    left the cluster)."""
 
-    def __init__(self, config: Config, device: str) -> None:
+    def __init__(self, config: Config, name: str) -> None:
         self.config = config
-        self.device = device
-        self.process: asyncio.subprocess.Process | None = None
+        self.name = name
         self.ready = False
         # Jobs sent and not finished, with their rows as last written.
         self.in_flight: dict[str, JobRow] = {}
@@ -172,6 +192,73 @@ class EngineWorker:
         # Set while the last start failed with such an error, until a start succeeds.
         self.broken: str | None = None
         self.failed_starts = 0
+        self.retired = False
+        # The members' tokens whose adapters it has loaded lately (as many as its adapter cache
+        # keeps), most recent last: their generations are best sent here.
+        self.adapters: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    @abstractmethod
+    async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int | None:
+        """Start the worker and hand each event to `on_event` until it ends; its exit status
+        (None: it died without one)."""
+
+    @abstractmethod
+    async def send(self, job: Job) -> None:
+        """Hand over one job; a dead worker is left to the JobQueue, which sees it end."""
+
+    @abstractmethod
+    async def shutdown(self, timeout: float) -> None:
+        """Ask the worker to stop, wait up to `timeout` seconds, then kill it."""
+
+    @abstractmethod
+    def kill(self) -> None: ...
+
+    async def deliver(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]], event: Event) -> None:
+        try:
+            await on_event(self, event)
+        except Exception:
+            # A failed database write must not stop the reading: the worker would block.
+            log.exception("handling %s from engine %s failed", event.type, self.name)
+
+    def free_kinds(self) -> set[JobKind]:
+        if not (self.ready and self.alive):
+            return set()
+        busy = {row.kind for row in self.in_flight.values() if row.kind == "train"}
+        # The next batch of generations may wait in the worker while one renders: it starts as
+        # soon as that one ends, and jobs that arrive together are batched there (engine.worker).
+        if any(row.kind == "generate" and row.id not in self.accepted for row in self.in_flight.values()):
+            busy.add("generate")
+        return set(DISPATCH_ORDER) - busy
+
+    def holds(self, row: JobRow) -> bool:
+        """Whether a generation's adapter is among those this worker loaded lately."""
+        try:
+            job = row.request
+        except ProtocolError:
+            return False
+        return isinstance(job, GenerateJob) and any(
+            adapter.token in self.adapters for adapter in job.adapters
+        )
+
+    def remember_adapters(self, tokens: Iterable[str]) -> None:
+        for token in tokens:
+            self.adapters[token] = None
+            self.adapters.move_to_end(token)
+        while len(self.adapters) > self.config.generation.adapter_cache:
+            self.adapters.popitem(last=False)
+
+
+class SubprocessWorker(EngineWorker):
+    """One `python -m engine` process for one device ([engine] backend = "local")."""
+
+    def __init__(self, config: Config, device: str) -> None:
+        super().__init__(config, device)
+        self.device = device
+        self.process: asyncio.subprocess.Process | None = None
 
     @property
     def pid(self) -> int | None:
@@ -185,18 +272,7 @@ class EngineWorker:
         config_args = ["--config", str(self.config.source)] if self.config.source else []
         return [sys.executable, "-m", "engine", *config_args, "--device", self.device]
 
-    def free_kinds(self) -> set[JobKind]:
-        if not (self.ready and self.alive):
-            return set()
-        busy = {row.kind for row in self.in_flight.values() if row.kind == "train"}
-        # The next batch of generations may wait in the worker while one renders: it starts as
-        # soon as that one ends, and jobs that arrive together are batched there (engine.worker).
-        if any(row.kind == "generate" and row.id not in self.accepted for row in self.in_flight.values()):
-            busy.add("generate")
-        return set(DISPATCH_ORDER) - busy
-
     async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int:
-        """Start the process and hand each event to `on_event` until it exits; its exit status."""
         self.ready, self.start_error = False, None
         # A session of its own: a Ctrl-C meant for the bot must not kill the workers under it
         # (the bot shuts them down cleanly); stderr is inherited, the worker logs there.
@@ -216,11 +292,7 @@ class EngineWorker:
                 except ProtocolError as error:
                     log.warning("engine %s wrote a line that is not an event: %s", self.device, error)
                     continue
-                try:
-                    await on_event(self, event)
-                except Exception:
-                    # A failed database write must not stop the reading: the worker would block.
-                    log.exception("handling %s from engine %s failed", event.type, self.device)
+                await self.deliver(on_event, event)
             return await self.process.wait()
         finally:
             # Cancelled (bot stopping) or failed: never leave a process behind unreaped.
@@ -229,7 +301,6 @@ class EngineWorker:
                 await self.process.wait()
 
     async def send(self, job: Job) -> None:
-        """Write one job line; a dead process is left to the JobQueue, which sees it exit."""
         if not self.alive:
             return
         assert self.process is not None and self.process.stdin is not None
@@ -240,7 +311,6 @@ class EngineWorker:
             log.warning("could not send %s to engine %s: %s", job.type, self.device, error)
 
     async def shutdown(self, timeout: float) -> None:
-        """Ask the worker to stop, wait up to `timeout` seconds, then kill it."""
         process = self.process
         if process is None or process.returncode is not None:
             return
@@ -258,6 +328,48 @@ class EngineWorker:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
+
+
+class WorkerPool(ABC):
+    """Where the engine workers come from: the slots there are now, and a worker for each."""
+
+    # How often the queue asks for the slots again (seconds); None: they never change.
+    poll_interval: float | None = None
+
+    @abstractmethod
+    async def slots(self) -> list[str] | None:
+        """The names of the worker slots there are now; None when the pool cannot be reached."""
+
+    @abstractmethod
+    def worker(self, slot: str) -> EngineWorker: ...
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release what the pool holds once every worker has stopped."""
+
+
+class LocalPool(WorkerPool):
+    """[engine] backend = "local": one `python -m engine` process per [model] device, here."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def slots(self) -> list[str]:
+        return [str(index) for index in range(len(self.config.model.devices))]
+
+    def worker(self, slot: str) -> EngineWorker:
+        return SubprocessWorker(self.config, self.config.model.devices[int(slot)])
+
+    async def close(self) -> None:
+        """Nothing to release: each process is its worker's."""
+
+
+def worker_pool(config: Config) -> WorkerPool:
+    if config.engine.backend == "ray":
+        from bot.cluster import RayPool  # Ray is an extra: imported only when asked for
+
+        return RayPool(config)
+    return LocalPool(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +390,9 @@ class JobQueue:
     stop_timeout = 6.0
     # Then how long it waits for the supervisors to see their processes gone.
     stop_grace = 1.0
+    # With no worker at all (every machine left the cluster) for this long, queued jobs fail with
+    # UNAVAILABLE_MESSAGE instead of waiting for a machine that may never come.
+    unavailable_after = 30.0
 
     def __init__(
         self,
@@ -293,7 +408,11 @@ class JobQueue:
         # Only these jobs are recovered and dispatched: the CLI runs its one job this way and
         # leaves the rows of a bot that is not running alone.
         self._job_ids = None if job_ids is None else set(job_ids)
-        self._workers: list[EngineWorker] = []
+        self._pool = worker_pool(config)
+        # The workers of the pool's current slots; a retired one leaves this at once, and its
+        # supervisor ends once it has exited.
+        self._workers: dict[str, EngineWorker] = {}
+        self._empty_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -303,7 +422,7 @@ class JobQueue:
 
     @property
     def workers(self) -> list[EngineWorker]:
-        return list(self._workers)
+        return list(self._workers.values())
 
     # -- the API the bot and the cogs use --------------------------------------------------------
 
@@ -316,12 +435,10 @@ class JobQueue:
             if row.state == "running":
                 log.info("job %s was running when the bot stopped: queued again", row.id)
                 self.db.update_job(row.id, state="queued")
-        self._workers = [EngineWorker(self.config, device) for device in self.config.model.devices]
-        self._tasks = [
-            asyncio.create_task(self._supervise(worker), name=f"engine {worker.device}")
-            for worker in self._workers
-        ]
-        self._tasks.append(asyncio.create_task(self._dispatch_loop(), name="job dispatcher"))
+        self._tasks = [asyncio.create_task(self._dispatch_loop(), name="job dispatcher")]
+        await self._refresh_pool()
+        if self._pool.poll_interval is not None:
+            self._tasks.append(asyncio.create_task(self._watch_pool(self._pool.poll_interval), name="pool"))
         self._wakeup.set()
 
     async def stop(self) -> None:
@@ -330,7 +447,7 @@ class JobQueue:
             return
         self._stopping.set()
         self._wakeup.set()
-        await asyncio.gather(*(worker.shutdown(self.stop_timeout) for worker in self._workers))
+        await asyncio.gather(*(worker.shutdown(self.stop_timeout) for worker in self.workers))
         # Supervisors return once their process has exited; one caught starting a new process
         # just now is cancelled, which kills and reaps that process.
         _, pending = await asyncio.wait(self._tasks, timeout=self.stop_grace)
@@ -338,8 +455,9 @@ class JobQueue:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._pool.close()
         # Being stopped is not the engine dying under a job: the interrupted ones get their attempt back.
-        for worker in self._workers:
+        for worker in self.workers:
             for job_id in worker.accepted:
                 row = self.db.find_job(job_id)
                 if row is not None and row.state == "running":
@@ -361,7 +479,7 @@ class JobQueue:
         row = self.db.find_job(job_id)
         if row is None or row.state not in ACTIVE_JOB_STATES:
             return False
-        for worker in self._workers:
+        for worker in self.workers:
             if job_id in worker.in_flight:
                 # The worker answers with an Error(code="cancelled") within a step.
                 worker.cancelling.add(job_id)
@@ -393,20 +511,62 @@ class JobQueue:
 
     # -- workers -------------------------------------------------------------------------------
 
-    async def _supervise(self, worker: EngineWorker) -> None:
-        """Run one worker for the life of the queue, restarting it when it dies."""
+    async def _refresh_pool(self) -> None:
+        """Start a worker for each new slot of the pool and retire those of slots that are gone."""
+        slots = await self._pool.slots()
+        if self._stopping.is_set():
+            return
+        current = set(slots or ())
+        joined = sorted(current - set(self._workers))
+        left = sorted(set(self._workers) - current)
+        for slot in left:
+            worker = self._workers.pop(slot)
+            log.warning("engine %s left the pool: its jobs go to the other workers", worker.name)
+            # Its supervisor sees it end, queues its jobs again and stops.
+            worker.retired = True
+            worker.kill()
+        for slot in joined:
+            worker = self._workers[slot] = self._pool.worker(slot)
+            self._tasks.append(asyncio.create_task(self._supervise(worker), name=f"engine {worker.name}"))
+        if joined or left:
+            log.info(
+                "engine pool: %d workers (%d joined, %d left)", len(self._workers), len(joined), len(left)
+            )
+            self._tasks = [task for task in self._tasks if not task.done()]
+            await self._notify_changed()
+        if self._workers:
+            self._empty_since = None
+        else:
+            self._empty_since = self._empty_since or time.monotonic()
+            self._wakeup.set()  # fails the queued jobs once the pool has been empty long enough
+
+    async def _watch_pool(self, interval: float) -> None:
         while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
+            try:
+                await self._refresh_pool()
+            except Exception:
+                log.exception("reading the engine pool failed")
+
+    async def _supervise(self, worker: EngineWorker) -> None:
+        """Run one worker for the life of the queue, restarting it when it dies, until it is retired."""
+        while not self._stopping.is_set() and not worker.retired:
             try:
                 status: int | None = await worker.run(self._handle_event)
             except OSError as error:
-                log.error("could not start the engine for %s: %s", worker.device, error)
+                log.error("could not start the engine for %s: %s", worker.name, error)
                 status = None
             if self._stopping.is_set():
                 return
             try:
                 delay = await self._after_exit(worker, status)
+                if worker.retired:
+                    return
             except Exception:
-                log.exception("cleaning up after engine %s failed", worker.device)
+                log.exception("cleaning up after engine %s failed", worker.name)
                 delay = self.start_backoff_max
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
@@ -420,8 +580,12 @@ class JobQueue:
         worker.in_flight.clear()
         worker.accepted.clear()
         worker.cancelling.clear()
+        worker.adapters.clear()
+        if worker.retired:
+            self._wakeup.set()
+            return 0.0
         if was_ready:
-            log.warning("engine %s exited (status %s): restarting it", worker.device, status)
+            log.warning("engine %s exited (status %s): restarting it", worker.name, status)
             worker.failed_starts = 0
             self._wakeup.set()
             return self.restart_delay
@@ -430,7 +594,7 @@ class JobQueue:
             worker.broken = worker.start_error
             log.error(
                 "engine %s cannot start: %s (retrying every %.0f s)",
-                worker.device,
+                worker.name,
                 worker.broken,
                 self.broken_retry_delay,
             )
@@ -440,7 +604,7 @@ class JobQueue:
         delay = min(self.start_backoff * 2 ** (worker.failed_starts - 1), self.start_backoff_max)
         log.warning(
             "engine %s exited (status %s) before it was ready: retrying in %.0f s",
-            worker.device,
+            worker.name,
             status,
             delay,
         )
@@ -462,7 +626,7 @@ class JobQueue:
     async def _handle_event(self, worker: EngineWorker, event: Event) -> None:
         """Write what an event means to the job's row, then tell the bot."""
         if isinstance(event, Ready):
-            log.info("engine %s ready: %s on %s", worker.device, event.base_model, event.device)
+            log.info("engine %s ready: %s on %s", worker.name, event.base_model, event.device)
             worker.ready, worker.broken, worker.failed_starts = True, None, 0
             await self._notify_changed()
             self._wakeup.set()
@@ -473,13 +637,13 @@ class JobQueue:
                 # Why this start fails: said once, when the worker has exited (_after_exit).
                 worker.start_error = event.message
             else:
-                log.warning("engine %s: %s (%s)", worker.device, event.message, event.code)
+                log.warning("engine %s: %s (%s)", worker.name, event.message, event.code)
             return
         row = worker.in_flight.get(event.job_id)
         if row is None:
             log.warning(
                 "engine %s: %s event for job %s, which it was not given",
-                worker.device,
+                worker.name,
                 event.type,
                 event.job_id,
             )
@@ -497,13 +661,15 @@ class JobQueue:
             worker.in_flight[row.id] = row
             worker.accepted.add(row.id)
             log.info(
-                "job %s (%s) started on engine %s, attempt %d", row.id, row.kind, worker.device, row.attempts
+                "job %s (%s) started on engine %s, attempt %d", row.id, row.kind, worker.name, row.attempts
             )
             await self._tell(row, event)
         elif isinstance(event, Result | Error):
             del worker.in_flight[row.id]
             worker.accepted.discard(row.id)
             worker.cancelling.discard(row.id)
+            if isinstance(event, TrainingDone) and isinstance(job := row.request, TrainJob):
+                worker.remember_adapters([job.token])
             self._wakeup.set()
             await self._finish(row, event)
 
@@ -557,10 +723,21 @@ class JobQueue:
             for row in queued:
                 await self._finish(row, Error(row.id, message, "bad_model"))
             return
-        free = [worker.free_kinds() for worker in self._workers]
-        batch_limit = self.config.generation.batch_limit
-        for index, row in plan_dispatch(queued, self._last_served, free, batch_limit):
-            await self._send(self._workers[index], row)
+        if self._empty_since is not None and time.monotonic() - self._empty_since >= self.unavailable_after:
+            for row in queued:
+                await self._finish(row, Error(row.id, UNAVAILABLE_MESSAGE, "internal"))
+            return
+        workers = self.workers
+        plan = plan_dispatch(
+            queued,
+            self._last_served,
+            [worker.free_kinds() for worker in workers],
+            self.config.generation.batch_limit,
+            busy=[len(worker.in_flight) for worker in workers],
+            holds=lambda index, row: workers[index].holds(row),
+        )
+        for index, row in plan:
+            await self._send(workers[index], row)
 
     async def _send(self, worker: EngineWorker, row: JobRow) -> None:
         fresh = self.db.find_job(row.id)
@@ -577,23 +754,25 @@ class JobQueue:
         # 'running' from now on, so it is not sent twice; the attempt counts once the worker accepts it.
         row = self.db.update_job(fresh.id, state="running")
         worker.in_flight[row.id] = row
+        if isinstance(job, GenerateJob):
+            worker.remember_adapters(adapter.token for adapter in job.adapters)
         self._last_served[row.user_id] = next(self._serial)
-        log.debug("job %s (%s) -> engine %s", row.id, row.kind, worker.device)
+        log.debug("job %s (%s) -> engine %s", row.id, row.kind, worker.name)
         # A failed write means the worker is dying: its death queues the job again.
         await worker.send(job)
 
     # -- state ---------------------------------------------------------------------------------
 
     def _all_ready(self) -> bool:
-        return bool(self._workers) and all(worker.ready for worker in self._workers)
+        return bool(self._workers) and all(worker.ready for worker in self.workers)
 
     def _all_broken(self) -> bool:
         return bool(self._workers) and all(
-            worker.broken is not None and not worker.ready for worker in self._workers
+            worker.broken is not None and not worker.ready for worker in self.workers
         )
 
     def _broken_message(self) -> str:
-        return next((worker.broken for worker in self._workers if worker.broken), "no engine worker is ready")
+        return next((worker.broken for worker in self.workers if worker.broken), "no engine worker is ready")
 
     async def _notify_changed(self) -> None:
         async with self._changed:

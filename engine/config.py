@@ -8,6 +8,7 @@ with one line naming the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 import types
 import typing
@@ -22,6 +23,7 @@ DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Built-in tiny random models (engine/model.py) for tests and machines without a GPU.
 TINY_MODELS = ("tiny", "tiny-sdxl")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+BACKENDS = ("local", "ray")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,19 @@ class ModelSection:
     @property
     def devices(self) -> list[str]:
         return [self.device] if isinstance(self.device, str) else list(self.device)
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    # "local": one `python -m engine` child process per [model] device. "ray": one engine actor per
+    # GPU of every node of a Ray cluster (pip install "dreambot[ray]"; README "More than one machine").
+    backend: str = "local"
+    # Where the cluster is: "auto" (the one `ray start` made on this machine), "HOST:6379", or
+    # "ray://HOST:10001" for a bot outside the cluster.
+    ray_address: str = "auto"
+    # What one engine actor takes. With gpus_per_worker = 0 the actors run on CPUs, cpus_per_worker each.
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class SafetySection:
 class Config:
     discord: DiscordSection = field(default_factory=DiscordSection)
     model: ModelSection = field(default_factory=ModelSection)
+    engine: EngineSection = field(default_factory=EngineSection)
     storage: StorageSection = field(default_factory=StorageSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
@@ -265,6 +281,17 @@ def _check_values(config: Config) -> None:
         value = getattr(config.model, key)
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f'[model] {key}: expected "auto", true or false, got {value!r}')
+    if config.engine.backend not in BACKENDS:
+        raise ConfigError(
+            f"[engine] backend: expected one of {', '.join(BACKENDS)}, got {config.engine.backend!r}"
+        )
+    if config.engine.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError('[engine] backend = "ray": Ray is not installed (pip install "dreambot[ray]")')
+    if config.engine.gpus_per_worker < 0 or config.engine.cpus_per_worker <= 0:
+        raise ConfigError(
+            "[engine] gpus_per_worker and cpus_per_worker: expected gpus_per_worker >= 0 and "
+            f"cpus_per_worker > 0, got {config.engine.gpus_per_worker!r} and {config.engine.cpus_per_worker!r}"
+        )
     if not config.model.devices:
         raise ConfigError("[model] device: expected a device name or a non-empty list, got []")
     # Every member's negative prompt starts with it: one that does not read would refuse them all.

@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from engine.protocol import (
     Event,
     GenerateJob,
     GenerationDone,
+    Job,
     Progress,
     ProtocolError,
     Ready,
@@ -128,7 +130,9 @@ class _Task:
 class Worker:
     """Holds the loaded model and schedules jobs onto the single GPU thread."""
 
-    def __init__(self, config: Config, model: LoadedModel, generator: Generator, emit: Emitter) -> None:
+    def __init__(
+        self, config: Config, model: LoadedModel, generator: Generator, emit: Callable[[Event], None]
+    ) -> None:
         self.config = config
         self.model = model
         self.generator = generator
@@ -180,6 +184,11 @@ class Worker:
         if isinstance(job, ShutdownJob):
             log.info("shutdown requested")
             return False
+        self.handle(job)
+        return True
+
+    def handle(self, job: Job | Event) -> None:
+        """Queue a training or generation, or act on a cancel (a Ray actor calls this directly)."""
         if isinstance(job, CancelJob):
             self.cancel(job.job_id)
         elif isinstance(job, TrainJob | GenerateJob):
@@ -193,7 +202,6 @@ class Worker:
                 self.submit(task)
         else:
             self.emit(Error(None, f"a worker does not take {job.type!r} messages", "bad_request"))
-        return True
 
     def prepare(self, job: TrainJob | GenerateJob) -> _Task:
         """The task that runs a job; ValueError says why it is refused (a path it may not use)."""
@@ -480,6 +488,17 @@ def main(argv: list[str] | None = None) -> int:
         emit(Error(None, str(error), "bad_request"))
         return EXIT_BAD_CONFIG
     device = args.device or config.model.devices[0]
+    worker = start_worker(config, device, emit)
+    if worker is None:
+        return EXIT_BAD_MODEL
+    asyncio.run(worker.serve(sys.stdin))
+    return 0
+
+
+def start_worker(config: Config, device: str, emit: Callable[[Event], None]) -> Worker | None:
+    """Load the base model on `device` and emit Ready: the Worker that serves it. None (and an
+    Error emitted that says why) when the model cannot load. `python -m engine` and the Ray actor
+    (engine.ray_actor) both start here."""
     try:
         model = load_base_model(
             config.model.base,
@@ -493,12 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         # Not logged here as well: the bot (or the CLI) that started this worker reports it, once.
         emit(Error(None, str(error), "bad_model"))
-        return EXIT_BAD_MODEL
+        return None
     compile_unet = fast_path_on(config.model.compile, model.device)
     generator = Generator(
         model, config.generation.adapter_cache, compile_unet=compile_unet, hotswap_rank=config.training.rank
     )
     log.info("ready: %s on %s", config.model.base, model.device)
     emit(Ready(str(model.device), config.model.base))
-    asyncio.run(Worker(config, model, generator, emit).serve(sys.stdin))
-    return 0
+    return Worker(config, model, generator, emit)

@@ -42,4 +42,7 @@ def tiny_model_dir(tiny_data_dir: Path) -> Path:
     return tiny_data_dir / "models" / "tiny"
 
 
-pytest_plugins = ["fakehub"]  # the fake_hub fixture: a fake Hugging Face Hub that HfApi() reaches
+pytest_plugins = [
+    "fakehub",
+    "queueharness",
+]  # the fake_hub fixture: a fake Hugging Face Hub that HfApi() reaches

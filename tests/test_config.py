@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from pathlib import Path
 
@@ -98,3 +99,18 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 def test_fast_paths_auto_means_cuda(choice: str | bool, device: str, on: bool) -> None:
     assert config_from_dict({"model": {"compile": choice}}).model.compile == choice
     assert fast_path_on(choice, torch.device(device)) is on
+
+
+def test_the_engine_backend_is_local_or_ray_and_ray_needs_ray_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match=r"\[engine\] backend: expected one of local, ray, got 'k8s'"):
+        config_from_dict({"engine": {"backend": "k8s"}})
+    with pytest.raises(ConfigError, match=r"cpus_per_worker > 0, got 1.0 and 0.0"):
+        config_from_dict({"engine": {"backend": "ray", "cpus_per_worker": 0}})
+    assert config_from_dict({"engine": {"backend": "ray"}}).engine.backend == "ray"
+    # Where Ray is not installed, start-up stops with one line that says how to get it.
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    with pytest.raises(ConfigError, match=r'Ray is not installed \(pip install "dreambot\[ray\]"\)'):
+        config_from_dict({"engine": {"backend": "ray"}})

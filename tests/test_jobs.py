@@ -5,46 +5,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from botharness import write_engine_config
-from PIL import Image
+from queueharness import ALICE, BOB, CAROL, TIMEOUT, Recorder, add_generate, add_train, write_config
 
 from bot.db import Database, JobRow
 from bot.jobs import (
     DROPPED_MESSAGE,
     MAX_ATTEMPTS,
     EngineUnavailable,
-    EngineWorker,
     JobQueue,
+    SubprocessWorker,
     dispatch_order,
     plan_dispatch,
 )
-from engine.config import Config, load_config
+from engine.config import Config
 from engine.protocol import (
     Accepted,
     AdapterRef,
     Error,
-    Event,
     GenerateJob,
     GenerationDone,
     Progress,
     Result,
-    TrainJob,
     encode,
 )
-
-TIMEOUT = 180.0
-ALICE, BOB, CAROL = 101, 102, 103
-
 
 # ---------------------------------------------------------------------------------------------
 # The dispatch policy
@@ -120,6 +110,22 @@ def generation_row(job_id: str, user_id: int, created_at: float, **values: objec
     return dataclasses.replace(row(job_id, "generate", user_id, created_at), payload=encode(request))
 
 
+def test_plan_prefers_the_least_busy_worker_then_one_holding_the_adapter() -> None:
+    alfa = AdapterRef("alfa", "person", "alfa.safetensors")
+    wanted = generation_row("a0", ALICE, 1, adapters=[alfa])
+    three_idle = [{"train", "generate"}] * 3
+    # Worker 0 renders a batch and holds alfa, workers 1 and 2 are idle and 2 holds alfa too.
+    plan = plan_dispatch([wanted], {}, three_idle, busy=[1, 0, 0], holds=lambda index, _: index in (0, 2))
+    assert [(i, r.id) for i, r in plan] == [(2, "a0")]
+    # Only the busy one holds it: an idle GPU loading the adapter beats waiting for the batch.
+    plan = plan_dispatch([wanted], {}, three_idle, busy=[1, 0, 0], holds=lambda index, _: index == 0)
+    assert [(i, r.id) for i, r in plan] == [(1, "a0")]
+    # Jobs planned in one round count: two generations that cannot share a batch go to two workers.
+    other = generation_row("b0", BOB, 2, width=64, height=64)
+    plan = plan_dispatch([wanted, other], {}, three_idle, busy=[1, 0, 0])
+    assert sorted(i for i, _ in plan) == [1, 2]
+
+
 def test_plan_batches_compatible_generations_in_dispatch_order() -> None:
     alfa = AdapterRef("alfa", "person", "alfa.safetensors")
     queued = [
@@ -145,7 +151,7 @@ def test_plan_batches_compatible_generations_in_dispatch_order() -> None:
 
 
 def test_a_worker_takes_the_next_batch_while_one_renders() -> None:
-    worker = EngineWorker(Config(), "cpu")
+    worker = SubprocessWorker(Config(), "cpu")
     worker.ready = True
     worker.process = types.SimpleNamespace(returncode=None)  # type: ignore[assignment]
     running, waiting = row("g1", "generate", ALICE, 1), row("g2", "generate", BOB, 2)
@@ -171,104 +177,6 @@ def test_the_queue_does_not_import_the_ml_stack() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # JobQueue with real workers
-
-
-@dataclass
-class Recorder:
-    """The on_event callback: what it was given, and the row in the database at that moment."""
-
-    db: Database
-    calls: list[tuple[JobRow, Event, JobRow]] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def __call__(self, job: JobRow, event: Event) -> None:
-        self.calls.append((job, event, self.db.job(job.id)))
-        self._changed.set()
-
-    async def wait_for(
-        self, matches: Callable[[JobRow, Event], bool], after: int = 0
-    ) -> tuple[JobRow, Event]:
-        """The first call from index `after` on whose (row, event) `matches`."""
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                for job, event, _ in self.calls[after:]:
-                    if matches(job, event):
-                        return job, event
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def finished(self, job_id: str, after: int = 0) -> tuple[JobRow, Event]:
-        return await self.wait_for(lambda j, e: j.id == job_id and isinstance(e, Result | Error), after)
-
-    async def training_progress(self, job_id: str, after: int = 0) -> None:
-        await self.wait_for(
-            lambda j, e: j.id == job_id and isinstance(e, Progress) and e.phase == "training", after
-        )
-
-    def events_of(self, job_id: str) -> list[Event]:
-        return [event for job, event, _ in self.calls if job.id == job_id]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, photos_dir: Path) -> Path:
-    """Shared by the tests below (the model, the cached class images); each test has its own DB."""
-    data_dir = tmp_path_factory.mktemp("queue-data")
-    shutil.copytree(tiny_model_dir, data_dir / "models" / "tiny")
-    (data_dir / "photos").mkdir()
-    with Image.open(photos_dir / "astronaut.png") as opened:
-        source = opened.convert("RGB")
-    for index in range(3):
-        box = (120 + 40 * index, 20, 380 + 40 * index, 280)
-        source.crop(box).resize((64, 64), Image.Resampling.LANCZOS).save(data_dir / "photos" / f"{index}.png")
-    return data_dir
-
-
-def write_config(data_dir: Path, folder: Path, base: str = "tiny") -> Config:
-    return load_config(write_engine_config(folder / "config.toml", data_dir, base=base))
-
-
-@pytest.fixture
-def config(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    # Workers inherit the environment: one thread each keeps a shared test machine from thrashing.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return write_config(data_dir, tmp_path)
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Database:
-    database = Database(tmp_path / "jobs.sqlite3")
-    for user_id in (ALICE, BOB):
-        database.ensure_user(user_id, f"user{user_id}")
-    return database
-
-
-def add_generate(db: Database, data_dir: Path, job_id: str, user_id: int = ALICE, steps: int = 4) -> JobRow:
-    job = GenerateJob(
-        job_id=job_id,
-        prompt="a photo of an astronaut",
-        output_dir=str(data_dir / "generations" / job_id),
-        steps=steps,
-        width=64,
-        height=64,
-    )
-    return db.add_job(
-        kind="generate", user_id=user_id, guild_id=1, channel_id=1, payload=encode(job), job_id=job_id
-    )
-
-
-def add_train(db: Database, data_dir: Path, job_id: str, steps: int, user_id: int = ALICE) -> JobRow:
-    job = TrainJob(
-        job_id=job_id,
-        token="zwx",
-        class_word="person",
-        photos=[str(path) for path in sorted((data_dir / "photos").glob("*.png"))],
-        output_dir=str(data_dir / "trained" / job_id),
-        steps=steps,
-    )
-    return db.add_job(
-        kind="train", user_id=user_id, guild_id=1, channel_id=1, payload=encode(job), job_id=job_id
-    )
 
 
 def kill_worker(queue: JobQueue) -> None:

@@ -1,0 +1,304 @@
+"""Engine workers on a Ray cluster: `[engine] backend = "ray"` (README "More than one machine").
+
+The bot is the Ray driver and stays light: it creates engine.ray_actor.EngineActor on the nodes and
+never imports torch. One actor runs per `gpus_per_worker` GPUs of every node (per `cpus_per_worker`
+CPUs with gpus_per_worker = 0), pinned to its node. The pool follows the cluster: the JobQueue asks
+for its slots every few seconds, starts actors for new ones and retires those of nodes that left.
+A node or actor that dies shows up within seconds as Ray's actor error on the pending
+`next_events` call; the queue then retries its jobs on another actor. A cluster that cannot be
+reached (its head restarted) empties the pool until a reconnect succeeds.
+
+Files travel with the messages (engine.ray_actor), so the bot's data_dir stays the one copy of
+every photo, adapter, checkpoint and picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from bot.jobs import EngineWorker, WorkerPool
+from engine.config import Config, EngineSection
+from engine.protocol import (
+    CancelJob,
+    Event,
+    GenerateJob,
+    Job,
+    ProtocolError,
+    TrainingDone,
+    TrainJob,
+    decode,
+    encode,
+)
+from engine.ray_actor import CHECKPOINTS_DIR, EngineActor, Parcel, Shipment, content_hash, write_atomically
+
+log = logging.getLogger(__name__)
+
+# One next_events call waits this long at most for an event.
+EVENT_WAIT_SECONDS = 1.0
+# How often the pool reads the cluster's nodes.
+POOL_POLL_SECONDS = 2.0
+RemoteEngineActor = ray.remote(EngineActor)
+
+
+def node_slots(node: Mapping[str, Any], engine: EngineSection) -> int:
+    """How many engine actors a node (an entry of ray.nodes()) takes."""
+    if not node.get("Alive"):
+        return 0
+    resources = node.get("Resources", {})
+    by_cpu = int(resources.get("CPU", 0) // engine.cpus_per_worker)
+    if engine.gpus_per_worker == 0:
+        return by_cpu
+    return min(int(resources.get("GPU", 0) // engine.gpus_per_worker), by_cpu)
+
+
+class RayPool(WorkerPool):
+    poll_interval = POOL_POLL_SECONDS
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._connected = False
+        # Said once per outage, not at every poll.
+        self._unreachable_said = False
+
+    async def slots(self) -> list[str] | None:
+        try:
+            if not self._connected:
+                await asyncio.to_thread(self._connect)
+            nodes = await asyncio.to_thread(ray.nodes)
+        except Exception as error:  # ConnectionError, RaySystemError, gRPC errors: all mean unreachable
+            if not self._unreachable_said:
+                log.warning(
+                    "the Ray cluster at %s cannot be reached (%s): retrying",
+                    self.config.engine.ray_address,
+                    error,
+                )
+                self._unreachable_said = True
+            self._connected = False
+            await asyncio.to_thread(ray.shutdown)
+            return None
+        self._unreachable_said = False
+        engine = self.config.engine
+        return [f"{node['NodeID']}/{index}" for node in nodes for index in range(node_slots(node, engine))]
+
+    def _connect(self) -> None:
+        ray.init(address=self.config.engine.ray_address, namespace="dreambot", configure_logging=False)
+        self._connected = True
+        log.info("connected to the Ray cluster at %s", self.config.engine.ray_address)
+
+    def worker(self, slot: str) -> EngineWorker:
+        node_id, index = slot.split("/")
+        return RayWorker(self.config, node_id, int(index))
+
+    async def close(self) -> None:
+        if self._connected:
+            await asyncio.to_thread(ray.shutdown)
+            self._connected = False
+
+
+class RayWorker(EngineWorker):
+    """One EngineActor pinned to one node; a new actor on each (re)start."""
+
+    def __init__(self, config: Config, node_id: str, index: int) -> None:
+        super().__init__(config, f"{node_id[:8]}/{index}")
+        self.node_id = node_id
+        self.actor: Any = None
+        # Content hashes of the adapters the node holds, as far as the bot knows (the actor says
+        # which it lacks, so a wrong guess costs one more call, never a failed job).
+        self.node_adapters: set[str] = set()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        # Set once run() has read the actor's last shipment (after a shutdown: its checkpoints).
+        self._drained = asyncio.Event()
+
+    @property
+    def alive(self) -> bool:
+        return self.actor is not None
+
+    async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int | None:
+        self.ready, self.start_error = False, None
+        self._drained.clear()
+        engine = self.config.engine
+        self.actor = RemoteEngineActor.options(
+            num_cpus=engine.cpus_per_worker,
+            num_gpus=engine.gpus_per_worker,
+            # next_events waits while jobs and cancels come in.
+            max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
+        ).remote(self.config, str(self.config.data_dir), "cpu" if engine.gpus_per_worker == 0 else "auto")
+        log.info("engine actor %s starting on node %s", self.name, self.node_id)
+        try:
+            while True:
+                shipments, closed = await self.actor.next_events.remote(EVENT_WAIT_SECONDS)
+                for shipment in shipments:
+                    await self._receive(shipment, on_event)
+                if closed:
+                    self._drained.set()
+                    return 0
+        except RayActorError as error:
+            if error.actor_init_failed and not self.ready:
+                # The node cannot run the engine at all (dreambot or torch missing there).
+                self.start_error = (
+                    f"the engine could not start on node {self.node_id[:8]}: {_last_line(error)}"
+                )
+            log.warning("engine %s died: %s", self.name, _first_line(error))
+            return None
+        except RayError as error:
+            log.warning("engine %s is unreachable: %s", self.name, _first_line(error))
+            return None
+        finally:
+            # Killed for sure, so that a node that was only cut off never posts a second result.
+            self.kill()
+            self.actor = None
+
+    async def _receive(
+        self, shipment: Shipment, on_event: Callable[[EngineWorker, Event], Awaitable[None]]
+    ) -> None:
+        await asyncio.to_thread(store_shipment, self.config.data_dir, shipment)
+        if shipment.event is None:
+            return
+        try:
+            event = decode(shipment.event)
+        except ProtocolError as error:
+            log.warning("engine %s sent something that is not an event: %s", self.name, error)
+            return
+        if isinstance(event, TrainingDone):
+            # The training deleted its checkpoints; so does the bot's copy.
+            shutil.rmtree(Path(event.adapter_path).parent / CHECKPOINTS_DIR, ignore_errors=True)
+            adapter = shipment.files.get(_relative(self.config.data_dir, event.adapter_path) or "")
+            if adapter is not None:
+                self.node_adapters.add(content_hash(adapter))
+        await self.deliver(on_event, event)
+
+    async def send(self, job: Job) -> None:
+        actor = self.actor
+        if actor is None:
+            return
+        try:
+            if isinstance(job, TrainJob | GenerateJob):
+                parcel = await asyncio.to_thread(self._parcel, job, self.node_adapters)
+                missing = await actor.submit.remote(encode(job), parcel)
+                if missing:
+                    self.node_adapters.difference_update(missing)
+                    parcel = await asyncio.to_thread(self._parcel, job, set())
+                    await actor.submit.remote(encode(job), parcel)
+                self.node_adapters.update(parcel.adapters.values())
+            elif isinstance(job, CancelJob):
+                await actor.cancel.remote(job.job_id)
+            else:
+                await actor.shutdown.remote(0)
+        except RayError as error:
+            # A dying actor: run() sees it end and the queue retries the job.
+            log.warning("could not send %s to engine %s: %s", job.type, self.name, _first_line(error))
+
+    def _parcel(self, job: TrainJob | GenerateJob, node_adapters: set[str]) -> Parcel:
+        """The files `job` reads, from the bot's data_dir: adapters by hash, bytes for those the
+        node lacks. A file that cannot be read is left out: the engine then fails the job saying so."""
+        paths: list[str] = []
+        adapters: dict[str, str] = {}
+        blobs: dict[str, bytes] = {}
+        if isinstance(job, TrainJob):
+            paths = list(job.photos)
+            if job.resume:
+                paths += _newest_checkpoint(Path(job.output_dir))
+        else:
+            paths = [] if job.init_image is None else [job.init_image]
+            for adapter in job.adapters:
+                relative = _relative(self.config.data_dir, adapter.path)
+                digest = self._hash(adapter.path) if relative is not None else None
+                if relative is None or digest is None:
+                    continue
+                adapters[relative] = digest
+                if digest not in node_adapters:
+                    blobs[digest] = Path(adapter.path).read_bytes()
+        files = {}
+        for path in paths:
+            relative = _relative(self.config.data_dir, path)
+            if relative is not None:
+                with contextlib.suppress(OSError):
+                    files[relative] = Path(path).read_bytes()
+        return Parcel(files, adapters, blobs)
+
+    def _hash(self, path: str) -> str | None:
+        try:
+            stat = os.stat(path)
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in self._hashes:
+                self._hashes[key] = content_hash(Path(path).read_bytes())
+        except OSError:
+            return None
+        return self._hashes[key]
+
+    async def shutdown(self, timeout: float) -> None:
+        actor = self.actor
+        if actor is None:
+            return
+        try:
+            # The actor stops its jobs and ships their checkpoints; run() then stores them and ends.
+            async with asyncio.timeout(timeout):
+                await actor.shutdown.remote(max(timeout - 1, 0.5))
+                await self._drained.wait()
+        except (TimeoutError, RayError) as error:
+            log.warning("engine %s did not stop within %.0f s (%s): killing it", self.name, timeout, error)
+            self.kill()
+
+    def kill(self) -> None:
+        if self.actor is not None:
+            # Gone already, or the cluster is: nothing is left to kill.
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor, no_restart=True)
+
+
+def store_shipment(data_dir: Path, shipment: Shipment) -> None:
+    """Write a shipment's files into the data dir; a checkpoint lands whole or not at all, and the
+    older ones beside it go, as engine.train keeps them."""
+    checkpoint = None if shipment.checkpoint is None else _inside(data_dir, shipment.checkpoint)
+    partial = None if checkpoint is None else checkpoint.with_name(f".partial-{checkpoint.name}")
+    for relative, data in shipment.files.items():
+        target = _inside(data_dir, relative)
+        if target is None:
+            log.warning("ignored a file from the engine outside the data directory: %s", relative)
+            continue
+        if checkpoint is not None and partial is not None and target.parent == checkpoint:
+            target = partial / target.name
+        write_atomically(target, data)
+    if checkpoint is None or partial is None or not partial.is_dir():
+        return
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    os.replace(partial, checkpoint)
+    for older in checkpoint.parent.glob("step-*"):
+        if older != checkpoint:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def _newest_checkpoint(output_dir: Path) -> list[str]:
+    folder = output_dir / CHECKPOINTS_DIR
+    newest = max(folder.glob("step-*"), default=None) if folder.is_dir() else None
+    return [] if newest is None else [str(path) for path in newest.iterdir() if path.is_file()]
+
+
+def _relative(data_dir: Path, path: str) -> str | None:
+    resolved = Path(path).expanduser().resolve()
+    return str(resolved.relative_to(data_dir)) if resolved.is_relative_to(data_dir) else None
+
+
+def _inside(data_dir: Path, relative: str) -> Path | None:
+    target = (data_dir / relative).resolve()
+    return target if target.is_relative_to(data_dir) else None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _last_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

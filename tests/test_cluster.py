@@ -1,0 +1,246 @@
+"""[engine] backend = "ray": the same queue on engine actors of a real Ray cluster on 127.0.0.1.
+
+The cluster (ray.cluster_utils.Cluster) has a head with no CPU for actors and worker nodes with one
+CPU each, so each node runs one CPU-only engine actor on the tiny model. Nodes are added and killed
+as machines would join and die.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from botharness import TRAIN_TIMEOUT, imagine, running_bot, start_training, write_engine_config
+from queueharness import Recorder, add_generate, add_train
+from ray.cluster_utils import Cluster
+from test_bot_resilience import TRAINING, ready_post, training_steps
+
+from bot.cluster import node_slots, store_shipment
+from bot.db import Database
+from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
+from engine.config import Config, EngineSection, load_config
+from engine.protocol import Error, GenerationDone, Progress, TrainingDone
+from engine.ray_actor import Shipment
+
+TIMEOUT = 240.0
+ON_CPUS = {"gpus_per_worker": 0, "cpus_per_worker": 1}
+
+
+def test_a_node_takes_one_actor_per_worker_share_of_its_gpus_or_cpus() -> None:
+    gpu_node = {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 4.0}}
+    assert node_slots(gpu_node, EngineSection(backend="ray")) == 4
+    assert node_slots(gpu_node, EngineSection(backend="ray", gpus_per_worker=2)) == 2
+    # Each GPU actor takes a CPU too: a node short of CPUs runs fewer.
+    assert (
+        node_slots({"Alive": True, "Resources": {"CPU": 2.0, "GPU": 4.0}}, EngineSection(backend="ray")) == 2
+    )
+    # A CPU-only node runs no GPU actor, but CPU actors when asked for.
+    cpu_node = {"Alive": True, "Resources": {"CPU": 3.0}}
+    assert node_slots(cpu_node, EngineSection(backend="ray")) == 0
+    assert node_slots(cpu_node, EngineSection(backend="ray", **ON_CPUS)) == 3
+    assert node_slots({**gpu_node, "Alive": False}, EngineSection(backend="ray")) == 0
+
+
+def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_the_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    checkpoints = data_dir / "trained" / "t1" / "checkpoints"
+    (checkpoints / "step-000002").mkdir(parents=True)
+    (checkpoints / "step-000002" / "state.pt").write_bytes(b"old")
+    shipment = Shipment(
+        '{"type":"accepted","job_id":"t1"}',
+        {
+            "trained/t1/checkpoints/step-000004/state.pt": b"state",
+            "trained/t1/checkpoints/step-000004/adapter.safetensors": b"weights",
+            "trained/t1/preview.jpg": b"jpeg",
+            "../outside.txt": b"no",
+        },
+        checkpoint="trained/t1/checkpoints/step-000004",
+    )
+    store_shipment(data_dir, shipment)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-000004"]
+    assert (checkpoints / "step-000004" / "adapter.safetensors").read_bytes() == b"weights"
+    assert (data_dir / "trained" / "t1" / "preview.jpg").read_bytes() == b"jpeg"
+    assert not (tmp_path / "outside.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    # The nodes' processes inherit this environment: no Hub, one thread per actor.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def ray_config(data_dir: Path, folder: Path, cluster: Cluster, checkpoint_every: int = 3) -> Config:
+    config = load_config(
+        write_engine_config(folder / "config.toml", data_dir, checkpoint_every=checkpoint_every)
+    )
+    engine = EngineSection(backend="ray", ray_address=cluster.address, **ON_CPUS)
+    return dataclasses.replace(config, engine=engine)
+
+
+async def ready_workers(queue: JobQueue, count: int) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not (len(queue.workers) == count and all(worker.ready for worker in queue.workers)):
+            await asyncio.sleep(0.2)
+
+
+def engines_that_ran(caplog: pytest.LogCaptureFixture) -> dict[str, list[str]]:
+    """Job id -> the engines it started on, in order, from the queue's log."""
+    ran: dict[str, list[str]] = {}
+    for record in caplog.records:
+        if found := re.fullmatch(
+            r"job (\S+) \(\w+\) started on engine (\S+), attempt \d", record.getMessage()
+        ):
+            ran.setdefault(found[1], []).append(found[2])
+    return ran
+
+
+def node_of(cluster: Cluster, engine: str) -> object:
+    prefix = engine.split("/")[0]
+    (node,) = [node for node in cluster.worker_nodes if node.node_id.startswith(prefix)]
+    return node
+
+
+@contextlib.asynccontextmanager
+async def running_queue(
+    db: Database,
+    data_dir: Path,
+    folder: Path,
+    cluster: Cluster,
+) -> AsyncIterator[tuple[JobQueue, Recorder]]:
+    recorder = Recorder(db)
+    queue = JobQueue(db, ray_config(data_dir, folder, cluster, checkpoint_every=2), on_event=recorder)
+    await queue.start()
+    try:
+        yield queue, recorder
+    finally:
+        await queue.stop()
+
+
+@pytest.mark.slow
+def test_the_pool_grows_with_a_node_and_jobs_land_on_both(
+    cluster: Cluster,
+    data_dir: Path,
+    db: Database,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with running_queue(db, data_dir, tmp_path, cluster) as (queue, recorder):
+            caplog.set_level(logging.INFO, logger="bot.jobs")
+            await ready_workers(queue, 1)
+            cluster.add_node(num_cpus=1)
+            await ready_workers(queue, 2)
+            assert any("engine pool: 2 workers (1 joined" in record.getMessage() for record in caplog.records)
+
+            generations = [add_generate(db, data_dir, f"g{index}") for index in range(3)]
+            training = add_train(db, data_dir, "t1", steps=4)
+            for row in (*generations, training):
+                queue.submit(row)
+            for row in (*generations, training):
+                _, event = await recorder.finished(row.id)
+                assert isinstance(event, GenerationDone | TrainingDone), event
+            # The files came back into the bot's data_dir: the one copy.
+            for row in generations:
+                assert (data_dir / "generations" / row.id / "0.png").is_file()
+            assert (data_dir / "trained" / "t1" / "adapter.safetensors").is_file()
+            assert not (data_dir / "trained" / "t1" / "checkpoints").exists()
+            ran = engines_that_ran(caplog)
+            assert len({engine for engines in ran.values() for engine in engines}) == 2, ran
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_training_resumes_on_the_other_node_and_posts_once(
+    cluster: Cluster,
+    data_dir: Path,
+    db: Database,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with running_queue(db, data_dir, tmp_path, cluster) as (queue, recorder):
+            caplog.set_level(logging.INFO, logger="bot.jobs")
+            if len(cluster.worker_nodes) < 2:
+                cluster.add_node(num_cpus=1)
+            await ready_workers(queue, 2)
+            training = add_train(db, data_dir, "t2", steps=40)
+            queue.submit(training)
+            checkpoints = data_dir / "trained" / "t2" / "checkpoints"
+            await recorder.wait_for(
+                lambda job, event: (
+                    isinstance(event, Progress) and event.step >= 6 and any(checkpoints.glob("step-*"))
+                )
+            )
+            (engine,) = engines_that_ran(caplog)["t2"]
+            killed_at = len(recorder.calls)
+            cluster.remove_node(node_of(cluster, engine), allow_graceful=False)
+
+            _, event = await recorder.finished("t2")
+            assert isinstance(event, TrainingDone)
+            ran = engines_that_ran(caplog)["t2"]
+            assert len(ran) == 2 and ran[1] != engine, ran
+            # It went on from the checkpoint the bot had received, not from step 1 ...
+            resumed = [
+                e.step
+                for e in recorder.events_of("t2")[killed_at:]
+                if isinstance(e, Progress) and e.phase == "training"
+            ]
+            assert resumed and resumed[0] > 2, resumed
+            # ... and finished once.
+            assert [type(e) for e in recorder.events_of("t2") if isinstance(e, TrainingDone | Error)] == [
+                TrainingDone
+            ]
+            assert db.job("t2").state == "done" and db.job("t2").attempts == 2
+
+            # The last node goes too: a request now fails saying so instead of waiting for ever.
+            queue.unavailable_after = 1.0
+            cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+            async with asyncio.timeout(TIMEOUT):
+                while queue.workers:
+                    await asyncio.sleep(0.2)
+            late = add_generate(db, data_dir, "late")
+            queue.submit(late)
+            _, event = await recorder.finished("late")
+            assert isinstance(event, Error) and event.message == UNAVAILABLE_MESSAGE
+            cluster.add_node(num_cpus=1)  # for the tests after this one
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_train_and_imagine_through_discord_on_the_cluster_across_a_bot_restart(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    async def scenario() -> None:
+        engine = {"backend": "ray", "ray_address": cluster.address, **ON_CPUS}
+        async with running_bot(tmp_path, engine=engine, training={**TRAINING, "checkpoint_every": 1000}) as h:
+            progress = await start_training(h, h.alice, "abraza")
+            await h.fake.wait_until(lambda: training_steps(progress), timeout=TRAIN_TIMEOUT)
+            # The bot stops mid-training: the actor stops the training and ships its checkpoint.
+            await h.restart()
+            seen = len(progress.history)
+            done = await ready_post(h, "abraza")
+            assert done.files
+            resumed = training_steps(progress, since=seen)
+            assert resumed and resumed[0] > 1, resumed
+
+            post = await imagine(h, h.alice, prompt="abraza as thor")
+            assert post.files
+            await h.fake.wait_message(h.gallery_channel_id, lambda m: bool(m.files))
+            assert h.fake.errors == []
+
+    asyncio.run(scenario())
