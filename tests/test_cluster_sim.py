@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+from conftest import PROJECT_ROOT
 
 from bench.cluster_sim import (
     Arrival,
@@ -128,3 +131,33 @@ def test_the_command_prints_one_run_per_gpu_count_and_refuses_bad_values(capsys)
 
     assert main(["--gpus", "0"]) == 2
     assert "`gpus` has to be a whole number of at least 1 but is 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_cluster_bench_measures_one_node_then_two_and_simulates_8_and_64_gpus() -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cluster",
+            "--images",
+            "2",
+            "--trainings",
+            "1",
+            "--steps",
+            "2",
+            "--sim-hours",
+            "0.01",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    report = json.loads(completed.stdout)
+    assert set(report["cluster"]) == {"1_node", "2_nodes"}
+    for figures in report["cluster"].values():
+        assert figures["images_per_s"] > 0 and figures["trainings_per_hour"] > 0
+    assert [run["scenario"]["gpus"] for run in report["simulation"]] == [8, 64]
+    assert "2 nodes of 1 CPU: 2 images in" in completed.stderr
