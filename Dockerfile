@@ -19,7 +19,8 @@ RUN pip install -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY engine ./engine
-# The lock holds every extra (gpu: bitsandbytes and xformers; dev: pytest, to run the tests here).
+# The lock holds every extra (gpu: bitsandbytes and xformers; ray: the image can be a machine of a
+# Ray cluster with `ray start --address HEAD:6379 --block`; dev: pytest, to run the tests here).
 RUN pip install --no-deps . && pip check
 
 # tini as PID 1 hands `docker stop`'s SIGTERM to the bot, which checkpoints a running training,

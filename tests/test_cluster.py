@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -242,5 +243,54 @@ def test_train_and_imagine_through_discord_on_the_cluster_across_a_bot_restart(
             assert post.files
             await h.fake.wait_message(h.gallery_channel_id, lambda m: bool(m.files))
             assert h.fake.errors == []
+
+    asyncio.run(scenario())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_bot_outlives_a_restart_of_the_head_through_ray_client(
+    data_dir: Path, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray Client waits this long for a lost server before its calls fail (30 s by default).
+    monkeypatch.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "3")
+    port = free_port()
+
+    def start_cluster() -> Cluster:
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 0, "ray_client_server_port": port}
+        )
+        cluster.add_node(num_cpus=1)
+        return cluster
+
+    async def scenario() -> None:
+        first = start_cluster()
+        recorder = Recorder(db)
+        engine = EngineSection(backend="ray", ray_address=f"ray://127.0.0.1:{port}", **ON_CPUS)
+        config = dataclasses.replace(ray_config(data_dir, tmp_path, first), engine=engine)
+        queue = JobQueue(db, config, on_event=recorder)
+        await queue.start()
+        second = None
+        try:
+            await ready_workers(queue, 1)
+            # The head goes down (its nodes with it) and comes back as a new cluster on the same port.
+            first.shutdown()
+            async with asyncio.timeout(TIMEOUT):
+                while queue.workers:
+                    await asyncio.sleep(0.2)
+            second = start_cluster()
+            await ready_workers(queue, 1)
+            queue.submit(add_generate(db, data_dir, "after"))
+            _, event = await recorder.finished("after")
+            assert isinstance(event, GenerationDone), event
+        finally:
+            await queue.stop()
+            if second is not None:
+                second.shutdown()
 
     asyncio.run(scenario())
