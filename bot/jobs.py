@@ -436,8 +436,10 @@ class JobQueue:
                 log.info("job %s was running when the bot stopped: queued again", row.id)
                 self.db.update_job(row.id, state="queued")
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="job dispatcher")]
-        await self._refresh_pool()
-        if self._pool.poll_interval is not None:
+        if self._pool.poll_interval is None:
+            await self._refresh_pool()
+        else:
+            # Reaching a cluster can take a while (or fail for a long time): the bot starts meanwhile.
             self._tasks.append(asyncio.create_task(self._watch_pool(self._pool.poll_interval), name="pool"))
         self._wakeup.set()
 
@@ -542,14 +544,12 @@ class JobQueue:
 
     async def _watch_pool(self, interval: float) -> None:
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
-            if self._stopping.is_set():
-                return
             try:
                 await self._refresh_pool()
             except Exception:
                 log.exception("reading the engine pool failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
 
     async def _supervise(self, worker: EngineWorker) -> None:
         """Run one worker for the life of the queue, restarting it when it dies, until it is retired."""
