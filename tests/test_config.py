@@ -98,3 +98,10 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 def test_fast_paths_auto_means_cuda(choice: str | bool, device: str, on: bool) -> None:
     assert config_from_dict({"model": {"compile": choice}}).model.compile == choice
     assert fast_path_on(choice, torch.device(device)) is on
+
+
+def test_compile_and_channels_last_are_on_by_default_with_cuda_only() -> None:
+    model = Config().model
+    assert (model.compile, model.channels_last) == ("auto", "auto")
+    for device, on in (("cuda", True), ("cpu", False)):
+        assert fast_path_on(model.compile, torch.device(device)) is on
