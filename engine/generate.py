@@ -531,6 +531,7 @@ class Generator:
                 )
         for slot in slots:
             self.adapters.forget(slot.token)
+        log.info("UNet compiled, %d adapter slots, warmed up at %d px", len(slots), side)
 
     def generate(
         self,
