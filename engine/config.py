@@ -55,11 +55,11 @@ class ModelSection:
     # Fast inference paths: "auto" is on with CUDA, off elsewhere; true/false force them.
     # channels_last memory format for the UNet and VAE (faster convolutions on tensor cores).
     channels_last: str | bool = "auto"
-    # torch.compile the UNet (compiled at the first adapter load; members' adapters are hotswapped into fixed
-    # slots so switching never recompiles; no mixed-adapter batches then). Off by default until it has
-    # run on a GPU: the first picture carries the compile time, text-encoder adapters cannot load,
-    # and a generation between training steps may recompile.
-    compile: str | bool = False
+    # torch.compile the UNet at start, before the engine says it is ready (start-up takes the compile
+    # time longer); members' adapters are then hotswapped into fixed slots, so switching never
+    # recompiles. Limits: no text-encoder adapters, no mixed-adapter batches, and another size or
+    # count, several adapters in one picture and the first training each compile once more.
+    compile: str | bool = "auto"
 
     @property
     def devices(self) -> list[str]:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -42,8 +43,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     StableDiffusionXLPipeline,
 )
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from PIL.PngImagePlugin import PngInfo
 
 from engine import kohya
@@ -53,7 +55,7 @@ from engine.preview import write_preview
 from engine.prompt_embeds import batch_embeddings, encode_prompts
 from engine.prompt_syntax import ParsedPrompt, outside_tags, parse_prompt
 from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
-from engine.train import dreambot_version
+from engine.train import UNET_TARGETS, dreambot_version
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +282,8 @@ class AdapterCache:
             if self._slots.get(slot) == adapter.token and entry is not None and entry.key == key:
                 continue
             self._entries.pop(self._slots.pop(slot, ""), None)
-            self._entries.pop(adapter.token, None)
+            # A token held in another slot moves here: that slot no longer counts as holding it.
+            self.forget(adapter.token)
             self._load(adapter, key, name=slot)
             self._slots[slot] = adapter.token
         if slots and not self._compiled:
@@ -290,6 +293,7 @@ class AdapterCache:
         if slots:
             self.pipeline.enable_lora()
             self.pipeline.set_adapters(slots, adapter_weights=[adapter.weight for adapter in adapters])
+            _scalings_as_tensors(self.pipeline.unet, slots)
         else:
             self.pipeline.disable_lora()
 
@@ -378,6 +382,17 @@ class AdapterCache:
         return {name for names in self.pipeline.get_list_adapters().values() for name in names}
 
 
+def _scalings_as_tensors(unet: torch.nn.Module, slots: Sequence[str]) -> None:
+    """set_adapters writes each slot's scaling (alpha / rank x weight) as a float, which a compiled
+    graph guards on; as a tensor (what peft's hotswap keeps) another weight is data, not a recompile."""
+    for layer in unet.modules():
+        if isinstance(layer, LoraLayer):
+            for slot in slots:
+                scaling = layer.scaling.get(slot)
+                if isinstance(scaling, float):
+                    layer.scaling[slot] = torch.tensor(scaling, device=layer.get_base_layer().weight.device)
+
+
 def _file_key(token: str, path: str | Path) -> _FileKey:
     path = Path(path).expanduser()
     try:
@@ -424,9 +439,11 @@ class Generator:
         hotswap_rank: int = 16,
         compile_options: dict[str, Any] | None = None,
     ) -> None:
-        """`compile_unet`: torch.compile the UNet (when the first adapter loads) and hotswap adapters (ranks up to `hotswap_rank`)
-        into fixed slots; jobs with different adapters are then never batched together."""
+        """`compile_unet`: torch.compile the UNet (in `warm_up`, else when the first adapter loads) and hotswap
+        adapters (ranks up to `hotswap_rank`) into fixed slots; jobs with different adapters are then never
+        batched together."""
         self.model = model
+        self._hotswap_rank = hotswap_rank
         base = model.pipeline
         # peft's per-row adapter names would change the compiled graph's inputs on every batch.
         self.mixed_batches = not compile_unet
@@ -454,6 +471,67 @@ class Generator:
         self.adapters = AdapterCache(
             base, adapter_cache_size, hotswap=compile_unet, compile_options=compile_options
         )
+
+    def warm_up(self) -> None:
+        """Compile the UNet now, before the first member waits for it (nothing to do uncompiled).
+
+        Every hotswap slot gets a zero adapter (training's UNet layers at the hotswap rank, lora_B
+        zero: it changes nothing) before compiling, as peft needs; then one picture at the model's
+        native size, with one adapter and with none (a disabled LoRA is another graph), compiles the
+        two graphs /imagine takes. The slots keep the zero weights as "no member": any member's
+        adapter, at any weight, then hotswaps in without recompiling.
+
+        Compiled once more, each the first time it comes: another size, another count or guidance
+        <= 1 (torch then compiles sizes as dynamic, serving every later one), and k > 1 adapters in
+        one picture (a graph per k). Training runs through the compiled UNet too: its extra adapter,
+        train mode and gradients are guarded, so its steps and the pictures rendered between them
+        compile graphs of their own at the first training, up to dynamo's recompile limit, past
+        which those calls run eagerly.
+        """
+        if not self.adapters.hotswap:
+            return
+        unet = self.model.pipeline.unet
+        targets = LoraConfig(target_modules=UNET_TARGETS)
+        rank = self._hotswap_rank
+        zeros = {
+            name: (
+                np.zeros((rank, module.in_features), np.float32),
+                np.zeros((module.out_features, rank), np.float32),
+            )
+            for name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and check_target_module_exists(targets, name)
+        }
+        sdxl = self.model.is_sdxl
+        with tempfile.TemporaryDirectory(prefix="dreambot-warm-up-") as folder:
+            path = kohya.write_kohya_adapter(
+                Path(folder) / "zero.safetensors",
+                {"unet": zeros},
+                {"unet": rank},
+                sdxl=sdxl,
+                metadata=kohya.base_metadata(sdxl=sdxl, rank=rank, alpha=rank),
+            )
+            slots = [
+                AdapterRef(token=f"warmup{index}", class_word="", path=str(path))
+                for index in range(self.adapters.capacity)
+            ]
+            with _inference_state(self.model.pipeline):
+                self.adapters.activate(slots)  # loads every slot, then marks the UNet for compiling
+            side = self.model.native_resolution
+            for adapters in (slots[:1], []):
+                self.generate(
+                    GenerateJob(
+                        job_id="warm-up",
+                        output_dir=folder,
+                        prompt="warm-up",
+                        steps=1,
+                        width=side,
+                        height=side,
+                        adapters=adapters,
+                    )
+                )
+        for slot in slots:
+            self.adapters.forget(slot.token)
+        log.info("UNet compiled, %d adapter slots, warmed up at %d px", len(slots), side)
 
     def generate(
         self,

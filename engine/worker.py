@@ -517,6 +517,13 @@ def start_worker(config: Config, device: str, emit: Callable[[Event], None]) -> 
     generator = Generator(
         model, config.generation.adapter_cache, compile_unet=compile_unet, hotswap_rank=config.training.rank
     )
-    log.info("ready: %s on %s", config.model.base, model.device)
+    warm_up_started = time.perf_counter()
+    generator.warm_up()
+    log.info(
+        "ready: %s on %s (warm-up %.1f s)",
+        config.model.base,
+        model.device,
+        time.perf_counter() - warm_up_started,
+    )
     emit(Ready(str(model.device), config.model.base))
     return Worker(config, model, generator, emit)

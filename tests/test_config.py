@@ -114,3 +114,10 @@ def test_the_engine_backend_is_local_or_ray_and_ray_needs_ray_installed(
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     with pytest.raises(ConfigError, match=r'Ray is not installed \(pip install "dreambot\[ray\]"\)'):
         config_from_dict({"engine": {"backend": "ray"}})
+
+
+def test_compile_and_channels_last_are_on_by_default_with_cuda_only() -> None:
+    model = Config().model
+    assert (model.compile, model.channels_last) == ("auto", "auto")
+    for device, on in (("cuda", True), ("cpu", False)):
+        assert fast_path_on(model.compile, torch.device(device)) is on

@@ -19,6 +19,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL.PngImagePlugin import PngInfo
+from torch._dynamo.utils import counters
 
 from bot.pnginfo import read_picture
 from engine.generate import AdapterLoadError, GenerationCancelled, Generator, a1111_parameters, expand_tokens
@@ -745,28 +746,45 @@ def test_channels_last_matches_the_plain_path(tiny_data_dir: Path, generator: Ge
 
 @pytest.fixture(scope="module")
 def compiled(tiny_data_dir: Path) -> Generator:
-    """Compiled once for the module: inductor on 2 CPU cores takes a while."""
-    return Generator(
-        load_base_model("tiny", "cpu", tiny_data_dir), adapter_cache_size=1, compile_unet=True, hotswap_rank=4
+    """Compiled and warmed up once for the module, as the worker does before Ready: inductor on 2
+    CPU cores takes a while. Two slots, so that the warm-up has more than one to fill."""
+    compiled = Generator(
+        load_base_model("tiny", "cpu", tiny_data_dir), adapter_cache_size=2, compile_unet=True, hotswap_rank=4
     )
+    compiled.warm_up()
+    return compiled
 
 
 @pytest.mark.slow
-def test_compiled_unet_hotswaps_members_without_recompiling(
+def test_a_warmed_up_unet_switches_members_without_recompiling(
     compiled: Generator, generator: Generator, adapter_files: dict[str, Path]
 ) -> None:
-    # "bravo" also adapts the text encoder, which diffusers cannot hotswap.
-    members = [
+    assert compiled.adapters.loaded == []  # the warm-up's zero adapters stand for no member
+    alfa, charlie = (
         job(prompt=f"{name} on a beach", adapters=[ref(adapter_files, name)]) for name in ("alfa", "charlie")
-    ]
-    eager = [generator.generate(member).images[0] for member in members]
-    first = compiled.generate(members[0]).images[0]  # compiles
+    )
+    half = replace(alfa, adapters=[replace(ref(adapter_files, "alfa"), weight=0.5)])
+    jobs = [alfa, charlie, job(), half, alfa]
+    eager = [generator.generate(each).images[0] for each in jobs]
+    graphs, loads = counters["stats"]["unique_graphs"], compiled.adapters.loads
     with torch._dynamo.config.patch(error_on_recompile=True):
-        switched = [compiled.generate(member).images[0] for member in (members[1], members[0])]
-    assert compiled.adapters.loads == 3  # each switch swapped weights into the one slot
-    assert max(pixels(eager[0]).ravel() - pixels(eager[1]).ravel()) > 10  # the adapters differ
+        rendered = [compiled.generate(each).images[0] for each in jobs]
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled every graph they take
+    assert compiled.adapters.loads == loads + 3  # alfa, charlie, alfa again swapped into slot0
+    assert max_diff(eager[0], eager[1]) > 10 and max_diff(eager[0], eager[3]) > 10  # the adapters act
     # Compiled kernels fuse and reorder float math: within 2/255 of the eager picture.
-    for image, expected in ((first, eager[0]), (switched[0], eager[1]), (switched[1], eager[0])):
+    for image, expected in zip(rendered, eager, strict=True):
         assert max_diff(image, expected) <= 2
     with pytest.raises(ValueError, match="no mixed-adapter batch"):
-        compiled.generate_batch([replace(members[0], job_id="a"), replace(members[1], job_id="b")])
+        compiled.generate_batch([replace(alfa, job_id="a"), replace(charlie, job_id="b")])
+    # Two members in one picture fill both slots (one graph more); in the other order each moves slot.
+    both = job(
+        prompt="alfa and charlie", adapters=[ref(adapter_files, "alfa"), ref(adapter_files, "charlie")]
+    )
+    for order in (both.adapters, both.adapters[::-1]):
+        expected, result = (each.generate(replace(both, adapters=order)) for each in (generator, compiled))
+        assert result.parameters == expected.parameters  # each member's Lora hash, in the prompt's order
+        assert max_diff(result.images[0], expected.images[0]) <= 2
+    # "bravo" also adapts the text encoder, which diffusers cannot hotswap: refused, by name.
+    with pytest.raises(AdapterLoadError, match="bravo"):
+        compiled.generate(job(adapters=[ref(adapter_files, "bravo")]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from botharness import write_engine_config
+from botharness import write_engine_config, write_toml
 from PIL import Image
 
 from engine.memory import TEST_OOM_VARIABLE
@@ -79,16 +80,19 @@ def write_photos(photos_dir: Path, folder: Path, count: int = 3) -> list[str]:
 class EngineProcess:
     """A worker process with a thread reading its stdout; every line must be a protocol event."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine", "--config", str(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=PROJECT_ROOT,
-            env={**os.environ, **WORKER_ENV, **(env or {})},
-            text=True,
-            bufsize=1,
-        )
+    def __init__(self, config: Path, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        """`log`: a file for the worker's stderr (its log) instead of the test's."""
+        with open(log, "w") if log else contextlib.nullcontext() as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "engine", "--config", str(config)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **WORKER_ENV, **(env or {})},
+                text=True,
+                bufsize=1,
+            )
         self.events: list[Event] = []
         self.not_protocol: list[str] = []
         self._changed = threading.Condition()
@@ -530,6 +534,28 @@ def test_a_bad_model_path_fails_the_start_with_status_3(tmp_path: Path, tiny_mod
         assert error.code == "bad_model"
         assert error.job_id is None
         assert "no-such-model" in error.message
+        assert engine.not_protocol == []
+    finally:
+        engine.kill()
+
+
+def test_with_compile_on_ready_comes_after_the_unet_is_compiled(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "data"
+    config = write_config(data, tiny_model_dir)  # copies the tiny model in
+    # test_generate's compiled generator's settings, so inductor's cache (shared) serves its kernels.
+    settings = {
+        "model": {"base": "tiny", "device": "cpu", "compile": True},
+        "storage": {"data_dir": str(data)},
+        "generation": {"adapter_cache": 2},
+        "training": {"rank": 4},
+    }
+    write_toml(config, settings)
+    engine = EngineProcess(config, log=tmp_path / "engine.log")
+    try:
+        engine.wait_for(lambda e: isinstance(e, Ready))
+        assert "UNet compiled, 2 adapter slots" in (tmp_path / "engine.log").read_text()
+        assert isinstance(engine.finished_after(generate_job("gen-compiled", data)), GenerationDone)
+        assert engine.shutdown() == 0
         assert engine.not_protocol == []
     finally:
         engine.kill()
