@@ -202,7 +202,8 @@ class RayWorker(EngineWorker):
 
     def _parcel(self, job: TrainJob | GenerateJob, node_adapters: set[str]) -> Parcel:
         """The files `job` reads, from the bot's data_dir: adapters by hash, bytes for those the
-        node lacks. A file that cannot be read is left out: the engine then fails the job saying so."""
+        node lacks. A file that cannot be read is left out: the engine then fails the job saying
+        which one is missing, as it does on one machine."""
         paths: list[str] = []
         adapters: dict[str, str] = {}
         blobs: dict[str, bytes] = {}
@@ -214,12 +215,19 @@ class RayWorker(EngineWorker):
             paths = [] if job.init_image is None else [job.init_image]
             for adapter in job.adapters:
                 relative = _relative(self.config.data_dir, adapter.path)
-                digest = self._hash(adapter.path) if relative is not None else None
-                if relative is None or digest is None:
+                if relative is None:
                     continue
-                adapters[relative] = digest
-                if digest not in node_adapters:
-                    blobs[digest] = Path(adapter.path).read_bytes()
+                with contextlib.suppress(OSError):
+                    stat = os.stat(adapter.path)
+                    key = (adapter.path, stat.st_size, stat.st_mtime_ns)
+                    data = None
+                    if key not in self._hashes:
+                        data = Path(adapter.path).read_bytes()
+                        self._hashes[key] = content_hash(data)
+                    digest = self._hashes[key]
+                    if digest not in node_adapters:
+                        blobs[digest] = data if data is not None else Path(adapter.path).read_bytes()
+                    adapters[relative] = digest
         files = {}
         for path in paths:
             relative = _relative(self.config.data_dir, path)
@@ -227,16 +235,6 @@ class RayWorker(EngineWorker):
                 with contextlib.suppress(OSError):
                     files[relative] = Path(path).read_bytes()
         return Parcel(files, adapters, blobs)
-
-    def _hash(self, path: str) -> str | None:
-        try:
-            stat = os.stat(path)
-            key = (path, stat.st_size, stat.st_mtime_ns)
-            if key not in self._hashes:
-                self._hashes[key] = content_hash(Path(path).read_bytes())
-        except OSError:
-            return None
-        return self._hashes[key]
 
     async def shutdown(self, timeout: float) -> None:
         actor = self.actor
@@ -283,7 +281,10 @@ def store_shipment(data_dir: Path, shipment: Shipment) -> None:
 def _newest_checkpoint(output_dir: Path) -> list[str]:
     folder = output_dir / CHECKPOINTS_DIR
     newest = max(folder.glob("step-*"), default=None) if folder.is_dir() else None
-    return [] if newest is None else [str(path) for path in newest.iterdir() if path.is_file()]
+    try:
+        return [] if newest is None else [str(path) for path in newest.iterdir() if path.is_file()]
+    except OSError:  # replaced meanwhile: the training starts over rather than not at all
+        return []
 
 
 def _relative(data_dir: Path, path: str) -> str | None:

@@ -136,13 +136,23 @@ class EngineActor:
         ]
         if missing:
             return missing
-        for digest, data in parcel.blobs.items():
-            write_atomically(self._adapter_file(digest), data)
-        written = []
-        for relative, data in parcel.files.items():
-            path = self.root / relative
-            write_atomically(path, data)
-            written.append(path)
+        written: list[Path] = []
+        try:
+            for digest, data in parcel.blobs.items():
+                write_atomically(self._adapter_file(digest), data)
+            for relative, data in parcel.files.items():
+                path = self.root / relative
+                write_atomically(path, data)
+                written.append(path)
+        except OSError as error:  # a full or read-only disk on this node: the job fails, the queue goes on
+            for path in written:
+                path.unlink(missing_ok=True)
+            self._ship(
+                Shipment(
+                    encode(Error(job.job_id, f"the engine machine could not store the job's files ({error})"))
+                )
+            )
+            return []
         local = self._localised(job, parcel)
         with self._state:
             self._jobs[job.job_id] = _HeldJob(Path(local.output_dir), written, isinstance(job, TrainJob))

@@ -28,7 +28,7 @@ from bot.cluster import node_slots, store_shipment
 from bot.db import Database
 from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
 from engine.config import Config, EngineSection, load_config
-from engine.protocol import Error, GenerationDone, Progress, TrainingDone
+from engine.protocol import Error, GenerationDone, Progress, TrainingDone, encode
 from engine.ray_actor import ADAPTER_STORE, Shipment, content_hash
 
 TIMEOUT = 240.0
@@ -166,6 +166,19 @@ def test_the_pool_grows_with_a_node_and_jobs_land_on_both(
             # The nodes kept no copy of a finished job's files.
             assert not [path for path in NODE_FOLDERS.glob("*/generations/*") if path.name in ran]
             assert not list(NODE_FOLDERS.glob("*/trained/t1"))
+
+            # A node that cannot store a job's files fails that job, saying so, and goes on.
+            (data_dir / "blocked").mkdir(exist_ok=True)
+            (data_dir / "blocked" / "0.png").write_bytes((data_dir / "photos" / "0.png").read_bytes())
+            for node_folder in NODE_FOLDERS.iterdir():
+                (node_folder / "blocked" / "0.png").mkdir(parents=True, exist_ok=True)
+            blocked = dataclasses.replace(
+                add_train(db, data_dir, "t-blocked", steps=2).request,
+                photos=[str(data_dir / "blocked" / "0.png")],
+            )
+            queue.submit(db.update_job("t-blocked", payload=encode(blocked)))
+            _, event = await recorder.finished("t-blocked")
+            assert isinstance(event, Error) and "could not store the job's files" in event.message, event
 
             # A cancel reaches a training running on a node.
             long = add_train(db, data_dir, "t-cancel", steps=40)
