@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from botharness import SharedBot
 
 # Tests never reach the network: the tiny model is built locally, nothing is fetched from the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +45,23 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_dir(tiny_data_dir: Path) -> Path:
     """The tiny SD 1.x model as a diffusers folder: load it with engine.model.load_base_model."""
     return tiny_data_dir / "models" / "tiny"
+
+
+# The tests that use `shared_bot`, at most: each gets a guild of its own.
+SHARED_GUILDS = 12
+
+
+@pytest.fixture(scope="session")
+def shared_bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedBot]:
+    """The bot (and its engine) started once for the tests that need only the test settings."""
+    from botharness import SharedBot
+
+    bot = SharedBot(tmp_path_factory.mktemp("shared-bot"), SHARED_GUILDS)
+    bot.start()
+    try:
+        yield bot
+    finally:
+        bot.close()
 
 
 pytest_plugins = ["fakehub"]  # the fake_hub fixture: a fake Hugging Face Hub that HfApi() reaches

@@ -125,7 +125,7 @@ def test_a_wrong_token_is_one_line_that_says_discord_refused_it(tmp_path: Path) 
 
 
 def test_an_unreachable_discord_is_one_line_that_says_check_the_network(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.toml", tmp_path / "data", 1, {})
+    config = write_config(tmp_path / "config.toml", tmp_path / "data", [1], {})
     log = tmp_path / "bot.log"
     with socket.socket() as probe:  # a port nothing listens on once this closes
         probe.bind(("127.0.0.1", 0))
