@@ -47,6 +47,15 @@ def tiny_model_dir(tiny_data_dir: Path) -> Path:
     return tiny_data_dir / "models" / "tiny"
 
 
+@pytest.fixture(autouse=True)
+def quick_engine_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine killed by a test is restarted at once, not after the second that spares a real
+    server a tight loop of restarts: no test is about that second, and the kill tests wait for it."""
+    from bot.jobs import JobQueue
+
+    monkeypatch.setattr(JobQueue, "restart_delay", 0.05)
+
+
 # The tests that use `shared_bot`, at most: each gets a guild of its own.
 SHARED_GUILDS = 12
 
