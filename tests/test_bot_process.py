@@ -26,8 +26,8 @@ from engine.config import DEFAULT_BASE_MODEL
 pytestmark = pytest.mark.slow
 
 # Long enough for the resumed run to show its steps in the progress message.
-STEPS = 120
-TRAINING = {"steps_per_photo": 40, "max_steps": STEPS}
+STEPS = 80
+TRAINING = {"steps_per_photo": 30, "max_steps": STEPS}
 # `docker stop` sends SIGTERM, then kills the container after 10 s.
 DOCKER_STOP_GRACE = 10.0
 # A bot that cannot log in exits by itself; this only bounds a test that would otherwise hang.
