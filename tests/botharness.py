@@ -7,13 +7,24 @@
 The guild has #general, #prompts, #gallery and an age-restricted #after-dark; members alice and bob,
 and admin (Manage Server). `await h.restart()` stops the bot (its worker too) and starts a new one on
 the same data directory and fake Discord, as a real restart would.
+
+A test that needs only TEST_SETTINGS and no restart shares one bot and engine with the others
+(`shared_bot`, conftest.py), in a guild of its own:
+
+    def test_help(shared_bot: SharedBot) -> None:
+        async def scenario(h: BotHarness) -> None:
+            ...
+        shared_bot.run(scenario)
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import io
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,12 +206,14 @@ def write_random_adapter(data_dir: Path, folder: Path) -> Path:
     return folder / "adapter.safetensors"
 
 
-def write_config(path: Path, data_dir: Path, guild_id: int, overrides: dict[str, dict[str, Any]]) -> Path:
-    """The bot tests' config: TEST_SETTINGS, the fake guild's channels, then `overrides`."""
+def write_config(
+    path: Path, data_dir: Path, guild_ids: list[int], overrides: dict[str, dict[str, Any]]
+) -> Path:
+    """The bot tests' config: TEST_SETTINGS, the fake guilds' channels, then `overrides`."""
     settings: dict[str, dict[str, Any]] = {section: dict(values) for section, values in TEST_SETTINGS.items()}
     settings["storage"] = {"data_dir": str(data_dir)}
     settings["discord"] = {
-        "guild_ids": [guild_id],
+        "guild_ids": guild_ids,
         "prompts_channel": "prompts",
         "gallery_channel": "gallery",
     }
@@ -241,28 +254,39 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def dream_lab() -> FakeGuild:
+    """The tests' guild: #general, #prompts, #gallery, the age-restricted #after-dark; alice, bob, admin."""
+    guild = FakeGuild("Dream Lab", channels=("general", "prompts", "gallery"))
+    guild.add_channel("after-dark", nsfw=True)
+    guild.add_member("alice")
+    guild.add_member("bob")
+    guild.add_member("admin", admin=True)
+    return guild
+
+
+def harness_for(fake: FakeDiscord, config: Config, guild: FakeGuild) -> BotHarness:
+    return BotHarness(
+        fake=fake,
+        config=config,
+        guild_id=guild.id,
+        general_channel_id=guild.channel_id("general"),
+        prompts_channel_id=guild.channel_id("prompts"),
+        gallery_channel_id=guild.channel_id("gallery"),
+        nsfw_channel_id=guild.channel_id("after-dark"),
+        alice=guild.member_id("alice"),
+        bob=guild.member_id("bob"),
+        admin=guild.member_id("admin"),
+    )
+
+
 @contextlib.asynccontextmanager
 async def fake_discord(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIterator[BotHarness]:
     """The fake Discord and the bot's config (TEST_SETTINGS, then `overrides`), with no bot started:
     `running_bot` starts one in this process, the process tests start `dreambot run`."""
-    guild = FakeGuild("Dream Lab", channels=("general", "prompts", "gallery"))
-    nsfw_channel_id = guild.add_channel("after-dark", nsfw=True)
-    alice, bob = guild.add_member("alice"), guild.add_member("bob")
-    admin = guild.add_member("admin", admin=True)
-    config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", guild.id, overrides))
+    guild = dream_lab()
+    config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", [guild.id], overrides))
     async with FakeDiscord(guild) as fake:
-        yield BotHarness(
-            fake=fake,
-            config=config,
-            guild_id=guild.id,
-            general_channel_id=guild.channel_id("general"),
-            prompts_channel_id=guild.channel_id("prompts"),
-            gallery_channel_id=guild.channel_id("gallery"),
-            nsfw_channel_id=nsfw_channel_id,
-            alice=alice,
-            bob=bob,
-            admin=admin,
-        )
+        yield harness_for(fake, config, guild)
 
 
 @contextlib.asynccontextmanager
@@ -274,3 +298,64 @@ async def running_bot(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncItera
             yield harness
         finally:
             await harness.stop()
+
+
+Scenario = Callable[[BotHarness], Coroutine[Any, Any, None]]
+
+
+class SharedBot:
+    """One bot with TEST_SETTINGS and its one engine, started once for every test that needs nothing
+    else (the `shared_bot` fixture): each test gets a guild of its own, with members, channels, models
+    and limits nobody else has, so tests do not see each other. A test that restarts the bot, kills
+    its engine, needs other settings or looks at the whole data directory uses `running_bot`.
+
+    The bot runs on an event loop in a thread of its own, so it stays connected between tests.
+    """
+
+    def __init__(self, tmp_path: Path, guild_count: int) -> None:
+        self._guilds = [dream_lab() for _ in range(guild_count)]
+        guild_ids = [guild.id for guild in self._guilds]
+        self.config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", guild_ids, {}))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="shared bot", daemon=True)
+        self._stack = contextlib.AsyncExitStack()
+        self._served = 0
+
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self._start(), timeout=120)
+
+    def close(self) -> None:
+        try:
+            self._call(self._stack.aclose(), timeout=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    def run(self, scenario: Scenario, timeout: float = TRAIN_TIMEOUT) -> None:
+        """Run `scenario` on the bot's loop with the next unused guild's harness; its errors are raised here."""
+        if self._served == len(self._guilds):
+            raise RuntimeError(
+                f"every one of the {len(self._guilds)} shared guilds is used: raise SHARED_GUILDS"
+            )
+        harness = harness_for(self.fake, self.config, self._guilds[self._served])
+        harness.bot = self.bot
+        self._served += 1
+        self.fake.errors.clear()  # ERROR records of earlier tests (logged in any thread) are theirs
+        self._call(scenario(harness), timeout=timeout)
+
+    async def _start(self) -> None:
+        self.fake = await self._stack.enter_async_context(FakeDiscord(guilds=self._guilds))
+        first = harness_for(self.fake, self.config, self._guilds[0])
+        await first.start()
+        self._stack.push_async_callback(first.stop)
+        self.bot = first.bot
+
+    def _call(self, coroutine: Coroutine[Any, Any, None], timeout: float) -> None:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from botharness import SharedBot
 
 # Tests never reach the network: the tiny model is built locally, nothing is fetched from the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,7 +47,32 @@ def tiny_model_dir(tiny_data_dir: Path) -> Path:
     return tiny_data_dir / "models" / "tiny"
 
 
-pytest_plugins = [
-    "fakehub",
-    "queueharness",
-]  # the fake_hub fixture: a fake Hugging Face Hub that HfApi() reaches
+@pytest.fixture(autouse=True)
+def quick_engine_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine killed by a test is restarted at once, not after the second that spares a real
+    server a tight loop of restarts: no test is about that second, and the kill tests wait for it."""
+    from bot.jobs import JobQueue
+
+    monkeypatch.setattr(JobQueue, "restart_delay", 0.05)
+
+
+# The tests that use `shared_bot`, at most: each gets a guild of its own.
+SHARED_GUILDS = 12
+
+
+@pytest.fixture(scope="session")
+def shared_bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedBot]:
+    """The bot (and its engine) started once for the tests that need only the test settings."""
+    from botharness import SharedBot
+
+    bot = SharedBot(tmp_path_factory.mktemp("shared-bot"), SHARED_GUILDS)
+    bot.start()
+    try:
+        yield bot
+    finally:
+        bot.close()
+
+
+# fakehub: the fake_hub fixture, a fake Hugging Face Hub that HfApi() reaches; queueharness: the
+# JobQueue tests' data dir, database and recorder.
+pytest_plugins = ["fakehub", "queueharness"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, button, delete_picture, imagine, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, SharedBot, button, delete_picture, imagine, running_bot
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
@@ -402,75 +402,70 @@ def test_late_results_errors_and_buttons_after_a_restart(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_settings_and_templates(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            h.trained_model(h.alice, "quorbly")
-            h.trained_model(h.alice, "abraza")
-            # Bob has no model yet: [me] points him to /train.
-            ix = await h.fake.slash(h.bob, h.prompts_channel_id, "imagine", prompt="[me] as a viking")
-            assert "you have no trained model in this server yet: teach me your face with `/train`" in (
-                await refusal(ix)
-            )
-            ix = await h.fake.slash(
-                h.alice, h.prompts_channel_id, "imagine", prompt="[me] as thor by [ARTIST]"
-            )
-            assert await refusal(ix) == (
-                "Your prompt is a template: replace [ARTIST] with an artist's name, then send it again."
-            )
+def test_settings_and_templates(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        h.trained_model(h.alice, "quorbly")
+        h.trained_model(h.alice, "abraza")
+        # Bob has no model yet: [me] points him to /train.
+        ix = await h.fake.slash(h.bob, h.prompts_channel_id, "imagine", prompt="[me] as a viking")
+        assert "you have no trained model in this server yet: teach me your face with `/train`" in (
+            await refusal(ix)
+        )
+        ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="[me] as thor by [ARTIST]")
+        assert await refusal(ix) == (
+            "Your prompt is a template: replace [ARTIST] with an artist's name, then send it again."
+        )
 
-            ix = await h.fake.slash(
-                h.alice, h.general_channel_id, "settings set", model="quorbly", aspect="portrait", steps=3,
-                guidance=4.5, negative="soggy fog", count=2, gallery=False,
-            )  # fmt: skip
-            saved = await ix.wait_original(lambda m: m.content.startswith("Saved."))
-            for line in ("Model for [SUBJECT] and [me] in this server: **quorbly** (chosen)", "Aspect: portrait",
-                         "Steps: 3", "Guidance: 4.5", "Pictures at a time: 2", "Negative prompt: soggy fog",
-                         "Gallery: your pictures stay out"):  # fmt: skip
-                assert line in saved.content.splitlines()
-            ix = await h.fake.slash(h.alice, h.general_channel_id, "settings show")
-            shown = await ix.wait_original(lambda m: m.content.startswith("**Your settings**"))
-            assert shown.ephemeral and shown.content == saved.content.removeprefix("Saved.\n")
+        ix = await h.fake.slash(
+            h.alice, h.general_channel_id, "settings set", model="quorbly", aspect="portrait", steps=3,
+            guidance=4.5, negative="soggy fog", count=2, gallery=False,
+        )  # fmt: skip
+        saved = await ix.wait_original(lambda m: m.content.startswith("Saved."))
+        for line in ("Model for [SUBJECT] and [me] in this server: **quorbly** (chosen)", "Aspect: portrait",
+                     "Steps: 3", "Guidance: 4.5", "Pictures at a time: 2", "Negative prompt: soggy fog",
+                     "Gallery: your pictures stay out"):  # fmt: skip
+            assert line in saved.content.splitlines()
+        ix = await h.fake.slash(h.alice, h.general_channel_id, "settings show")
+        shown = await ix.wait_original(lambda m: m.content.startswith("**Your settings**"))
+        assert shown.ephemeral and shown.content == saved.content.removeprefix("Saved.\n")
 
-            # /imagine without options: her settings, and [me] is her chosen model (not her newest).
-            post = await imagine(h, h.alice, prompt="[me] as a viking")
-            row = h.db.generation(int(post.custom_ids[0].rsplit(":", 1)[1]))
-            request = h.db.job(row.job_id).request
-            assert (request.steps, request.guidance, request.count) == (3, 4.5, 2)
-            assert (request.width, request.height) == (64, 96) and request.negative_prompt.endswith(
-                ", soggy fog"
-            )
-            assert request.prompt == "quorbly person as a viking"
-            assert [adapter.token for adapter in request.adapters] == ["quorbly"]
-            assert row.template == "[me] as a viking" and field(post, "Model") == "quorbly"
+        # /imagine without options: her settings, and [me] is her chosen model (not her newest).
+        post = await imagine(h, h.alice, prompt="[me] as a viking")
+        row = h.db.generation(int(post.custom_ids[0].rsplit(":", 1)[1]))
+        request = h.db.job(row.job_id).request
+        assert (request.steps, request.guidance, request.count) == (3, 4.5, 2)
+        assert (request.width, request.height) == (64, 96) and request.negative_prompt.endswith(", soggy fog")
+        assert request.prompt == "quorbly person as a viking"
+        assert [adapter.token for adapter in request.adapters] == ["quorbly"]
+        assert row.template == "[me] as a viking" and field(post, "Model") == "quorbly"
 
-            # Bob (now with a model) reuses her picture: [SUBJECT] is offered, and his face goes in.
-            h.trained_model(h.bob, "zorblat")
-            ix = await h.fake.click(h.bob, post, button(post, "Use prompt"))
-            modal = await ix.wait_modal()
-            text_input = modal["components"][0]["components"][0]
-            assert text_input["value"] == "[SUBJECT] as a viking"
-            ix = await h.fake.submit_modal(
-                h.bob,
-                h.prompts_channel_id,
-                modal["custom_id"],
-                {text_input["custom_id"]: text_input["value"]},
-            )
-            bobs = await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
-            bobs_row = h.db.generation(int(bobs.custom_ids[0].rsplit(":", 1)[1]))
-            bobs_request = h.db.job(bobs_row.job_id).request
-            assert bobs_request.prompt == "zorblat person as a viking"
-            assert [adapter.token for adapter in bobs_request.adapters] == ["zorblat"]
-            assert bobs_row.template == "[SUBJECT] as a viking"
+        # Bob (now with a model) reuses her picture: [SUBJECT] is offered, and his face goes in.
+        h.trained_model(h.bob, "zorblat")
+        ix = await h.fake.click(h.bob, post, button(post, "Use prompt"))
+        modal = await ix.wait_modal()
+        text_input = modal["components"][0]["components"][0]
+        assert text_input["value"] == "[SUBJECT] as a viking"
+        ix = await h.fake.submit_modal(
+            h.bob,
+            h.prompts_channel_id,
+            modal["custom_id"],
+            {text_input["custom_id"]: text_input["value"]},
+        )
+        bobs = await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+        bobs_row = h.db.generation(int(bobs.custom_ids[0].rsplit(":", 1)[1]))
+        bobs_request = h.db.job(bobs_row.job_id).request
+        assert bobs_request.prompt == "zorblat person as a viking"
+        assert [adapter.token for adapter in bobs_request.adapters] == ["zorblat"]
+        assert bobs_row.template == "[SUBJECT] as a viking"
 
-            # Bob's picture goes to the gallery; hers, posted before it, stayed out.
-            copy = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files)
-            assert f"<@{h.bob}>" in copy.content
-            assert [m.id for m in h.fake.messages_in(h.gallery_channel_id) if m.files] == [copy.id]
-            assert h.db.generation(row.id).gallery_message_id is None
-            assert not h.fake.errors
+        # Bob's picture goes to the gallery; hers, posted before it, stayed out.
+        copy = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files)
+        assert f"<@{h.bob}>" in copy.content
+        assert [m.id for m in h.fake.messages_in(h.gallery_channel_id) if m.files] == [copy.id]
+        assert h.db.generation(row.id).gallery_message_id is None
+        assert not h.fake.errors
 
-    run(scenario)
+    shared_bot.run(scenario)
 
 
 @pytest.mark.slow

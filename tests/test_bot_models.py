@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import BotHarness, answer, button, files_under, running_bot, start_training
+from botharness import BotHarness, SharedBot, answer, button, files_under, running_bot, start_training
 from fakediscord import CommandUnavailable, FakeMessage, modal_text_fields
 from fakehub import FakeHub, assert_token_kept_nowhere
 
@@ -89,7 +89,10 @@ def run(scenario: Coroutine[Any, Any, None]) -> None:
 
 @pytest.mark.slow
 def test_models_share_export_and_publish(
-    tmp_path: Path, fake_hub: FakeHub, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    shared_bot: SharedBot,
+    fake_hub: FakeHub,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.INFO)  # the bot's level (`dreambot run`); discord.py's DEBUG logs every event
     hub_token = "hf_aliceWriteToken0123456789"
@@ -104,96 +107,92 @@ def test_models_share_export_and_publish(
         )
         return await submitted.wait_original(lambda m: m.content, timeout=60)
 
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            model = h.trained_model(h.alice, "abraza")
-            h.trained_model(h.bob, "zorvik")
+    async def scenario(h: BotHarness) -> None:
+        model = h.trained_model(h.alice, "abraza")
+        h.trained_model(h.bob, "zorvik")
 
-            listing = await answer(h, h.alice, "models")
-            assert "**abraza** (person): ready · shared: off" in listing.content
-            assert "zorvik" not in listing.content
-            assert "no models here yet" in (await answer(h, h.admin, "models")).content
+        listing = await answer(h, h.alice, "models")
+        assert "**abraza** (person): ready · shared: off" in listing.content
+        assert "zorvik" not in listing.content
+        assert "no models here yet" in (await answer(h, h.admin, "models")).content
 
-            shared = await answer(h, h.alice, "model share", name="abraza", state="on")
-            assert "anyone in this server can use it" in shared.content
-            assert "shared: on" in (await answer(h, h.alice, "models")).content
-            private = await answer(h, h.alice, "model share", name="abraza", state="off")
-            assert "Nobody else renders your face unless you say so" in private.content
-            # Another member's model is not theirs to change.
-            assert (
-                "no model called **abraza**"
-                in (await answer(h, h.bob, "model share", name="abraza", state="on")).content
-            )
+        shared = await answer(h, h.alice, "model share", name="abraza", state="on")
+        assert "anyone in this server can use it" in shared.content
+        assert "shared: on" in (await answer(h, h.alice, "models")).content
+        private = await answer(h, h.alice, "model share", name="abraza", state="off")
+        assert "Nobody else renders your face unless you say so" in private.content
+        # Another member's model is not theirs to change.
+        assert (
+            "no model called **abraza**"
+            in (await answer(h, h.bob, "model share", name="abraza", state="on")).content
+        )
 
-            sent = await answer(h, h.alice, "model export", name="abraza")
-            assert "Sent **abraza** to you by DM" in sent.content
-            dm = await h.fake.wait_dm(h.alice)
-            # The adapter was in the old diffusers format: converted first, then sent as it is stored now.
-            adapter = Path(model.adapter_path or "")
-            assert is_kohya_adapter(adapter)
-            assert dm.files == [("abraza.safetensors", adapter.read_bytes())]
-            for where in ("`models/Lora`", "`<lora:abraza:0.8>`", "`models/loras`", "LoraLoader"):
-                assert where in dm.content
-            assert "Trigger words: write `abraza person` in the prompt" in dm.content
+        sent = await answer(h, h.alice, "model export", name="abraza")
+        assert "Sent **abraza** to you by DM" in sent.content
+        dm = await h.fake.wait_dm(h.alice)
+        # The adapter was in the old diffusers format: converted first, then sent as it is stored now.
+        adapter = Path(model.adapter_path or "")
+        assert is_kohya_adapter(adapter)
+        assert dm.files == [("abraza.safetensors", adapter.read_bytes())]
+        for where in ("`models/Lora`", "`<lora:abraza:0.8>`", "`models/loras`", "LoraLoader"):
+            assert where in dm.content
+        assert "Trigger words: write `abraza person` in the prompt" in dm.content
 
-            # Publishing: a form for the member's own token, then one private repo.
-            done = await publish(h, "abraza-lora")
-            assert done.ephemeral and done.content.startswith(
-                f"Published **abraza** to <{fake_hub.url}/alice/abraza-lora> (private: only you see it)"
-            )
-            repo = fake_hub.repos["alice/abraza-lora"]
-            assert repo.private and sorted(repo.files) == [
-                "README.md",
-                "abraza.safetensors",
-                DIFFUSERS_ADAPTER_FILE,
-            ]
-            assert repo.files["abraza.safetensors"] == adapter.read_bytes()
-            # A Hub answer nobody expected: the central handler logs it, the repo made for it goes again.
-            fake_hub.fail_commit = 200
-            assert "Something went wrong on my side" in (await publish(h, "abraza-2")).content
-            assert "alice/abraza-2" not in fake_hub.repos and fake_hub.deleted == ["alice/abraza-2"]
-            assert len(h.fake.errors) == 1
-            h.fake.errors.clear()
-            ix = await h.fake.slash(
-                h.alice, h.general_channel_id, "model publish", name="abraza", repo="a/b/c"
-            )
-            assert "is not a Hugging Face repo name" in (await ix.wait_original()).content
-            assert_token_kept_nowhere(hub_token, h.data_dir, caplog.text, *capfd.readouterr())
+        # Publishing: a form for the member's own token, then one private repo.
+        done = await publish(h, "abraza-lora")
+        assert done.ephemeral and done.content.startswith(
+            f"Published **abraza** to <{fake_hub.url}/alice/abraza-lora> (private: only you see it)"
+        )
+        repo = fake_hub.repos["alice/abraza-lora"]
+        assert repo.private and sorted(repo.files) == [
+            "README.md",
+            "abraza.safetensors",
+            DIFFUSERS_ADAPTER_FILE,
+        ]
+        assert repo.files["abraza.safetensors"] == adapter.read_bytes()
+        # A Hub answer nobody expected: the central handler logs it, the repo made for it goes again.
+        fake_hub.fail_commit = 200
+        assert "Something went wrong on my side" in (await publish(h, "abraza-2")).content
+        assert "alice/abraza-2" not in fake_hub.repos and fake_hub.deleted == ["alice/abraza-2"]
+        assert len(h.fake.errors) == 1
+        h.fake.errors.clear()
+        ix = await h.fake.slash(h.alice, h.general_channel_id, "model publish", name="abraza", repo="a/b/c")
+        assert "is not a Hugging Face repo name" in (await ix.wait_original()).content
+        assert_token_kept_nowhere(hub_token, h.data_dir, caplog.text, *capfd.readouterr())
 
-            h.fake.user(h.bob).dms_open = False
-            closed = await answer(h, h.bob, "model export", name="zorvik")
-            assert "I couldn't DM you" in closed.content
-            assert h.fake.dms_to(h.bob) == []
+        h.fake.user(h.bob).dms_open = False
+        closed = await answer(h, h.bob, "model export", name="zorvik")
+        assert "I couldn't DM you" in closed.content
+        assert h.fake.dms_to(h.bob) == []
 
-            ix = await h.fake.autocomplete(h.alice, h.general_channel_id, "model delete", "name", "ab")
-            await ix.wait_callback()
-            assert [choice["value"] for choice in ix.choices or []] == ["abraza"]
-            assert h.fake.errors == []
+        ix = await h.fake.autocomplete(h.alice, h.general_channel_id, "model delete", "name", "ab")
+        await ix.wait_callback()
+        assert [choice["value"] for choice in ix.choices or []] == ["abraza"]
+        assert h.fake.errors == []
 
-    run(scenario())
+    shared_bot.run(scenario)
 
 
 @pytest.mark.slow
-def test_model_delete_asks_first(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            h.trained_model(h.alice, "abraza")
-            folder = h.data_dir / "adapters" / str(h.guild_id) / "abraza"
+def test_model_delete_asks_first(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        h.trained_model(h.alice, "abraza")
+        folder = h.data_dir / "adapters" / str(h.guild_id) / "abraza"
 
-            question = await answer(h, h.alice, "model delete", name="abraza")
-            assert "Delete **abraza** for good?" in question.content
-            await h.fake.click(h.alice, question, button(question, "Keep it"))
-            await h.fake.wait_until(lambda: "Kept: nothing was deleted." in question.content)
-            assert question.components == [] and files_under(folder)
+        question = await answer(h, h.alice, "model delete", name="abraza")
+        assert "Delete **abraza** for good?" in question.content
+        await h.fake.click(h.alice, question, button(question, "Keep it"))
+        await h.fake.wait_until(lambda: "Kept: nothing was deleted." in question.content)
+        assert question.components == [] and files_under(folder)
 
-            question = await answer(h, h.alice, "model delete", name="abraza")
-            await h.fake.click(h.alice, question, button(question, "Delete"))
-            await h.fake.wait_until(lambda: "Deleted **abraza**" in question.content, timeout=30)
-            assert not (h.data_dir / "adapters" / str(h.guild_id)).exists()
-            assert "no models here yet" in (await answer(h, h.alice, "models")).content
-            assert h.fake.errors == []
+        question = await answer(h, h.alice, "model delete", name="abraza")
+        await h.fake.click(h.alice, question, button(question, "Delete"))
+        await h.fake.wait_until(lambda: "Deleted **abraza**" in question.content, timeout=30)
+        assert not (h.data_dir / "adapters" / str(h.guild_id)).exists()
+        assert "no models here yet" in (await answer(h, h.alice, "models")).content
+        assert h.fake.errors == []
 
-    run(scenario())
+    shared_bot.run(scenario)
 
 
 @pytest.mark.slow
@@ -277,56 +276,52 @@ def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_admin_commands_need_manage_server(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            # Discord hides the commands from members; one who calls them anyway is refused by the bot.
-            with pytest.raises(CommandUnavailable):
-                await h.fake.slash(h.alice, h.general_channel_id, "admin limits")
-            for command in ("admin queue", "admin limits"):
-                ix = await h.fake.slash(h.alice, h.general_channel_id, command, force=True)
-                assert "Only server managers" in (await ix.wait_original()).content
-            ix = await h.fake.slash(h.alice, h.general_channel_id, "admin cancel", job_id="abc", force=True)
+def test_admin_commands_need_manage_server(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        # Discord hides the commands from members; one who calls them anyway is refused by the bot.
+        with pytest.raises(CommandUnavailable):
+            await h.fake.slash(h.alice, h.general_channel_id, "admin limits")
+        for command in ("admin queue", "admin limits"):
+            ix = await h.fake.slash(h.alice, h.general_channel_id, command, force=True)
             assert "Only server managers" in (await ix.wait_original()).content
+        ix = await h.fake.slash(h.alice, h.general_channel_id, "admin cancel", job_id="abc", force=True)
+        assert "Only server managers" in (await ix.wait_original()).content
 
-            shown = await answer(h, h.admin, "admin limits")
-            assert (
-                "jobs waiting or running at once: **3**" in shown.content
-                and "jobs in every server count" in shown.content
-                and "models kept: **3**" in shown.content
-            )
-            changed = await answer(h, h.admin, "admin limits", max_models=1, max_queued_jobs=2)
-            assert "Limits updated" in changed.content
-            assert "at once: **2**" in changed.content and "models kept: **1**" in changed.content
-            assert "**2**" in (await answer(h, h.admin, "admin limits")).content
-            assert "Nothing is waiting or running" in (await answer(h, h.admin, "admin queue")).content
-            assert "no job `abc`" in (await answer(h, h.admin, "admin cancel", job_id="abc")).content
+        shown = await answer(h, h.admin, "admin limits")
+        assert (
+            "jobs waiting or running at once: **3**" in shown.content
+            and "jobs in every server count" in shown.content
+            and "models kept: **3**" in shown.content
+        )
+        changed = await answer(h, h.admin, "admin limits", max_models=1, max_queued_jobs=2)
+        assert "Limits updated" in changed.content
+        assert "at once: **2**" in changed.content and "models kept: **1**" in changed.content
+        assert "**2**" in (await answer(h, h.admin, "admin limits")).content
+        assert "Nothing is waiting or running" in (await answer(h, h.admin, "admin queue")).content
+        assert "no job `abc`" in (await answer(h, h.admin, "admin cancel", job_id="abc")).content
 
-            # The new limit applies to /train at once.
-            h.trained_model(h.alice, "abraza")
-            refusal = await answer(
-                h, h.alice, "train", name="zorvik", subject="person", photo1=h.selfies(1)[0]
-            )
-            assert "the limit is 1" in refusal.content
-            assert h.fake.errors == []
+        # The new limit applies to /train at once.
+        h.trained_model(h.alice, "abraza")
+        refusal = await answer(h, h.alice, "train", name="zorvik", subject="person", photo1=h.selfies(1)[0])
+        assert "the limit is 1" in refusal.content
+        assert h.fake.errors == []
 
-    run(scenario())
+    shared_bot.run(scenario)
 
 
 @pytest.mark.slow
-def test_help(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            text = (await answer(h, h.bob, "help")).text
-            for part in (
-                "How it works",
-                "/train",
-                "Train on these photos",
-                "/queue",
-                "/forget",
-                "Tips for good photos",
-                "`/model publish` to your own Hugging Face account (private by default)",
-            ):
-                assert part in text
+def test_help(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        text = (await answer(h, h.bob, "help")).text
+        for part in (
+            "How it works",
+            "/train",
+            "Train on these photos",
+            "/queue",
+            "/forget",
+            "Tips for good photos",
+            "`/model publish` to your own Hugging Face account (private by default)",
+        ):
+            assert part in text
 
-    run(scenario())
+    shared_bot.run(scenario)

@@ -26,8 +26,8 @@ from engine.config import DEFAULT_BASE_MODEL
 pytestmark = pytest.mark.slow
 
 # Long enough for the resumed run to show its steps in the progress message.
-STEPS = 120
-TRAINING = {"steps_per_photo": 40, "max_steps": STEPS}
+STEPS = 80
+TRAINING = {"steps_per_photo": 30, "max_steps": STEPS}
 # `docker stop` sends SIGTERM, then kills the container after 10 s.
 DOCKER_STOP_GRACE = 10.0
 # A bot that cannot log in exits by itself; this only bounds a test that would otherwise hang.
@@ -125,7 +125,7 @@ def test_a_wrong_token_is_one_line_that_says_discord_refused_it(tmp_path: Path) 
 
 
 def test_an_unreachable_discord_is_one_line_that_says_check_the_network(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "config.toml", tmp_path / "data", 1, {})
+    config = write_config(tmp_path / "config.toml", tmp_path / "data", [1], {})
     log = tmp_path / "bot.log"
     with socket.socket() as probe:  # a port nothing listens on once this closes
         probe.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, files_under, running_bot
+from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, BotHarness, SharedBot, files_under, running_bot
 
 from bot.cogs.training import (
     PROGRESS_EDIT_INTERVAL,
@@ -129,80 +129,78 @@ def run(scenario: Coroutine[Any, Any, None]) -> None:
 
 
 @pytest.mark.slow
-def test_train_reports_each_photo_then_posts_the_samples(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            fake = h.fake
-            selfies = h.selfies(3)
-            cat = fake.add_attachment("my cat.png", (PHOTOS_DIR / "chelsea.png").read_bytes(), "image/png")
-            ix = await fake.slash(
-                h.alice, h.general_channel_id, "train",
-                name="Abraza", subject="person", photo1=selfies[0], photo2=cat, photo3=selfies[1], photo4=selfies[2],
-            )  # fmt: skip
-            assert (await ix.wait_callback()).json["type"] == 5  # deferred at once
-            report = await ix.wait_original(timeout=30)
-            assert report.ephemeral
-            assert "❌ `my_cat.png`: no face found" in report.content
-            assert report.content.count("✅ `selfie") == 3
-            assert "Ready: 3 photos will be used for training." in report.content
-            (queued,) = await ix.wait_followups(1, timeout=10)
-            assert queued.ephemeral and "**abraza** is" in queued.content
+def test_train_reports_each_photo_then_posts_the_samples(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        fake = h.fake
+        selfies = h.selfies(3)
+        cat = fake.add_attachment("my cat.png", (PHOTOS_DIR / "chelsea.png").read_bytes(), "image/png")
+        ix = await fake.slash(
+            h.alice, h.general_channel_id, "train",
+            name="Abraza", subject="person", photo1=selfies[0], photo2=cat, photo3=selfies[1], photo4=selfies[2],
+        )  # fmt: skip
+        assert (await ix.wait_callback()).json["type"] == 5  # deferred at once
+        report = await ix.wait_original(timeout=30)
+        assert report.ephemeral
+        assert "❌ `my_cat.png`: no face found" in report.content
+        assert report.content.count("✅ `selfie") == 3
+        assert "Ready: 3 photos will be used for training." in report.content
+        (queued,) = await ix.wait_followups(1, timeout=10)
+        assert queued.ephemeral and "**abraza** is" in queued.content
 
-            progress = await fake.wait_message(h.general_channel_id, lambda m: PROGRESS_MARK in m.content)
-            assert not progress.ephemeral and f"<@{h.alice}>" in progress.content
-            done = await fake.wait_message(
-                h.general_channel_id, lambda m: "is ready" in m.content, timeout=TRAIN_TIMEOUT
-            )
-            assert done.content.startswith(f"<@{h.alice}> your model **abraza** is ready!")
-            assert "`/imagine abraza as a viking`" in done.content
-            # Only the member is pinged.
-            assert done.allowed_mentions == {"users": [h.alice], "parse": []}
-            assert [name.endswith(".png") for name, _ in done.files] == [True]
+        progress = await fake.wait_message(h.general_channel_id, lambda m: PROGRESS_MARK in m.content)
+        assert not progress.ephemeral and f"<@{h.alice}>" in progress.content
+        done = await fake.wait_message(
+            h.general_channel_id, lambda m: "is ready" in m.content, timeout=TRAIN_TIMEOUT
+        )
+        assert done.content.startswith(f"<@{h.alice}> your model **abraza** is ready!")
+        assert "`/imagine abraza as a viking`" in done.content
+        # Only the member is pinged.
+        assert done.allowed_mentions == {"users": [h.alice], "parse": []}
+        assert [name.endswith(".png") for name, _ in done.files] == [True]
 
-            # The progress message went from queued to done, editing no more often than every ~5 s.
-            await fake.wait_until(lambda: "✅ Done" in progress.content, timeout=10)
-            assert "Waiting in the queue" in progress.history[0]["content"]
-            # The [training] preview_at sample was attached to it on the way.
-            versions = [*progress.history, progress.payload]
-            assert any(a["filename"] == "preview.png" for v in versions for a in v.get("attachments") or [])
-            edits = [r.time for r in fake.requests if r.method == "PATCH" and r.message is progress]
-            assert len(edits) >= 2
-            assert all(b - a >= PROGRESS_EDIT_INTERVAL - 0.2 for a, b in itertools.pairwise(edits[:-1]))
+        # The progress message went from queued to done, editing no more often than every ~5 s.
+        await fake.wait_until(lambda: "✅ Done" in progress.content, timeout=10)
+        assert "Waiting in the queue" in progress.history[0]["content"]
+        # The [training] preview_at sample was attached to it on the way.
+        versions = [*progress.history, progress.payload]
+        assert any(a["filename"] == "preview.png" for v in versions for a in v.get("attachments") or [])
+        edits = [r.time for r in fake.requests if r.method == "PATCH" and r.message is progress]
+        assert len(edits) >= 2
+        assert all(b - a >= PROGRESS_EDIT_INTERVAL - 0.2 for a, b in itertools.pairwise(edits[:-1]))
 
-            # The prepared photos are deleted once the model is trained; the adapter stays.
-            await fake.wait_until(lambda: not files_under(h.data_dir / "photos"), timeout=10)
-            adapters = files_under(h.data_dir / "adapters" / str(h.guild_id) / "abraza")
-            assert any(path.name == "adapter.safetensors" for path in adapters)
-            assert fake.errors == []
+        # The prepared photos are deleted once the model is trained; the adapter stays.
+        await fake.wait_until(lambda: not files_under(h.data_dir / "photos"), timeout=10)
+        adapters = files_under(h.data_dir / "adapters" / str(h.guild_id) / "abraza")
+        assert any(path.name == "adapter.safetensors" for path in adapters)
+        assert fake.errors == []
 
-    run(scenario())
+    shared_bot.run(scenario)
 
 
 @pytest.mark.slow
-def test_a_set_that_is_not_ok_queues_nothing_and_leaves_nothing(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_bot(tmp_path) as h:
-            fake = h.fake
-            selfie = h.selfies(1)[0]
-            notes = fake.add_attachment("notes.txt", b"hello there", "text/plain")
-            cup = fake.add_attachment("cup.png", (PHOTOS_DIR / "coffee.png").read_bytes(), "image/png")
-            before = len(fake.messages_in(h.general_channel_id))
-            ix = await fake.slash(
-                h.alice, h.general_channel_id, "train", name="zorvik", subject="person",
-                photo1=selfie, photo2=notes, photo3=cup,
-            )  # fmt: skip
-            report = await ix.wait_original(timeout=30)
-            assert "✅ `selfie0.jpg`" in report.content
-            assert "❌ `notes.txt`: not an image" in report.content
-            assert "❌ `cup.png`: no face found" in report.content
-            assert "Not ready: 1 of 3 photos accepted" in report.content
-            await asyncio.sleep(0.5)
-            assert ix.followups == []  # nothing was queued ...
-            assert len(fake.messages_in(h.general_channel_id)) == before + 1  # ... and nothing posted
-            assert h.db.models_of(h.alice) == [] and h.db.active_jobs() == []
-            assert files_under(h.data_dir / "photos") == []
+def test_a_set_that_is_not_ok_queues_nothing_and_leaves_nothing(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        fake = h.fake
+        selfie = h.selfies(1)[0]
+        notes = fake.add_attachment("notes.txt", b"hello there", "text/plain")
+        cup = fake.add_attachment("cup.png", (PHOTOS_DIR / "coffee.png").read_bytes(), "image/png")
+        before = len(fake.messages_in(h.general_channel_id))
+        ix = await fake.slash(
+            h.alice, h.general_channel_id, "train", name="zorvik", subject="person",
+            photo1=selfie, photo2=notes, photo3=cup,
+        )  # fmt: skip
+        report = await ix.wait_original(timeout=30)
+        assert "✅ `selfie0.jpg`" in report.content
+        assert "❌ `notes.txt`: not an image" in report.content
+        assert "❌ `cup.png`: no face found" in report.content
+        assert "Not ready: 1 of 3 photos accepted" in report.content
+        await asyncio.sleep(0.5)
+        assert ix.followups == []  # nothing was queued ...
+        assert len(fake.messages_in(h.general_channel_id)) == before + 1  # ... and nothing posted
+        assert h.db.models_of(h.alice) == [] and h.db.active_jobs(h.alice) == []
+        assert files_under(h.data_dir / "photos") == []
 
-    run(scenario())
+    shared_bot.run(scenario)
 
 
 @pytest.mark.slow
