@@ -235,18 +235,6 @@ def test_a_node_killed_mid_training_resumes_on_the_other_node_and_posts_once(
             ]
             assert db.job("t2").state == "done" and db.job("t2").attempts == 2
 
-            # The last node goes too: a request now fails saying so instead of waiting for ever.
-            queue.unavailable_after = 1.0
-            cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
-            async with asyncio.timeout(TIMEOUT):
-                while queue.workers:
-                    await asyncio.sleep(0.2)
-            late = add_generate(db, data_dir, "late")
-            queue.submit(late)
-            _, event = await recorder.finished("late")
-            assert isinstance(event, Error) and event.message == UNAVAILABLE_MESSAGE
-            cluster.add_node(num_cpus=1)  # for the tests after this one
-
     asyncio.run(scenario())
 
 
@@ -288,7 +276,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_the_bot_outlives_a_restart_of_the_head_through_ray_client(
+def test_the_bot_outlives_a_restart_of_the_head_through_ray_client_saying_meanwhile_it_is_unavailable(
     data_dir: Path, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Ray Client waits this long for a lost server before its calls fail (30 s by default).
@@ -317,6 +305,11 @@ def test_the_bot_outlives_a_restart_of_the_head_through_ray_client(
             async with asyncio.timeout(TIMEOUT):
                 while queue.workers:
                     await asyncio.sleep(0.2)
+            # Meanwhile a request fails saying so instead of waiting for ever.
+            queue.unavailable_after = 1.0
+            queue.submit(add_generate(db, data_dir, "while-down"))
+            _, event = await recorder.finished("while-down")
+            assert isinstance(event, Error) and event.message == UNAVAILABLE_MESSAGE
             second = start_cluster()
             await ready_workers(queue, 1)
             queue.submit(add_generate(db, data_dir, "after"))
