@@ -166,6 +166,19 @@ def test_a_worker_takes_the_next_batch_while_one_renders() -> None:
     assert worker.free_kinds() == {"generate"}
 
 
+def test_a_worker_remembers_the_adapters_it_loaded_lately_as_its_adapter_cache_does() -> None:
+    config = Config()
+    worker = SubprocessWorker(config, "cpu")
+    alfa = generation_row("a0", ALICE, 1, adapters=[AdapterRef("alfa", "person", "alfa.safetensors")])
+    assert not worker.holds(alfa)
+    worker.remember_adapters(["alfa"])
+    assert worker.holds(alfa)
+    # As many as its adapter cache keeps, least recently used out first.
+    worker.remember_adapters(f"other{index}" for index in range(config.generation.adapter_cache))
+    assert not worker.holds(alfa)
+    assert not worker.holds(row("t1", "train", ALICE, 2))
+
+
 def test_the_queue_does_not_import_the_ml_stack() -> None:
     code = (
         "import sys, bot.jobs; "
