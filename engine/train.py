@@ -113,9 +113,9 @@ def default_steps(photo_count: int, settings: TrainingSection) -> int:
 
 
 # A compiled UNet (engine.generate with [model] compile) serves generation only: everything a training
-# runs itself (its steps' forward and backward, class images, preview, samples) runs it eagerly. Compiled,
-# each first training would compile forward and backward graphs of its own (84-134 s for 4 steps of the
-# tiny model on 2 CPU cores), spend dynamo's recompile limit and backpropagate through a hotswap graph.
+# runs itself (its steps' forward and backward, class images, preview, samples) runs it eagerly. Through it,
+# a first training compiled forward and backward graphs of its own (4 steps of the tiny model on one CPU
+# thread: 134 s, 5 s eager), spent dynamo's recompile limit and backpropagated through a hotswap graph.
 # Generations handed over between steps run with the default stance again (_generations_between).
 # The stance is process-wide, which is safe: the worker runs every UNet call on one thread.
 @torch.compiler.set_stance("force_eager")
@@ -639,7 +639,7 @@ def _generations_between(between_steps: Callable[[], bool], trained: Iterable[to
 
     A compiled UNet's graphs are guarded on how many adapters each LoRA layer holds (peft's forward
     reads `self.lora_A.keys()`): with the training adapter's layers in place, a generation between steps
-    would compile a graph of its own (measured: 26 s on the tiny model, 2 CPU cores) and spend one of
+    would compile a graph of its own (measured: 26 s on the tiny model, one CPU thread) and spend one of
     dynamo's recompiles. Taken out, every layer holds what the warm-up compiled for. The same parameter
     objects go back, so the optimizer's state still belongs to them.
     """
