@@ -58,7 +58,7 @@ class ModelSection:
     # torch.compile the UNet at start, before the engine says it is ready (start-up takes the compile
     # time longer); members' adapters are then hotswapped into fixed slots, so switching never
     # recompiles. Limits: no text-encoder adapters, no mixed-adapter batches, and another size or
-    # count, several adapters in one picture and the first training each compile once more.
+    # count and several adapters in one picture each compile once more. Trainings run it eagerly.
     compile: str | bool = "auto"
 
     @property

@@ -483,10 +483,8 @@ class Generator:
 
         Compiled once more, each the first time it comes: another size, another count or guidance
         <= 1 (torch then compiles sizes as dynamic, serving every later one), and k > 1 adapters in
-        one picture (a graph per k). Training runs through the compiled UNet too: its extra adapter,
-        train mode and gradients are guarded, so its steps and the pictures rendered between them
-        compile graphs of their own at the first training, up to dynamo's recompile limit, past
-        which those calls run eagerly.
+        one picture (a graph per k). A training compiles nothing: engine.train runs its own UNet
+        calls eagerly, and the pictures rendered between its steps take these graphs.
         """
         if not self.adapters.hotswap:
             return

@@ -112,6 +112,13 @@ def default_steps(photo_count: int, settings: TrainingSection) -> int:
     return max(1, min(steps, settings.max_steps))
 
 
+# A compiled UNet (engine.generate with [model] compile) serves generation only: everything a training
+# runs itself (its steps' forward and backward, class images, preview, samples) runs it eagerly. Through it,
+# a first training compiled forward and backward graphs of its own (4 steps of the tiny model on one CPU
+# thread: 134 s, 5 s eager), spent dynamo's recompile limit and backpropagated through a hotswap graph.
+# Generations handed over between steps run with the default stance again (_generations_between).
+# The stance is process-wide, which is safe: the worker runs every UNet call on one thread.
+@torch.compiler.set_stance("force_eager")
 def train_lora(
     model: LoadedModel,
     job: TrainJob,
@@ -128,9 +135,10 @@ def train_lora(
 
     `should_stop` is polled before every step and every denoising step of the images rendered here;
     True raises TrainingCancelled. `between_steps` runs after every optimizer step (and after every
-    batch of class images) with TRAINING_ADAPTER loaded, active and in train mode: a job that uses the
-    pipeline must choose its own adapters (set_adapters / disable_lora) and modes (eval) and return
-    True; the training state is then restored. Whatever happens, the pipeline is left with no
+    batch of class images) with the compiler's default stance, the pipeline in train mode and
+    TRAINING_ADAPTER's weights set aside (its peft_config stays): a job that uses the pipeline must
+    choose its own adapters (set_adapters / disable_lora) and modes (eval) and return True; the
+    training state is then restored. Whatever happens, the pipeline is left with no
     TRAINING_ADAPTER, no LoRA active, nothing requiring grad, everything in eval mode.
     """
     started = time.monotonic()
@@ -395,7 +403,7 @@ class _Trainer:
 
     def hand_over(self, between_steps: Callable[[], bool]) -> None:
         """Let the worker use the pipeline; if it did, take the training state back."""
-        if not between_steps():
+        if not _generations_between(between_steps, self.models.values()):
             return
         for name, module in self.models.items():
             if TRAINING_ADAPTER not in getattr(module, "peft_config", {}):
@@ -474,7 +482,7 @@ def _class_images(
             rendered = done + len(batch)
             eta = (time.monotonic() - started) / rendered * (len(missing) - rendered)
             report(TrainingProgress("class images", rendered, len(missing), None, eta))
-            if between_steps is not None and between_steps():
+            if between_steps is not None and _generations_between(between_steps, []):
                 _select_adapter(_lora_models(model.pipeline), None)
     return [path for path in paths if path.is_file()]
 
@@ -623,6 +631,35 @@ def _select_adapter(models: Iterable[torch.nn.Module], name: str | None) -> None
             if isinstance(layer, BaseTunerLayer):
                 layer.enable_adapters(True)
                 layer.set_adapter([name] if name else [])
+
+
+def _generations_between(between_steps: Callable[[], bool], trained: Iterable[torch.nn.Module]) -> bool:
+    """between_steps() outside train_lora's force_eager stance, with TRAINING_ADAPTER's weights taken out
+    of the `trained` modules' LoRA layers meanwhile.
+
+    A compiled UNet's graphs are guarded on how many adapters each LoRA layer holds (peft's forward
+    reads `self.lora_A.keys()`): with the training adapter's layers in place, a generation between steps
+    would compile a graph of its own (measured: 26 s on the tiny model, one CPU thread) and spend one of
+    dynamo's recompiles. Taken out, every layer holds what the warm-up compiled for. The same parameter
+    objects go back, so the optimizer's state still belongs to them.
+    """
+    taken: list[tuple[torch.nn.Module, Any, Any]] = []
+    for model in trained:
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                # The attributes peft's own delete_adapter removes an adapter from.
+                for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
+                    entries = getattr(layer, attribute)
+                    if TRAINING_ADAPTER in entries:
+                        taken.append((model, entries, entries.pop(TRAINING_ADAPTER)))
+    try:
+        with torch.compiler.set_stance("default"):
+            return between_steps()
+    finally:
+        for model, entries, weights in taken:
+            # Where between_steps deleted the adapter (hand_over refuses that), it stays deleted.
+            if TRAINING_ADAPTER in getattr(model, "peft_config", {}):
+                entries[TRAINING_ADAPTER] = weights
 
 
 def _save_adapter(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -19,13 +19,16 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from bot.pnginfo import read_picture
+from engine.config import TrainingSection
 from engine.generate import AdapterLoadError, GenerationCancelled, Generator, a1111_parameters, expand_tokens
 from engine.kohya import is_kohya_adapter
 from engine.model import LoadedModel, load_base_model
-from engine.protocol import AdapterRef, GenerateJob, words_in
+from engine.protocol import AdapterRef, GenerateJob, TrainJob, words_in
+from engine.train import train_lora
 
 TRAINING_ADAPTER = "dreambot_training"  # engine.train's name; not imported, as in engine.generate
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -788,3 +791,66 @@ def test_a_warmed_up_unet_switches_members_without_recompiling(
     # "bravo" also adapts the text encoder, which diffusers cannot hotswap: refused, by name.
     with pytest.raises(AdapterLoadError, match="bravo"):
         compiled.generate(job(adapters=[ref(adapter_files, "bravo")]))
+
+
+@pytest.mark.slow
+def test_a_training_on_a_compiled_unet_compiles_nothing_and_generations_between_its_steps_run_compiled(
+    compiled: Generator,
+    fresh_model: LoadedModel,
+    adapter_files: dict[str, Path],
+    photos_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """engine.train runs its own UNet calls eagerly; what it hands over between steps is compiled."""
+    with PIL.Image.open(photos_dir / "astronaut.png") as opened:
+        astronaut = opened.convert("RGB").resize((64, 64))
+    astronaut.save(tmp_path / "photo.png")
+    # Class images, a preview and a sample: every way a training calls the UNet itself.
+    training = TrainingSection(
+        resolution=64,
+        rank=4,
+        alpha=8,
+        class_images=1,
+        sample_count=1,
+        preview_at=0.5,
+        gradient_checkpointing=False,
+    )
+
+    def train(model: LoadedModel, name: str, between_steps: Callable[[], bool] | None = None) -> Path:
+        train_job = TrainJob(
+            job_id=name,
+            token="abraza",
+            class_word="person",
+            photos=[str(tmp_path / "photo.png")],
+            output_dir=str(tmp_path / name),
+            steps=3,
+        )
+        return train_lora(
+            model, train_job, training, tmp_path / name / "class images", between_steps=between_steps
+        ).adapter_path
+
+    alfa = job(adapters=[ref(adapter_files, "alfa")])
+    compiled_runs: list[bool] = []
+
+    def generate() -> bool:
+        with torch.profiler.profile() as profile:
+            compiled.generate(alfa)
+        compiled_runs.append(
+            any(event.name.startswith("Torch-Compiled Region") for event in profile.events())
+        )
+        return True
+
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        adapter = train(compiled.model, "compiled", between_steps=generate)
+        compiled.generate(alfa)
+    assert (
+        counters["stats"]["unique_graphs"] == graphs
+    )  # no graph for the training, nor for what came between
+    # After the class image and after each step, the warm-up's graph rendered alfa, not eager code.
+    assert compiled_runs == [True] * 4
+    trained, expected = load_file(adapter), load_file(train(fresh_model, "uncompiled"))
+    assert trained.keys() == expected.keys()
+    assert any(tensor.abs().sum() > 0 for key, tensor in trained.items() if key.endswith(".lora_up.weight"))
+    # The same eager math as on a pipeline that was never compiled: the same adapter, bit for bit.
+    assert all(torch.equal(trained[key], expected[key]) for key in trained)
