@@ -108,9 +108,16 @@ def run(
     resume: bool = True,
     stop_after: int | None = None,
     between_steps: Callable[[], bool] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[TrainingResult | None, list[TrainingProgress]]:
-    """Train (asking to stop once step `stop_after` is done); the result (None if cancelled), all progress."""
+    """Train (asking to stop once step `stop_after` is done); the result (None if cancelled), all
+    progress. `after_step` runs at each step's progress report, while the training adapter is on the UNet."""
     events: list[TrainingProgress] = []
+
+    def on_progress(progress: TrainingProgress) -> None:
+        events.append(progress)
+        if after_step is not None and progress.phase == "training":
+            after_step()
 
     def should_stop() -> bool:
         return stop_after is not None and len(training_steps(events)) >= stop_after
@@ -121,7 +128,7 @@ def run(
             train_job(photos, output_dir, steps=steps, resume=resume),
             training,
             class_images_dir,
-            on_progress=events.append,
+            on_progress=on_progress,
             should_stop=should_stop,
             between_steps=between_steps,
         )
@@ -490,13 +497,12 @@ def test_half_precision_training_autocasts_and_the_fp16_loss_scaler_skips_an_inf
     )
     snapshot: dict[str, torch.Tensor] = {}
 
-    def poison_the_next_step() -> bool:
+    def poison_the_next_step() -> None:
         """After step 1, the fp16 run's next gradients are infinite: GradScaler must skip that step."""
         if dtype == "fp16" and not snapshot:
             params = {f"unet.{k}": p for k, p in model.pipeline.unet.named_parameters() if p.requires_grad}
             snapshot.update({name: param.detach().clone() for name, param in params.items()})
             next(iter(params.values())).register_hook(lambda grad: grad * float("inf"))
-        return False
 
     output = tmp_path / dtype
     result, events = run(
@@ -507,7 +513,7 @@ def test_half_precision_training_autocasts_and_the_fp16_loss_scaler_skips_an_inf
         training,
         steps=4,
         stop_after=2,
-        between_steps=poison_the_next_step,
+        after_step=poison_the_next_step,
     )
     assert result is None and training_steps(events) == [1, 2]
     assert all(np.isfinite(event.loss) for event in events if event.phase == "training")
