@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ log = logging.getLogger(__name__)
 
 # One next_events call waits this long at most for an event.
 EVENT_WAIT_SECONDS = 1.0
-# How often the pool reads the cluster's nodes.
+# How often the pool reads the cluster's nodes, and how long it waits for the head's port to answer.
 POOL_POLL_SECONDS = 2.0
+PROBE_SECONDS = 2.0
 RemoteEngineActor = ray.remote(EngineActor)
 
 
@@ -92,9 +94,14 @@ class RayPool(WorkerPool):
         return [f"{node['NodeID']}/{index}" for node in nodes for index in range(node_slots(node, engine))]
 
     def _connect(self) -> None:
-        ray.init(address=self.config.engine.ray_address, namespace="dreambot", configure_logging=False)
+        address = self.config.engine.ray_address
+        # ray.init retries for up to a minute against a head that is down; a refused port says so
+        # at once, so a head that comes back is found at the next poll.
+        if (endpoint := _host_and_port(address)) is not None:
+            socket.create_connection(endpoint, timeout=PROBE_SECONDS).close()
+        ray.init(address=address, namespace="dreambot", configure_logging=False)
         self._connected = True
-        log.info("connected to the Ray cluster at %s", self.config.engine.ray_address)
+        log.info("connected to the Ray cluster at %s", address)
 
     def worker(self, slot: str) -> EngineWorker:
         node_id, index = slot.split("/")
@@ -276,6 +283,12 @@ def store_shipment(data_dir: Path, shipment: Shipment) -> None:
     for older in checkpoint.parent.glob("step-*"):
         if older != checkpoint:
             shutil.rmtree(older, ignore_errors=True)
+
+
+def _host_and_port(address: str) -> tuple[str, int] | None:
+    """The head's (host, port) in "HOST:PORT" or "ray://HOST:PORT"; None for "auto"."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
 
 
 def _newest_checkpoint(output_dir: Path) -> list[str]:

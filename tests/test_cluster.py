@@ -22,7 +22,6 @@ import pytest
 from botharness import TRAIN_TIMEOUT, imagine, running_bot, start_training, write_engine_config
 from queueharness import Recorder, add_generate, add_train
 from ray.cluster_utils import Cluster
-from ray.util.client import worker as ray_client_worker
 from test_bot_resilience import TRAINING, ready_post, training_steps
 
 from bot.cluster import node_slots, store_shipment
@@ -280,10 +279,8 @@ def free_port() -> int:
 def test_the_bot_outlives_a_restart_of_the_head_through_ray_client_saying_meanwhile_it_is_unavailable(
     data_dir: Path, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Ray Client waits this long for a lost server before its calls fail (30 s by default) ...
+    # Ray Client waits this long for a lost server before its calls fail (30 s by default).
     monkeypatch.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "3")
-    # ... and a connection attempt this long at first, 5 s more at each retry (5 s by default).
-    monkeypatch.setattr(ray_client_worker, "INITIAL_TIMEOUT_SEC", 1)
     port = free_port()
 
     def start_cluster() -> Cluster:
