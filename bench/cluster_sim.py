@@ -317,24 +317,7 @@ def train_request(job_id: str, arrival: Arrival) -> TrainJob:
 
 def job_row(job_id: str, arrival: Arrival, payload: str) -> JobRow:
     """The row the bot writes for a request (bot.db.Database.add_job), at simulated time."""
-    return JobRow(
-        id=job_id,
-        kind=arrival.kind,
-        user_id=arrival.member,
-        guild_id=1,
-        channel_id=1,
-        state="queued",
-        payload=payload,
-        model_id=None,
-        attempts=0,
-        error=None,
-        progress_message_id=None,
-        context={},
-        result={},
-        created_at=arrival.at,
-        started_at=None,
-        finished_at=None,
-    )
+    return JobRow.queued(job_id, arrival.kind, arrival.member, payload, arrival.at)
 
 
 @dataclass

@@ -90,6 +90,29 @@ class JobRow:
     started_at: float | None
     finished_at: float | None
 
+    @classmethod
+    def queued(cls, job_id: str, kind: JobKind, user_id: int, payload: str, created_at: float) -> JobRow:
+        """A row as add_job writes it, held in memory only: for the dispatch policy on its own
+        (the policy's tests, bench.cluster_sim)."""
+        return cls(
+            id=job_id,
+            kind=kind,
+            user_id=user_id,
+            guild_id=1,
+            channel_id=1,
+            state="queued",
+            payload=payload,
+            model_id=None,
+            attempts=0,
+            error=None,
+            progress_message_id=None,
+            context={},
+            result={},
+            created_at=created_at,
+            started_at=None,
+            finished_at=None,
+        )
+
     @property
     def request(self) -> TrainJob | GenerateJob:
         """The job as the engine runs it (ProtocolError for a payload that is not one)."""

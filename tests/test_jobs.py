@@ -41,24 +41,7 @@ from engine.protocol import (
 
 
 def row(job_id: str, kind: str, user_id: int, created_at: float) -> JobRow:
-    return JobRow(
-        id=job_id,
-        kind=kind,  # type: ignore[arg-type]
-        user_id=user_id,
-        guild_id=1,
-        channel_id=1,
-        state="queued",
-        payload="",
-        model_id=None,
-        attempts=0,
-        error=None,
-        progress_message_id=None,
-        context={},
-        result={},
-        created_at=created_at,
-        started_at=None,
-        finished_at=None,
-    )
+    return JobRow.queued(job_id, kind, user_id, "", created_at)  # type: ignore[arg-type]
 
 
 def ids(rows: list[JobRow]) -> list[str]:
