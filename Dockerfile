@@ -25,7 +25,10 @@ RUN pip install --no-deps . && pip check
 
 # tini as PID 1 hands `docker stop`'s SIGTERM to the bot, which checkpoints a running training,
 # closes its Discord connection and exits within docker's 10 s; it also reaps orphaned processes.
-RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+# gcc and the C library headers: [model] compile's Triton builds its kernel launcher with a C compiler
+# (without one the engine serves the UNet uncompiled, and says so in its log).
+RUN apt-get update && apt-get install -y --no-install-recommends tini gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 dreambot \
     && mkdir -p /srv/data "$HF_HOME" \

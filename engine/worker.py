@@ -499,8 +499,9 @@ def start_worker(config: Config, device: str, emit: Callable[[Event], None]) -> 
     """Load the base model on `device` and emit Ready: the Worker that serves it. None (and an
     Error emitted that says why) when the model cannot load. `python -m engine` and the Ray actor
     (engine.ray_actor) both start here."""
-    try:
-        model = load_base_model(
+
+    def load() -> LoadedModel:
+        return load_base_model(
             config.model.base,
             device,
             config.data_dir,
@@ -509,21 +510,33 @@ def start_worker(config: Config, device: str, emit: Callable[[Event], None]) -> 
             dtype=config.model.dtype,
             channels_last=config.model.channels_last,
         )
+
+    try:
+        model = load()
     except ModelLoadError as error:
         # Not logged here as well: the bot (or the CLI) that started this worker reports it, once.
         emit(Error(None, str(error), "bad_model"))
         return None
-    compile_unet = fast_path_on(config.model.compile, model.device)
+    started = time.perf_counter()
     generator = Generator(
-        model, config.generation.adapter_cache, compile_unet=compile_unet, hotswap_rank=config.training.rank
+        model,
+        config.generation.adapter_cache,
+        compile_unet=fast_path_on(config.model.compile, model.device),
+        hotswap_rank=config.training.rank,
     )
-    warm_up_started = time.perf_counter()
-    generator.warm_up()
+    try:
+        generator.warm_up()
+    except Exception:
+        # Inductor needs a working toolchain (Triton builds its launcher with a C compiler) and
+        # memory to compile: without them the engine serves uncompiled rather than not at all, from
+        # a fresh copy of the model (this one holds the half-compiled UNet and its hotswap slots).
+        log.exception("compiling the UNet failed: serving it uncompiled ([model] compile = false skips this)")
+        del generator, model
+        release_memory()
+        model = load()
+        generator = Generator(model, config.generation.adapter_cache)
     log.info(
-        "ready: %s on %s (warm-up %.1f s)",
-        config.model.base,
-        model.device,
-        time.perf_counter() - warm_up_started,
+        "ready: %s on %s (warm-up %.1f s)", config.model.base, model.device, time.perf_counter() - started
     )
     emit(Ready(str(model.device), config.model.base))
     return Worker(config, model, generator, emit)

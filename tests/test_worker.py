@@ -561,6 +561,27 @@ def test_with_compile_on_ready_comes_after_the_unet_is_compiled(tmp_path: Path, 
         engine.kill()
 
 
+@pytest.mark.slow
+def test_a_unet_that_fails_to_compile_is_served_uncompiled(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "data"
+    config = write_config(data, tiny_model_dir)
+    write_toml(
+        config,
+        {"model": {"base": "tiny", "device": "cpu", "compile": True}, "storage": {"data_dir": str(data)}},
+    )
+    # No working C++ compiler for inductor (as a slim image lacks the C compiler Triton needs), and
+    # an empty kernel cache, so that nothing compiled by an earlier test is found.
+    broken = {"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    engine = EngineProcess(config, env=broken, log=tmp_path / "engine.log")
+    try:
+        engine.wait_for(lambda e: isinstance(e, Ready))
+        assert "compiling the UNet failed: serving it uncompiled" in (tmp_path / "engine.log").read_text()
+        assert isinstance(engine.finished_after(generate_job("gen-uncompiled", data)), GenerationDone)
+        assert engine.shutdown() == 0
+    finally:
+        engine.kill()
+
+
 def test_a_slow_generation_sends_previews_that_exist(engine: EngineProcess, data_dir: Path) -> None:
     engine.send(generate_job("gen-preview", data_dir, steps=150))
     result = engine.finished("gen-preview")
