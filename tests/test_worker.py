@@ -565,10 +565,12 @@ def test_with_compile_on_ready_comes_after_the_unet_is_compiled(tmp_path: Path, 
 def test_a_unet_that_fails_to_compile_is_served_uncompiled(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = tmp_path / "data"
     config = write_config(data, tiny_model_dir)
-    write_toml(
-        config,
-        {"model": {"base": "tiny", "device": "cpu", "compile": True}, "storage": {"data_dir": str(data)}},
-    )
+    settings = {
+        "model": {"base": "tiny", "device": "cpu", "compile": True},
+        "storage": {"data_dir": str(data)},
+        "generation": {"adapter_cache": 1},  # one hotswap slot: the least to trace before it fails
+    }
+    write_toml(config, settings)
     # No working C++ compiler for inductor (as a slim image lacks the C compiler Triton needs), and
     # an empty kernel cache, so that nothing compiled by an earlier test is found.
     broken = {"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
