@@ -213,7 +213,11 @@ def train_lora(
             per_step = (time.monotonic() - loop_started) / (step - first_step)
             preview = None
             if step == preview_step:
-                preview = trainer.render_preview(job, settings, output_dir / PREVIEW_FILE, stop)
+                try:
+                    preview = trainer.render_preview(job, settings, output_dir / PREVIEW_FILE, stop)
+                except TrainingCancelled:
+                    # Stopped while drawing it: no preview, and the stop check above keeps the steps.
+                    preview = None
             report(TrainingProgress("training", step, total, smoothed, per_step * (total - step), preview))
             if between_steps is not None:
                 trainer.hand_over(between_steps)

@@ -332,6 +332,29 @@ def test_should_stop_ends_the_run_within_one_step(
     assert len(polls) == 5 and not list((output_dir / "samples").iterdir())
     assert_pristine(sd, probe)
 
+    # While the preview renders (after step 2 of 4): no preview, and the two steps are kept for the resume.
+    events: list[TrainingProgress] = []
+
+    def stop_in_the_preview() -> bool:
+        # Polled before step 2 (False), then in the preview's denoising loop before step 2 is reported.
+        polls.append(len(polls))
+        return training_steps(events) != [1] or len(polls) > 1
+
+    polls.clear()
+    output_dir = tmp_path / "stopped in the preview"
+    with pytest.raises(TrainingCancelled):
+        train_lora(
+            sd,
+            train_job(photos, output_dir, steps=4),
+            settings(prior_preservation=False, preview_at=0.5, checkpoint_every=100),
+            class_images_dir,
+            on_progress=events.append,
+            should_stop=lambda: bool(training_steps(events)) and stop_in_the_preview(),
+        )
+    assert training_steps(events) == [1, 2] and all(event.preview is None for event in events)
+    assert [path.name for path in (output_dir / CHECKPOINTS_DIR).iterdir()] == ["step-000002"]
+    assert_pristine(sd, probe)
+
 
 @pytest.mark.slow
 def test_an_error_propagates_after_the_cleanup(
