@@ -329,6 +329,8 @@ class _Trainer:
         _select_adapter(self.models.values(), TRAINING_ADAPTER)
         # fp32 master weights for the adapter even on an fp16 base (autocast does the fp16 math).
         cast_training_params(list(self.models.values()), dtype=torch.float32)
+        # The peft dicts that hold the training adapter's entries, found once: set aside at every step.
+        self.adapter_entries = _adapter_entries(self.models.values(), TRAINING_ADAPTER)
         self.params = {
             f"{name}.{key}": param
             for name, module in self.models.items()
@@ -407,7 +409,7 @@ class _Trainer:
 
     def hand_over(self, between_steps: Callable[[], bool]) -> None:
         """Let the worker use the pipeline; if it did, take the training state back."""
-        if not _generations_between(between_steps, self.models.values()):
+        if not _generations_between(between_steps, self.adapter_entries):
             return
         for name, module in self.models.items():
             if TRAINING_ADAPTER not in getattr(module, "peft_config", {}):
@@ -637,9 +639,27 @@ def _select_adapter(models: Iterable[torch.nn.Module], name: str | None) -> None
                 layer.set_adapter([name] if name else [])
 
 
-def _generations_between(between_steps: Callable[[], bool], trained: Iterable[torch.nn.Module]) -> bool:
-    """between_steps() outside train_lora's force_eager stance, with TRAINING_ADAPTER's weights taken out
-    of the `trained` modules' LoRA layers meanwhile.
+def _adapter_entries(
+    models: Iterable[torch.nn.Module], adapter: str
+) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+    """(model, dict) for every dict of the models' LoRA layers that holds `adapter`'s entry: the
+    attributes peft's own delete_adapter removes an adapter from."""
+    found = []
+    for model in models:
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
+                    entries = getattr(layer, attribute)
+                    if adapter in entries:
+                        found.append((model, entries))
+    return found
+
+
+def _generations_between(
+    between_steps: Callable[[], bool], adapter_entries: list[tuple[torch.nn.Module, dict[str, Any]]]
+) -> bool:
+    """between_steps() outside train_lora's force_eager stance, with TRAINING_ADAPTER's entries taken
+    out of `adapter_entries` (see _adapter_entries) meanwhile.
 
     A compiled UNet's graphs are guarded on how many adapters each LoRA layer holds (peft's forward
     reads `self.lora_A.keys()`): with the training adapter's layers in place, a generation between steps
@@ -647,15 +667,7 @@ def _generations_between(between_steps: Callable[[], bool], trained: Iterable[to
     dynamo's recompiles. Taken out, every layer holds what the warm-up compiled for. The same parameter
     objects go back, so the optimizer's state still belongs to them.
     """
-    taken: list[tuple[torch.nn.Module, Any, Any]] = []
-    for model in trained:
-        for layer in model.modules():
-            if isinstance(layer, BaseTunerLayer):
-                # The attributes peft's own delete_adapter removes an adapter from.
-                for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
-                    entries = getattr(layer, attribute)
-                    if TRAINING_ADAPTER in entries:
-                        taken.append((model, entries, entries.pop(TRAINING_ADAPTER)))
+    taken = [(model, entries, entries.pop(TRAINING_ADAPTER)) for model, entries in adapter_entries]
     try:
         with torch.compiler.set_stance("default"):
             return between_steps()
