@@ -39,6 +39,9 @@ from engine.config import Config, load_config
 PHOTOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
 # The engine loads the tiny model and answers within seconds; trainings at 64 px take a few more.
 JOB_TIMEOUT = 120.0
+# An engine start (its imports, the tiny model; on a Ray node, a new actor) on a machine busy with
+# the other test processes: seconds when idle, over a minute seen on a loaded 2-core CI machine.
+START_TIMEOUT = 240.0
 # A whole training (class images, steps, samples), allowing for a machine busy with other work.
 TRAIN_TIMEOUT = 600.0
 
@@ -85,8 +88,8 @@ class BotHarness:
 
     async def start(self) -> None:
         self.bot = DreamBot(self.config)
-        await self._stack.enter_async_context(self.fake.run_bot(self.bot, timeout=60))
-        await self.bot.jobs.wait_ready(timeout=60)
+        await self._stack.enter_async_context(self.fake.run_bot(self.bot, timeout=START_TIMEOUT))
+        await self.bot.jobs.wait_ready(timeout=START_TIMEOUT)
 
     async def stop(self) -> None:
         await self._stack.aclose()
@@ -323,7 +326,7 @@ class SharedBot:
 
     def start(self) -> None:
         self._thread.start()
-        self._call(self._start(), timeout=120)
+        self._call(self._start(), timeout=2 * START_TIMEOUT)
 
     def close(self) -> None:
         try:
