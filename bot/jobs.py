@@ -20,14 +20,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 
+from bot import forkserver
 from bot.db import ACTIVE_JOB_STATES, Database, JobKind, JobRow
+from bot.forkserver import ForkedProcess
 from engine.config import Config
 from engine.protocol import (
     Accepted,
@@ -253,12 +254,13 @@ class EngineWorker(ABC):
 
 
 class SubprocessWorker(EngineWorker):
-    """One `python -m engine` process for one device ([engine] backend = "local")."""
+    """One `python -m engine` process for one device ([engine] backend = "local"), forked from the
+    engine's fork server (bot.forkserver) so that a restart does not import torch again."""
 
     def __init__(self, config: Config, device: str) -> None:
         super().__init__(config, device)
         self.device = device
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: ForkedProcess | None = None
 
     @property
     def pid(self) -> int | None:
@@ -268,23 +270,16 @@ class SubprocessWorker(EngineWorker):
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
-    def command(self) -> list[str]:
+    def arguments(self) -> list[str]:
         config_args = ["--config", str(self.config.source)] if self.config.source else []
-        return [sys.executable, "-m", "engine", *config_args, "--device", self.device]
+        return [*config_args, "--device", self.device]
 
     async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int:
         self.ready, self.start_error = False, None
-        # A session of its own: a Ctrl-C meant for the bot must not kill the workers under it
-        # (the bot shuts them down cleanly); stderr is inherited, the worker logs there.
-        self.process = await asyncio.create_subprocess_exec(
-            *self.command(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=STDOUT_LINE_LIMIT,
-            start_new_session=True,
-        )
+        # A session of its own (a Ctrl-C meant for the bot must not kill the workers under it: the
+        # bot shuts them down cleanly); stderr is the bot's, the worker logs there.
+        self.process = await forkserver.spawn(self.arguments(), STDOUT_LINE_LIMIT)
         log.info("engine worker for %s started (pid %s)", self.device, self.process.pid)
-        assert self.process.stdout is not None
         try:
             while line := await self.process.stdout.readline():
                 try:
