@@ -28,6 +28,8 @@ import sys
 import traceback
 from typing import Any
 
+import torch
+
 import engine.worker
 
 log = logging.getLogger("engine.forkserver")
@@ -41,6 +43,10 @@ REAP_INTERVAL = 0.1
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=engine.worker.LOG_FORMAT)
+    if torch.cuda.is_initialized():
+        # An import touched the GPU: every fork would fail on its first CUDA call. Say why, once.
+        log.error("CUDA was initialised while importing the engine: no worker can be forked from here")
+        return 1
     server = socket.socket(fileno=0)
     # The status pipe of each running worker, by pid.
     status_pipes: dict[int, int] = {}
