@@ -105,6 +105,8 @@ class TrainingSection:
     # bitsandbytes' 8-bit AdamW on CUDA where it is installed (less memory); torch AdamW otherwise.
     adam_8bit: bool = True
     sample_count: int = 4
+    # Denoising steps of the class images, the preview and the samples (the pipeline's scheduler).
+    render_steps: int = 25
     sample_prompt: str = "portrait photo of {token} {class}, detailed, soft light"
     seed: int = 0
     # One sample rendered at this fraction of the steps, shown while the training runs; 0 for none.
@@ -252,6 +254,7 @@ def _check_values(config: Config) -> None:
         "[training] max_steps": config.training.max_steps,
         "[training] rank": config.training.rank,
         "[training] checkpoint_every": config.training.checkpoint_every,
+        "[training] render_steps": config.training.render_steps,
         "[generation] steps": config.generation.steps,
         "[generation] adapter_cache": config.generation.adapter_cache,
         "[generation] batch_limit": config.generation.batch_limit,

@@ -64,8 +64,6 @@ PREVIEW_FILE = "preview.png"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# Denoising steps for class images and samples, with the pipeline's own scheduler.
-RENDER_STEPS = 25
 # Class images render a few at a time; four 512 px images at once fit any GPU that can train.
 RENDER_BATCH_PIXELS = 4 * 512 * 512
 MAX_RENDER_BATCH = 4
@@ -399,9 +397,7 @@ class _Trainer:
             module.eval()
         try:
             prompt = sample_prompt(job, settings)
-            image = _render(self.model.pipeline, [prompt], [settings.seed], settings.resolution, stop).images[
-                0
-            ]
+            image = _render(self.model.pipeline, [prompt], [settings.seed], settings, stop).images[0]
         finally:
             for module in self.models.values():
                 module.train()
@@ -476,7 +472,7 @@ def _class_images(
         for done in range(0, len(missing), batch_size):
             batch = missing[done : done + batch_size]
             # Image i always comes from seed i, so the cache fills the same whoever renders it.
-            output = _render(model.pipeline, [prompt] * len(batch), batch, resolution, stop)
+            output = _render(model.pipeline, [prompt] * len(batch), batch, settings, stop)
             flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(batch)
             for index, image, unsafe in zip(batch, output.images, flagged, strict=True):
                 if unsafe:  # The safety checker blacked it out: a black image would teach nothing good.
@@ -512,7 +508,7 @@ def _render_samples(
     samples: list[Path] = []
     started = time.monotonic()
     for index in range(settings.sample_count):
-        image = _render(pipeline, [prompt], [settings.seed + index], settings.resolution, stop).images[0]
+        image = _render(pipeline, [prompt], [settings.seed + index], settings, stop).images[0]
         samples.append(_write_png(image, folder / f"{index}.png"))
         eta = (time.monotonic() - started) / (index + 1) * (settings.sample_count - index - 1)
         report(TrainingProgress("samples", index + 1, settings.sample_count, None, eta))
@@ -523,7 +519,7 @@ def _render(
     pipeline: DiffusionPipeline,
     prompts: list[str],
     seeds: list[int],
-    resolution: int,
+    settings: TrainingSection,
     stop: Callable[[], bool],
 ) -> Any:
     """A plain pipeline call, one CPU-seeded generator per image (the same images on any device)."""
@@ -535,9 +531,9 @@ def _render(
 
     output = pipeline(
         prompt=prompts,
-        num_inference_steps=RENDER_STEPS,
-        height=resolution,
-        width=resolution,
+        num_inference_steps=settings.render_steps,
+        height=settings.resolution,
+        width=settings.resolution,
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         callback_on_step_end=poll,
     )

@@ -55,6 +55,8 @@ TEST_SETTINGS: dict[str, dict[str, Any]] = {
         "class_images": 1,
         "checkpoint_every": 2,
         "sample_count": 1,
+        # Class images, previews and samples in 2 denoising steps, not 25.
+        "render_steps": 2,
         "rank": 4,
         "alpha": 4,
     },
@@ -233,6 +235,7 @@ def write_engine_config(path: Path, data_dir: Path, *, base: str = "tiny", check
         "class_images": 2,
         "checkpoint_every": checkpoint_every,
         "sample_count": 1,
+        "render_steps": 2,
     }
     settings = {"model": {"base": base, "device": "cpu"}, "storage": {"data_dir": str(data_dir)}}
     return write_toml(path, {**settings, "training": training})

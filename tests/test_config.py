@@ -60,6 +60,7 @@ def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
         ({"discord": {"guild_ids": ["1"]}}, r"\[discord\] guild_ids: expected a list of an integer"),
         ({"training": {"resolution": 500}}, r"\[training\] resolution: expected a multiple of 8, got 500"),
         ({"training": {"max_steps": 0}}, r"\[training\] max_steps: expected a positive number, got 0"),
+        ({"training": {"render_steps": 0}}, r"\[training\] render_steps: expected a positive number, got 0"),
         ({"training": {"preview_at": 1.5}}, r"\[training\] preview_at: expected a fraction .* got 1.5"),
         ({"intake": {"min_photos": 5, "max_photos": 2}}, r"\[intake\] max_photos: expected at least"),
         ({"model": {"device": []}}, r"\[model\] device"),

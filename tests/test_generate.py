@@ -812,6 +812,7 @@ def test_a_training_on_a_compiled_unet_compiles_nothing_and_generations_between_
         alpha=8,
         class_images=1,
         sample_count=1,
+        render_steps=2,
         preview_at=0.5,
         gradient_checkpointing=False,
     )

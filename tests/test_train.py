@@ -46,6 +46,8 @@ def settings(**overrides: object) -> TrainingSection:
         class_images=2,
         checkpoint_every=5,
         sample_count=1,
+        # Class images and samples in 2 steps, not 25: the tests check that they exist and are used.
+        render_steps=2,
         gradient_checkpointing=False,
         preview_at=0,
     )
@@ -183,9 +185,14 @@ def instance_loss(pipeline: object, photos: tuple[Path, ...]) -> float:
     return float(np.mean(losses))
 
 
-def render(pipeline: object, prompt: str, seed: int) -> np.ndarray:
+def render(pipeline: object, prompt: str, seed: int, training: TrainingSection) -> np.ndarray:
+    """An image as engine.train renders its samples with `training`."""
     image = pipeline(  # type: ignore[operator]
-        prompt, num_inference_steps=25, height=64, width=64, generator=torch.Generator().manual_seed(seed)
+        prompt,
+        num_inference_steps=training.render_steps,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
     ).images[0]
     return np.asarray(image, dtype=np.int16)
 
@@ -248,20 +255,20 @@ def test_training_learns_writes_a_loadable_adapter_and_leaves_the_pipeline_as_it
     assert weights and all(key.startswith("lora_unet_") for key in weights)
     assert {weights[key].item() for key in weights if key.endswith(".alpha")} == {8}
     fresh = load_base_model("tiny", "cpu", tiny_data_dir).pipeline
-    base_image = render(fresh, INSTANCE_PROMPT, seed=0)
+    base_image = render(fresh, INSTANCE_PROMPT, seed=0, training=training)
     fresh.load_lora_weights(
         result.adapter_path.parent, weight_name=result.adapter_path.name, adapter_name="abraza"
     )
     trained_loss = instance_loss(fresh, photos)
     print(f"\ninstance loss {base_loss:.4f} -> {trained_loss:.4f}")
     assert trained_loss < base_loss * 0.95
-    assert np.abs(render(fresh, INSTANCE_PROMPT, seed=0) - base_image).max() > 10
+    assert np.abs(render(fresh, INSTANCE_PROMPT, seed=0, training=training) - base_image).max() > 10
     # The sample was rendered with the adapter in training; the loaded file reproduces it exactly.
     (sample,) = result.samples
     assert sample == output_dir / "samples" / "0.png"
     prompt = training.sample_prompt.format(token=TOKEN, **{"class": "person"})
     sample_pixels = np.asarray(PIL.Image.open(sample), dtype=np.int16)
-    assert np.abs(render(fresh, prompt, seed=training.seed) - sample_pixels).max() <= 1
+    assert np.abs(render(fresh, prompt, seed=training.seed, training=training) - sample_pixels).max() <= 1
 
 
 @pytest.mark.slow
@@ -273,8 +280,16 @@ def test_class_images_are_rendered_once_per_base_and_class(
     training = settings(class_images=3, sample_count=0)
     job = train_job(photos, tmp_path / "a", class_word="young man", steps=1)
     first: list[TrainingProgress] = []
-    train_lora(sd, job, dataclasses.replace(training, class_images=2), cache, on_progress=first.append)
+    train_lora(
+        sd,
+        job,
+        dataclasses.replace(training, class_images=2, render_steps=3),
+        cache,
+        on_progress=first.append,
+    )
     assert sorted(path.name for path in folder.iterdir()) == ["0.png", "1.png"]
+    # Rendered in [training] render_steps denoising steps, by the pipeline's own scheduler.
+    assert len(sd.pipeline.scheduler.timesteps) == 3
     mtimes = {path: path.stat().st_mtime_ns for path in folder.iterdir()}
 
     # One more wanted: only that one is rendered.
@@ -313,7 +328,8 @@ def test_should_stop_ends_the_run_within_one_step(
     assert not (tmp_path / "adapter.safetensors").exists()
     assert_pristine(sd, probe)
 
-    # While images render, too: polled before each of the 2 steps, then inside the sample's denoising loop.
+    # While images render, too: polled before each of the 2 steps, then inside the sample's denoising
+    # loop of 4 steps.
     polls: list[int] = []
 
     def stop_on_fifth_poll() -> bool:
@@ -325,7 +341,7 @@ def test_should_stop_ends_the_run_within_one_step(
         train_lora(
             sd,
             train_job(photos, output_dir, steps=2),
-            settings(prior_preservation=False),
+            settings(prior_preservation=False, render_steps=4),
             class_images_dir,
             should_stop=stop_on_fifth_poll,
         )
@@ -482,7 +498,7 @@ def test_sdxl_adapter_with_text_encoders_loads_back(
     assert set(fresh.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
     prompt = training.sample_prompt.format(token=TOKEN, **{"class": "person"})
     sample = np.asarray(PIL.Image.open(result.samples[0]), dtype=np.int16)
-    assert np.abs(render(fresh, prompt, seed=training.seed) - sample).max() <= 1
+    assert np.abs(render(fresh, prompt, seed=training.seed, training=training) - sample).max() <= 1
 
 
 # ---------------------------------------------------------------------------------------------
