@@ -21,6 +21,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS_DIR = PROJECT_ROOT.parent / "shared" / "photos"
+# The files whose tests take one to three minutes between them on 2 cores, longest first. They
+# start first (pyproject's --no-loadscope-reorder keeps this order; xdist would otherwise start
+# files with many tests first), so that no process is left alone with one of them at the end.
+LONG_FILES = (
+    "test_cluster.py",
+    "test_worker.py",
+    "test_generate.py",
+    "test_cluster_sim.py",
+    "test_bench_gpu.py",
+    "test_train.py",
+    "test_bot_process.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
