@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class ForkedProcess:
         if line:
             self.returncode = int(json.loads(line)["status"])
         else:
-            # The server died: the worker, now init's child, is reaped there. Wait it out.
+            # The server died: the worker is now init's child, and only its end can be seen, not
+            # its status (reported as killed).
             while _exists(self.pid):
                 await asyncio.sleep(0.1)
             self.returncode = -signal.SIGKILL
@@ -153,10 +155,10 @@ async def _reader(loop: asyncio.AbstractEventLoop, fd: int, limit: int) -> async
 
 
 def _exists(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie counts as gone (its new parent may never reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces and parentheses.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state != "Z"

@@ -91,8 +91,15 @@ def test_workers_fork_from_one_server_in_the_bots_folder_and_environment_and_rep
             process.kill()
             assert await process.wait() == -signal.SIGKILL
 
-        # A dead server is started again for the next worker.
+        # A worker outlives its server; its end is still seen, with its status unknown (as killed).
+        orphan = await forkserver.spawn(["--config", "engine.toml"], LINE_LIMIT)
+        assert isinstance(await next_event(orphan), Ready)
         os.kill(server, signal.SIGKILL)
+        orphan.stdin.close()
+        async with asyncio.timeout(120):
+            assert await orphan.wait() == -signal.SIGKILL
+
+        # A dead server is started again for the next worker.
         fourth = await forkserver.spawn(["--config", "missing.toml"], LINE_LIMIT)
         assert parent_of(fourth.pid) not in (server, os.getpid())
         assert await fourth.wait() == EXIT_BAD_CONFIG
