@@ -28,7 +28,6 @@ from dataclasses import asdict
 
 from bot import forkserver
 from bot.db import ACTIVE_JOB_STATES, Database, JobKind, JobRow
-from bot.forkserver import ForkedProcess
 from engine.config import Config
 from engine.protocol import (
     Accepted,
@@ -260,7 +259,7 @@ class SubprocessWorker(EngineWorker):
     def __init__(self, config: Config, device: str) -> None:
         super().__init__(config, device)
         self.device = device
-        self.process: ForkedProcess | None = None
+        self.process: forkserver.ForkedProcess | None = None
 
     @property
     def pid(self) -> int | None:
