@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,18 @@ class RayWorker(EngineWorker):
                     files[relative] = Path(path).read_bytes()
         return Parcel(files, adapters, blobs)
 
+    async def forget_adapters(self, files: Sequence[Path]) -> None:
+        digests = set(await asyncio.to_thread(_content_hashes, files))
+        self.node_adapters -= digests
+        if self.actor is None or not digests:
+            return
+        try:
+            await self.actor.forget_adapters.remote(sorted(digests))
+        except RayError as error:
+            log.warning(
+                "engine %s could not delete its copies of adapters: %s", self.name, _first_line(error)
+            )
+
     async def shutdown(self, timeout: float) -> None:
         actor = self.actor
         if actor is None:
@@ -283,6 +295,14 @@ def store_shipment(data_dir: Path, shipment: Shipment) -> None:
     for older in checkpoint.parent.glob("step-*"):
         if older != checkpoint:
             shutil.rmtree(older, ignore_errors=True)
+
+
+def _content_hashes(files: Sequence[Path]) -> list[str]:
+    hashes = []
+    for file in files:
+        with contextlib.suppress(OSError):  # gone already: nothing of it to find on a node
+            hashes.append(content_hash(file.read_bytes()))
+    return hashes
 
 
 def _host_and_port(address: str) -> tuple[str, int] | None:

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from bot import forkserver
 from bot.db import ACTIVE_JOB_STATES, Database, JobKind, JobRow
@@ -234,6 +235,10 @@ class EngineWorker(ABC):
             busy.add("generate")
         return set(DISPATCH_ORDER) - busy
 
+    @abstractmethod
+    async def forget_adapters(self, files: Sequence[Path]) -> None:
+        """Drop this worker's own copies of these adapter files, which the bot is about to delete."""
+
     def holds(self, row: JobRow) -> bool:
         """Whether a generation's adapter is among those this worker loaded lately."""
         try:
@@ -317,6 +322,9 @@ class SubprocessWorker(EngineWorker):
             log.warning("engine %s did not stop within %.0f s: killing it", self.device, timeout)
             self.kill()
             await process.wait()
+
+    async def forget_adapters(self, files: Sequence[Path]) -> None:
+        return None  # it reads the bot's own files and keeps no copy
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -469,6 +477,18 @@ class JobQueue:
         """1-based place of a queued job in the order jobs will be dispatched; None if not queued."""
         order = dispatch_order(self._queued(), self._last_served)
         return next((place for place, row in enumerate(order, start=1) if row.id == job_id), None)
+
+    async def forget_adapters(self, paths: Iterable[str | Path]) -> None:
+        """Before a model's files are deleted (/model delete, /forget): every engine drops the copies
+        it keeps of the adapters among or under `paths` (a Ray node keeps them by content hash)."""
+        files = [
+            file
+            for path in map(Path, paths)
+            for file in ([path] if path.is_file() else sorted(path.rglob("*.safetensors")))
+            if file.suffix == ".safetensors"
+        ]
+        if files:
+            await asyncio.gather(*(worker.forget_adapters(files) for worker in self.workers))
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False if it has already finished (or does not exist)."""

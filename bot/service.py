@@ -197,15 +197,20 @@ def end_training(db: Database, config: Config, job: JobRow, error: Error) -> Mod
     return model
 
 
-def delete_model(db: Database, config: Config, model: ModelRow) -> int:
-    """The one way a model goes: its row, its adapter folder (weights, checkpoints, samples) and its
-    files wherever they are; returns how many files were removed. Safe to call again."""
+def model_files(config: Config, model: ModelRow) -> list[str | Path]:
+    """A model's files: its adapter folder (weights, checkpoints, samples) and its files wherever they are."""
     paths: list[str | Path] = [adapter_dir(config, model.guild_id, model.token), *model.samples]
     if model.adapter_path:
         paths.append(model.adapter_path)
+    return paths
+
+
+def delete_model(db: Database, config: Config, model: ModelRow) -> int:
+    """The one way a model goes: its row and its files; returns how many files were removed. Safe to
+    call again. (The engines' own copies of its adapter go first: JobQueue.forget_adapters.)"""
     if db.find_model(model.id) is not None:
         db.delete_model(model.id)
-    return remove_paths(config, paths)
+    return remove_paths(config, model_files(config, model))
 
 
 def remove_training_files(db: Database, config: Config, job: JobRow, *, with_adapter: bool) -> None:

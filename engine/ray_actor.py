@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -162,6 +163,12 @@ class EngineActor:
     def cancel(self, job_id: str) -> None:
         assert self.worker is not None
         self.worker.handle(CancelJob(job_id))
+
+    def forget_adapters(self, digests: list[str]) -> None:
+        """Delete this node's copies of these adapters: their model was deleted, or its member forgot."""
+        for digest in digests:
+            if re.fullmatch(r"[0-9a-f]{64}", digest):  # a content hash, never a path
+                self._adapter_file(digest).unlink(missing_ok=True)
 
     def next_events(self, timeout: float) -> tuple[list[Shipment], bool]:
         """The shipments since the last call, waiting up to `timeout` s for one; and whether the

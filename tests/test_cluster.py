@@ -19,10 +19,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from botharness import TRAIN_TIMEOUT, imagine, running_bot, start_training, write_engine_config
+from botharness import (
+    TRAIN_TIMEOUT,
+    answer,
+    button,
+    imagine,
+    running_bot,
+    start_training,
+    write_engine_config,
+)
 from queueharness import Recorder, add_generate, add_train
 from ray.cluster_utils import Cluster
 from test_bot_resilience import TRAINING, ready_post, training_steps
+from test_forget import forget
 
 from bot.cluster import node_slots, store_shipment
 from bot.db import Database
@@ -109,6 +118,15 @@ def engines_that_ran(caplog: pytest.LogCaptureFixture) -> dict[str, list[str]]:
         ):
             ran.setdefault(found[1], []).append(found[2])
     return ran
+
+
+def node_copies(cluster: Cluster, digest: str) -> list[Path]:
+    """The copies of the adapter with this content hash on the cluster's nodes (not on the nodes of
+    clusters that earlier tests or runs left in the same temp directory)."""
+    folders = [NODE_FOLDERS / node.node_id[:16] for node in cluster.worker_nodes]
+    return [
+        path for folder in folders if (path := folder / ADAPTER_STORE / f"{digest}.safetensors").is_file()
+    ]
 
 
 def node_of(cluster: Cluster, engine: str) -> object:
@@ -239,7 +257,7 @@ def test_a_node_killed_mid_training_resumes_on_the_other_node_and_posts_once(
 
 
 @pytest.mark.slow
-def test_train_and_imagine_through_discord_on_the_cluster_across_a_bot_restart(
+def test_train_and_imagine_through_discord_on_the_cluster_across_a_bot_restart_then_forget(
     tmp_path: Path, cluster: Cluster
 ) -> None:
     async def scenario() -> None:
@@ -267,7 +285,19 @@ def test_train_and_imagine_through_discord_on_the_cluster_across_a_bot_restart(
             model = h.db.model_by_token(h.guild_id, "abraza")
             assert model is not None and model.adapter_path is not None
             digest = content_hash(Path(model.adapter_path).read_bytes())
-            assert list(NODE_FOLDERS.glob(f"*/{ADAPTER_STORE}/{digest}.safetensors"))
+            assert node_copies(cluster, digest)
+            # Until she forgets: then no node keeps a copy of it either ...
+            await forget(h, h.alice)
+            assert not node_copies(cluster, digest)
+            # ... nor of a model deleted with /model delete (this one sent to the node for a picture).
+            knight = h.trained_model(h.bob, "bobby")
+            assert (await imagine(h, h.bob, prompt="bobby as a knight")).files
+            digest = content_hash(Path(knight.adapter_path or "").read_bytes())
+            assert node_copies(cluster, digest)
+            question = await answer(h, h.bob, "model delete", name="bobby")
+            await h.fake.click(h.bob, question, button(question, "Delete"))
+            await h.fake.wait_until(lambda: question.content.startswith("Deleted"), timeout=60)
+            assert not node_copies(cluster, digest)
 
     asyncio.run(scenario())
 

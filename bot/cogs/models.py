@@ -13,7 +13,14 @@ from discord.ext import commands
 from bot.bot import DreamBot, report_error
 from bot.db import ModelRow
 from bot.publish import check_repo_id, publish_model
-from bot.service import UserFacingError, delete_model, export_adapter, export_instructions, member_limits
+from bot.service import (
+    UserFacingError,
+    delete_model,
+    export_adapter,
+    export_instructions,
+    member_limits,
+    model_files,
+)
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
 from bot.views import confirm, count, refusal_line
 from bot.words import normalize_token
@@ -89,6 +96,7 @@ class Models(commands.Cog):
         with contextlib.suppress(TimeoutError):  # what did not stop in time is deleted anyway
             await self.bot.jobs.wait_finished([job.id for job in running], CANCEL_WAIT_SECONDS)
         # A cancelled training deletes its model too (bot.service.end_training); both go one way.
+        await self.bot.jobs.forget_adapters(model_files(self.bot.config, model))
         delete_model(self.bot.db, self.bot.config, model)
         refused = await self.bot.take_down_posts(posts)
         await interaction.edit_original_response(

@@ -56,6 +56,7 @@ class Privacy(commands.Cog):
             paths.append(
                 photos_dir(config, job.id) if job.kind == "train" else generation_dir(config, job.id)
             )
+        await self.bot.jobs.forget_adapters(paths)
         paths.extend(db.forget_user(user_id))
         files = await asyncio.to_thread(remove_paths, config, paths)
         await interaction.edit_original_response(
