@@ -225,13 +225,7 @@ class RayWorker(EngineWorker):
                 if relative is None:
                     continue
                 with contextlib.suppress(OSError):
-                    stat = os.stat(adapter.path)
-                    key = (adapter.path, stat.st_size, stat.st_mtime_ns)
-                    data = None
-                    if key not in self._hashes:
-                        data = Path(adapter.path).read_bytes()
-                        self._hashes[key] = content_hash(data)
-                    digest = self._hashes[key]
+                    digest, data = self._digest(adapter.path)
                     if digest not in node_adapters:
                         blobs[digest] = data if data is not None else Path(adapter.path).read_bytes()
                     adapters[relative] = digest
@@ -243,8 +237,26 @@ class RayWorker(EngineWorker):
                     files[relative] = Path(path).read_bytes()
         return Parcel(files, adapters, blobs)
 
+    def _digest(self, path: str) -> tuple[str, bytes | None]:
+        """The content hash of the file at `path`, and its bytes when they had to be read for it
+        (a file unchanged since it was last hashed is not read again)."""
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key in self._hashes:
+            return self._hashes[key], None
+        data = Path(path).read_bytes()
+        self._hashes[key] = content_hash(data)
+        return self._hashes[key], data
+
+    def _digests(self, files: Sequence[Path]) -> set[str]:
+        digests = set()
+        for file in files:
+            with contextlib.suppress(OSError):  # gone already: nothing of it to find on a node
+                digests.add(self._digest(str(file))[0])
+        return digests
+
     async def forget_adapters(self, files: Sequence[Path]) -> None:
-        digests = set(await asyncio.to_thread(_content_hashes, files))
+        digests = await asyncio.to_thread(self._digests, files)
         self.node_adapters -= digests
         if self.actor is None or not digests:
             return
@@ -295,14 +307,6 @@ def store_shipment(data_dir: Path, shipment: Shipment) -> None:
     for older in checkpoint.parent.glob("step-*"):
         if older != checkpoint:
             shutil.rmtree(older, ignore_errors=True)
-
-
-def _content_hashes(files: Sequence[Path]) -> list[str]:
-    hashes = []
-    for file in files:
-        with contextlib.suppress(OSError):  # gone already: nothing of it to find on a node
-            hashes.append(content_hash(file.read_bytes()))
-    return hashes
 
 
 def _host_and_port(address: str) -> tuple[str, int] | None:

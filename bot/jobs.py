@@ -100,6 +100,16 @@ def dispatch_order(queued: Iterable[JobRow], last_served: Mapping[int, int]) -> 
     return order
 
 
+def _adapter_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The adapter weights among or under `paths` (a folder's are found wherever they lie in it)."""
+    return [
+        file
+        for path in map(Path, paths)
+        for file in ([path] if path.is_file() else sorted(path.rglob("*.safetensors")))
+        if file.suffix == ".safetensors"
+    ]
+
+
 def plan_dispatch(
     queued: Iterable[JobRow],
     last_served: Mapping[int, int],
@@ -481,12 +491,7 @@ class JobQueue:
     async def forget_adapters(self, paths: Iterable[str | Path]) -> None:
         """Before a model's files are deleted (/model delete, /forget): every engine drops the copies
         it keeps of the adapters among or under `paths` (a Ray node keeps them by content hash)."""
-        files = [
-            file
-            for path in map(Path, paths)
-            for file in ([path] if path.is_file() else sorted(path.rglob("*.safetensors")))
-            if file.suffix == ".safetensors"
-        ]
+        files = await asyncio.to_thread(_adapter_files, paths)
         if files:
             await asyncio.gather(*(worker.forget_adapters(files) for worker in self.workers))
 
