@@ -44,6 +44,8 @@ JOB_TIMEOUT = 120.0
 START_TIMEOUT = 240.0
 # A whole training (class images, steps, samples), allowing for a machine busy with other work.
 TRAIN_TIMEOUT = 600.0
+# Whatever another member sends, the bot acknowledges a /queue within this long (issue 17's bar).
+RESPONSIVE_WITHIN = 3.0
 
 TEST_SETTINGS: dict[str, dict[str, Any]] = {
     "model": {"base": "tiny", "device": "cpu"},
@@ -153,6 +155,33 @@ async def answer(h: BotHarness, user_id: int, command: str, **options: Any) -> F
     message = await ix.wait_original(timeout=30)
     assert message.ephemeral
     return message
+
+
+@contextlib.asynccontextmanager
+async def responsive_throughout(h: BotHarness, user_id: int) -> AsyncIterator[None]:
+    """The bot stays responsive while the block runs: its event loop never stalls for RESPONSIVE_WITHIN
+    seconds, and a /queue from `user_id` at the end is acknowledged within that long.
+
+    The loop's stalls are watched because the fake Discord shares the bot's process: a stall freezes
+    the fake's clock too, so a request's own timeout would never see it."""
+    loop = asyncio.get_running_loop()
+    longest_stall = 0.0
+
+    async def watch() -> None:
+        nonlocal longest_stall
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.05)
+            longest_stall = max(longest_stall, loop.time() - before - 0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+        ix = await h.fake.slash(user_id, h.general_channel_id, "queue")
+        await ix.wait_callback(timeout=RESPONSIVE_WITHIN)
+    finally:
+        watcher.cancel()
+    assert longest_stall < RESPONSIVE_WITHIN, f"the bot's event loop stalled for {longest_stall:.1f} s"
 
 
 async def delete_picture(h: BotHarness, user_id: int, post: FakeMessage) -> FakeMessage:

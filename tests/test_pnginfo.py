@@ -6,6 +6,10 @@ import asyncio
 import io
 import json
 import random
+import re
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Any
 import discord
 import PIL.Image
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, button, imagine, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, SharedBot, button, imagine, responsive_throughout, running_bot
 from fakediscord import FakeMessage
 from PIL.PngImagePlugin import PngInfo
 
@@ -22,11 +26,16 @@ from bot.cogs.help import HELP_TEXT
 from bot.cogs.imagine import generation_parameters
 from bot.db import GenerationRow
 from bot.pnginfo import (
+    MAX_GRAPH_DEPTH,
+    MAX_GRAPH_NODES,
+    MAX_PARAMETERS_CHARS,
     MAX_PICTURE_BYTES,
     Lora,
     PictureError,
+    TooLargeError,
     parse_a1111,
     read_picture,
+    settings_pairs,
     summarize_comfyui,
     without_lora_tags,
 )
@@ -295,6 +304,117 @@ def test_a_generations_info_lists_the_seed_of_each_picture() -> None:
     assert parameters.settings["Seed"] == "7, 8" and parameters.made_with == "dreambot"
     with pytest.raises(UserFacingError, match="before I kept its parameters"):
         generation_parameters(_generation([]))
+
+
+# -- a member's file may be anything: bounded, linear readers -----------------------------------
+
+# AUTOMATIC1111's own `re_param` (modules/infotext_utils.py), which settings_pairs reads as it does.
+A1111_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def two_way_graph(nodes: int, fan: int = 6) -> dict[str, Any]:
+    """A ComfyUI graph whose nodes link to each other in both directions, and a sampler reading it."""
+    graph: dict[str, Any] = {
+        str(i): {
+            "class_type": "Note",
+            "inputs": {f"in{k}": [str((i + k + 1) % nodes), 0] for k in range(fan)},
+        }
+        for i in range(nodes)
+    }
+    graph["s"] = {"class_type": "KSampler", "inputs": {"seed": ["0", 0], "positive": ["0", 0], "steps": 9}}
+    return graph
+
+
+def test_settings_lines_read_as_a1111s_own_expression_reads_them() -> None:
+    lines = [
+        A1111_TEXT.split("\n")[-1],
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: sd_xl:base, Empty: ",
+        'Prompt: "a, b", Note: "unclosed, Steps: 5, Other: x"y, Seed: 2',
+        'ADetailer prompt: "a \\"b\\" c", ADetailer model: face_yolov8n.pt, Version: v1.6',
+    ]
+    for line in lines:
+        assert settings_pairs(line) == A1111_RE_PARAM.findall(line)
+
+
+def test_settings_and_graphs_beyond_the_bounds_are_too_large_to_read() -> None:
+    long_line = "a " * (MAX_PARAMETERS_CHARS // 2 + 1)
+    with pytest.raises(TooLargeError, match=r"carries 65,538 characters of settings, too many to read"):
+        read_picture(png_with(parameters=long_line))
+    assert read_picture(png_with(parameters=long_line[: MAX_PARAMETERS_CHARS - 2])).parameters is not None
+    with pytest.raises(TooLargeError, match=r"ComfyUI graph of 2,002 nodes .* too large to read"):
+        read_picture(comfyui_png(two_way_graph(MAX_GRAPH_NODES + 1)))
+    chain: dict[str, Any] = {
+        str(i): {"class_type": "Reroute", "inputs": {"x": [str(i + 1), 0]}} for i in range(100)
+    }
+    chain["100"] = {"class_type": "PrimitiveNode", "inputs": {"value": 7}}
+    chain["s"] = {"class_type": "KSampler", "inputs": {"seed": ["0", 0]}}
+    with pytest.raises(TooLargeError, match=f"more than {MAX_GRAPH_DEPTH} nodes deep"):
+        summarize_comfyui(chain)
+    shallow = {key: node for key, node in chain.items() if key == "s" or int(key) >= 100 - MAX_GRAPH_DEPTH}
+    shallow["s"]["inputs"]["seed"] = [str(100 - MAX_GRAPH_DEPTH), 0]
+    assert summarize_comfyui(shallow).settings["Seed"] == "7"
+
+
+def test_a_graph_of_every_node_linked_to_every_other_is_read_once_per_node() -> None:
+    # 60 nodes and 3,540 links: the old reader followed each of their countless paths.
+    parameters = summarize_comfyui(two_way_graph(60, fan=59))
+    assert parameters.settings == {"Steps": "9"} and parameters.prompt == ""
+    # Followed depth first, a ring of nodes is as deep as it is long.
+    with pytest.raises(TooLargeError, match="more than 64 nodes deep"):
+        summarize_comfyui(two_way_graph(MAX_GRAPH_NODES - 1, fan=1))
+
+
+def test_readers_answer_on_megabyte_inputs_made_to_backtrack() -> None:
+    """Texts that made A1111's expressions (and our first readers) take quadratic or exponential time
+    are read at once; run in a child so that a regression fails here instead of hanging the suite."""
+    script = textwrap.dedent("""
+        import json, sys
+        sys.path.insert(0, sys.argv[1])
+        from test_pnginfo import two_way_graph
+        from bot.pnginfo import parse_a1111, summarize_comfyui, without_lora_tags
+        n = 1_000_000
+        for text in ("a " * (n // 2), 'K: "x,' * (n // 6), 'K: "' + '\\\\"x,K: ' * (n // 7),
+                     "ab cd-ef/gh," * (n // 12), "<lora:" + "a" * n, "<lora:a:" * (n // 8)):
+            parse_a1111(text)
+            without_lora_tags(text)
+        summarize_comfyui(two_way_graph(60, fan=59))
+        print("read")
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "read", done.stderr
+
+
+def test_picture_info_on_files_made_to_freeze_the_bot_answers_and_the_bot_stays_responsive(
+    shared_bot: SharedBot,
+) -> None:
+    async def scenario(h: BotHarness) -> None:
+        attacks = {
+            # One line of text: A1111's expression took about 16 s on it, holding the GIL.
+            "line.png": png_with(parameters="a " * 30_000),
+            "huge-line.png": png_with(parameters="a " * 450_000),
+            # Nodes linked both ways: the old reader followed every path, and never answered.
+            "loops.png": comfyui_png(two_way_graph(40)),
+        }
+        answers = {}
+        async with responsive_throughout(h, h.alice):
+            for name, data in attacks.items():
+                message = h.fake.post_user_message(
+                    h.general_channel_id, h.bob, attachments=[(name, data, "image/png")]
+                )
+                ix = await h.fake.message_command(h.bob, h.general_channel_id, "Picture info", message)
+                answers[name] = await ix.wait_original(timeout=30)
+        assert "a a a" in picture_prompts_of(answers["line.png"])[0]
+        assert answers["huge-line.png"].content == (
+            "**huge-line.png** carries 900,000 characters of settings, too many to read (I read up to 65,536)."
+        )
+        assert field(answers["loops.png"], "Steps") == "9"
+
+    shared_bot.run(scenario)
 
 
 # -- end to end ----------------------------------------------------------------------------------
