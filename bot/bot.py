@@ -113,6 +113,11 @@ class DreamBot(commands.Bot):
         await super().close()
         self.db.close()
 
+    async def on_message(self, message: discord.Message, /) -> None:
+        """Chat is never a command, not even chat that mentions the bot: every command is an app
+        command, so a message is neither parsed nor answered (commands.Bot's would log each mention
+        as an unknown command)."""
+
     async def _beat(self) -> None:
         path = heartbeat_path(self.config)
         while True:

@@ -77,7 +77,7 @@ def quick_engine_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # The tests that use `shared_bot`, at most: each gets a guild of its own.
-SHARED_GUILDS = 12
+SHARED_GUILDS = 24
 
 
 @pytest.fixture(scope="session")
