@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from bot.db import LOCAL_GUILD_ID, LOCAL_USER_ID, LOCAL_USER_NAME, Database, JobRow, ModelRow, new_job_id
+from bot.db import (
+    LOCAL_GUILD_ID,
+    LOCAL_USER_ID,
+    LOCAL_USER_NAME,
+    Database,
+    DatabaseUnusable,
+    JobRow,
+    ModelRow,
+    new_job_id,
+)
 from bot.jobs import JobQueue
 from bot.prompts import ASPECTS, size_for_aspect
 from bot.safety import merge_negative
@@ -82,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dreambot: {error}", file=sys.stderr)
         return 2
-    return args.handler(config, args)
+    try:
+        return args.handler(config, args)
+    except DatabaseUnusable as error:
+        print(f"dreambot: {error}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

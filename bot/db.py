@@ -396,6 +396,20 @@ _HER_JOBS = "jobs.user_id = :user_id OR " + _WITH_HER_MODELS.format(
 _HER_POSTS = f"posts.user_id = :user_id OR posts.job_id IN (SELECT id FROM jobs WHERE {_HER_JOBS})"
 
 
+class DatabaseUnusable(Exception):
+    """The database file cannot be opened as it is; the message names it and says what to do."""
+
+    @classmethod
+    def because(cls, path: Path, error: sqlite3.DatabaseError) -> DatabaseUnusable:
+        if isinstance(error, sqlite3.OperationalError):  # locked, unreadable, a folder: not its contents
+            return cls(f"the database {path} cannot be opened: {error}")
+        problem = "is not a database" if "not a database" in str(error) else "is damaged"
+        return cls(
+            f"the database {path} {problem}: restore it from a backup, or move it aside to start with an "
+            "empty one (nothing was changed in it)"
+        )
+
+
 class Database:
     """The bot's tables. Methods are synchronous: SQLite on local disk answers in microseconds."""
 
@@ -405,12 +419,18 @@ class Database:
         # The queue's dispatcher and the cogs share this connection on the event loop's thread.
         connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db = sqlite_utils.Database(connection)
-        self.db.execute("PRAGMA busy_timeout = 10000")
-        self.db.execute("PRAGMA foreign_keys = ON")
-        # Deleted rows are overwritten with zeros, not just unlinked (see forget_user).
-        self.db.execute("PRAGMA secure_delete = ON")
-        self.db.enable_wal()
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA busy_timeout = 10000")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten with zeros, not just unlinked (see forget_user).
+            self.db.execute("PRAGMA secure_delete = ON")
+            # Reads the file's header and schema first: nothing is written to a file that is no
+            # database, and each migration is one transaction.
+            self.db.enable_wal()
+            self._migrate()
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise DatabaseUnusable.because(path, error) from None
 
     @classmethod
     def in_data_dir(cls, data_dir: Path) -> Database:

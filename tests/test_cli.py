@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 from bot.cli import main
-from bot.db import LOCAL_GUILD_ID, Database
+from bot.db import DATABASE_FILE, LOCAL_GUILD_ID, Database
 from bot.pnginfo import read_picture
 from engine.config import DEFAULT_BASE_MODEL, load_config
 from engine.model import load_base_model
@@ -254,3 +254,29 @@ def test_a_base_model_that_is_not_downloaded_is_explained_once(tmp_path: Path) -
     assert "Start once with a network connection (and without HF_HUB_OFFLINE) to download it" in output
     assert 'or base = "tiny" to try the flow' in output
     assert "local_files_only" not in output and "Traceback" not in output, output
+
+
+def test_a_file_that_is_no_database_is_named_in_one_line_and_left_as_it_is(workdir: Path) -> None:
+    database = workdir / "data" / DATABASE_FILE
+    database.parent.mkdir()
+    Database(database).close()
+    pages = bytearray(database.read_bytes())
+    # A damaged one (its header intact, its schema page overwritten), then one that is no database.
+    damaged = bytes(pages[:100]) + b"\xff" * (len(pages) - 100)
+    for contents, problem in (
+        (damaged, "is damaged"),
+        (b"notes, not a database\n" * 200, "is not a database"),
+    ):
+        database.write_bytes(contents)
+        for command in (["run"], ["models"]):
+            done = subprocess.run(
+                ["dreambot", *command], capture_output=True, text=True, cwd=workdir, timeout=120,
+                env={**os.environ, "DISCORD_TOKEN": "a-token"},
+            )  # fmt: skip
+            assert done.returncode == 1
+            assert done.stderr == (
+                f"dreambot: the database {database} {problem}: restore it from a backup, or move it aside "
+                "to start with an empty one (nothing was changed in it)\n"
+            )
+        assert database.read_bytes() == contents
+        assert sorted(path.name for path in database.parent.iterdir()) == [DATABASE_FILE]
