@@ -28,7 +28,7 @@ import torch
 from compel import Compel, ReturnedEmbeddingsType, SplitLongTextMode
 from compel.prompt_parser import Conjunction, FlattenedPrompt
 
-from engine.prompt_syntax import ParsedPrompt
+from engine.prompt_syntax import MAX_PROMPT_CHUNKS, ParsedPrompt, too_many_chunks
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,11 @@ def encode_prompts(pipeline: Any, prompt: ParsedPrompt, negative: ParsedPrompt) 
     zero_negative = sdxl and not negative.text.strip() and pipeline.config.force_zeros_for_empty_prompt
     negatives = [] if zero_negative else [_embeds(compel, negative) for compel in compels]
     length = max(embeds.shape[1] for embeds, _ in [*positive, *negatives])
+    # Refused before any denoising step: a long text makes more chunks than its sections
+    # (engine.prompt_syntax counts those), a byte-level tokenizer up to several per character.
+    chunks = length // compels[0].conditioning_provider.empty_z.shape[1]
+    if chunks > MAX_PROMPT_CHUNKS:
+        raise ValueError(too_many_chunks(chunks, "its words make"))
     embeds = _side_by_side(compels, positive, length)
     negative_embeds = _side_by_side(compels, negatives, length) if negatives else torch.zeros_like(embeds)
     if not sdxl:

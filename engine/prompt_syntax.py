@@ -14,6 +14,8 @@ Where A1111 guesses, this refuses with a message for the member: a bracket never
 nothing, crossed brackets, a weight that is not a number or is outside 0..MAX_WEIGHT (A1111 takes
 any), A1111's prompt editing `[a:b:0.5]` and alternation `[a|b]` (not supported), and tags other
 than `<lora:...>`. A BREAK inside brackets is a BREAK too (A1111 then reads the word "BREAK").
+A prompt of more than MAX_PROMPT_CHUNKS chunks is refused too (A1111 takes any number): each chunk
+lengthens what every denoising step attends to.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from dataclasses import dataclass
 MAX_WEIGHT = 2.0
 ROUND_BRACKETS = 1.1
 SQUARE_BRACKETS = 1 / 1.1
+# The most 75-token chunks a prompt is drawn with (600 tokens; 1,000 characters of plain words make
+# about 4). Each BREAK starts a chunk, so the bot counts sections before any tokenizer is at hand;
+# the engine counts the chunks its text encoders make.
+MAX_PROMPT_CHUNKS = 8
+CHUNK_TOKENS = 75
 
 # extra_networks.re_extra_net, with an empty argument list let in (and then refused by name).
 _TAG = re.compile(r"<(\w+):([^>]*)>")
@@ -194,7 +201,18 @@ def _attention_sections(text: str) -> tuple[tuple[Fragment, ...], ...]:
             f"“{opened}” in “{_snippet(text, opened_at)}” is never closed: add a “{closing}”, "
             f"or write `\\{opened}` for the character itself"
         )
-    return _sections(pieces)
+    sections = _sections(pieces)
+    if len(sections) > MAX_PROMPT_CHUNKS:
+        raise PromptSyntaxError(too_many_chunks(len(sections), "its BREAKs start"))
+    return sections
+
+
+def too_many_chunks(chunks: int, made_by: str) -> str:
+    """Why a prompt of `chunks` chunks is refused; `made_by` says what made them."""
+    return (
+        f"the prompt is {chunks} chunks of {CHUNK_TOKENS} tokens ({made_by} that many), and I draw at "
+        f"most {MAX_PROMPT_CHUNKS}: shorten it or use fewer BREAKs"
+    )
 
 
 def _opening(open_brackets: list[tuple[str, int, int]], match: re.Match[str]) -> int:

@@ -17,3 +17,15 @@ def test_chat_that_mentions_the_bot_is_no_command_no_error_and_no_reply(shared_b
         assert [r.route for r in h.fake.requests[mark:] if r.interaction is None] == []
 
     shared_bot.run(scenario)
+
+
+def test_a_prompt_of_breaks_is_refused_up_front_saying_the_limit(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        async with responsive_throughout(h, h.alice):
+            ix = await h.fake.slash(h.bob, h.prompts_channel_id, "imagine", prompt="me " + "BREAK " * 165)
+            refusal = await ix.wait_original(timeout=30)
+        assert refusal.ephemeral and "I draw at most 8" in refusal.content
+        assert "165 chunks of 75 tokens" in refusal.content
+        assert h.db.count_active_jobs(h.bob) == 0
+
+    shared_bot.run(scenario)

@@ -17,7 +17,7 @@ import torch
 
 from engine.model import LoadedModel, load_base_model
 from engine.prompt_embeds import PromptEmbeddings, encode_prompts
-from engine.prompt_syntax import parse_prompt
+from engine.prompt_syntax import CHUNK_TOKENS, MAX_PROMPT_CHUNKS, parse_prompt
 
 CAT = slice(2, 5)
 # CLIP's context: a chunk of 75 tokens between BOS and EOS.
@@ -173,3 +173,15 @@ def test_sdxl_gets_pooled_embeddings_and_zeros_for_no_negative_prompt(sdxl: Load
     assert not torch.equal(weighted.embeds, embeddings.embeds)
     # The pooled embedding is the first chunk's, unweighted (A1111 weighs the sequence only).
     assert torch.equal(weighted.pooled, embeddings.pooled)
+
+
+def test_words_that_make_more_chunks_than_are_drawn_are_refused_before_any_step(sd: LoadedModel) -> None:
+    # "cat" is 3 tokens of the tiny tokenizer: 200 of them fill the 8 chunks, one more makes a 9th.
+    fits = " ".join(["cat"] * (CHUNK_TOKENS * MAX_PROMPT_CHUNKS // 3))
+    assert encode(sd, fits).embeds.shape[1] == CHUNK_LENGTH * MAX_PROMPT_CHUNKS
+    with pytest.raises(
+        ValueError, match=r"^the prompt is 9 chunks of 75 tokens \(its words make that many\)"
+    ):
+        encode(sd, fits + " cat")
+    with pytest.raises(ValueError, match="is 9 chunks"):
+        encode(sd, "a cat", negative=fits + " cat")

@@ -11,6 +11,7 @@ import pytest
 
 from bot.cogs.help import HELP_TEXT
 from engine.prompt_syntax import (
+    MAX_PROMPT_CHUNKS,
     MAX_WEIGHT,
     Fragment,
     LoraTag,
@@ -147,3 +148,13 @@ def test_the_examples_in_the_readme_and_help_read_as_they_say() -> None:
     for unsupported in ("[a:b:0.5]", "[a|b]"):
         with pytest.raises(PromptSyntaxError, match="not supported"):
             parse_prompt(unsupported)
+
+
+def test_a_prompt_of_more_breaks_than_chunks_drawn_is_refused_saying_the_limit() -> None:
+    assert len(parse_prompt(" BREAK ".join(["cat"] * MAX_PROMPT_CHUNKS)).sections) == MAX_PROMPT_CHUNKS
+    with pytest.raises(PromptSyntaxError) as refused:
+        parse_prompt("abraza " + "BREAK " * 160)
+    assert str(refused.value) == (
+        "the prompt is 160 chunks of 75 tokens (its BREAKs start that many), and I draw at most 8: "
+        "shorten it or use fewer BREAKs"
+    )
