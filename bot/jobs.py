@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bot import forkserver
+from bot.consent import generation_refusal
 from bot.db import ACTIVE_JOB_STATES, Database, JobKind, JobRow
 from engine.config import Config
 from engine.protocol import (
@@ -108,6 +110,16 @@ def _adapter_files(paths: Iterable[str | Path]) -> list[Path]:
         for file in ([path] if path.is_file() else sorted(path.rglob("*.safetensors")))
         if file.suffix == ".safetensors"
     ]
+
+
+# An absolute path in what an engine says (a Ray node's engine may be a broken or hostile process).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])[~]?/(?:[\w.@+=-]+/)*[\w.@+=-]+/?")
+
+
+def _without_paths(message: str) -> str:
+    """An engine's message for a member, with any server path taken out (engines write none; this
+    keeps it so whatever an engine sends)."""
+    return _ABSOLUTE_PATH.sub("(a file on the server)", message)
 
 
 def plan_dispatch(
@@ -673,6 +685,16 @@ class JobQueue:
                 del worker.in_flight[row.id]
                 worker.accepted.discard(row.id)
             return
+        if isinstance(event, Error):
+            event = Error(event.job_id, _without_paths(event.message), event.code)
+        refusal = generation_refusal(self.db, row)
+        if refusal is not None and not (isinstance(event, Error) and event.code == "cancelled"):
+            if isinstance(event, Progress):
+                return  # its preview shows a face it may no longer show
+            if isinstance(event, Result | Error):
+                # Drawn, or failed because its model's file went: it fails saying why, and the
+                # imagine cog deletes what was drawn.
+                event = Error(row.id, refusal, "bad_adapter")
         if isinstance(event, Progress):
             await self._tell(row, event)
         elif isinstance(event, Accepted):
@@ -769,6 +791,9 @@ class JobQueue:
             log.error("job %s has an unusable payload: %s", fresh.id, error)
             message = "This job could not be started (its stored request is unreadable)."
             await self._finish(fresh, Error(fresh.id, message, "internal"))
+            return
+        if (refusal := generation_refusal(self.db, fresh)) is not None:
+            await self._finish(fresh, Error(fresh.id, refusal, "bad_adapter"))
             return
         # 'running' from now on, so it is not sent twice; the attempt counts once the worker accepts it.
         row = self.db.update_job(fresh.id, state="running")

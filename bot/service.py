@@ -19,6 +19,7 @@ from typing import Literal
 
 from PIL import Image
 
+from bot.consent import may_use
 from bot.db import Database, GenerationRow, JobRow, MemberSettings, ModelRow, new_job_id
 from bot.prompts import ASPECTS, MAX_COMMAND_STEPS, models_in_prompt
 from bot.safety import prompt_refusal
@@ -273,7 +274,7 @@ def usable_models(db: Database, guild_id: int, user_id: int, prompt: str) -> lis
             "a model's name in the prompt is enough to use it."
         )
     for model in models:
-        if model.owner_id != user_id and not model.shared:
+        if not may_use(model, user_id):
             raise UserFacingError(
                 f"“{model.token}” is <@{model.owner_id}>'s model and its owner hasn't shared it, "
                 "so only they can use it (they can share it with `/model share`)."

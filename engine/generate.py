@@ -328,9 +328,9 @@ class AdapterCache:
         swap = name is not None and name in self._present_adapters()
         name = name or token
         if token == name and token in self._present_adapters():
+            log.error("adapter %r is taken on this pipeline by an adapter not loaded from %s", token, path)
             raise AdapterLoadError(
-                f"adapter {token!r}: the name is taken on this pipeline by an adapter that was not loaded "
-                f"from {path!r}"
+                f"the adapter of “{token}” could not be loaded: its name is taken by another adapter"
             )
         _check_lora_file(token, Path(path))
         try:
@@ -353,7 +353,7 @@ class AdapterCache:
             # Whatever else stops a user's file from loading is that file's problem, not the engine's.
             log.warning("adapter %r from %s could not be loaded: %s", token, path, error)
             raise AdapterLoadError(
-                f"adapter {token!r}: {path!r} does not fit this base model (trained on another one?): "
+                f"the adapter of “{token}” does not fit this base model (trained on another one?): "
                 f"{_brief(error)}"
             ) from error
         self.loads += 1
@@ -398,7 +398,8 @@ def _file_key(token: str, path: str | Path) -> _FileKey:
     try:
         stat = path.stat()
     except OSError:
-        raise AdapterLoadError(f"adapter {token!r}: file {str(path)!r} does not exist") from None
+        log.warning("the adapter file of %r is gone: %s", token, path)
+        raise AdapterLoadError(f"the adapter file of “{token}” is gone (was the model deleted?)") from None
     return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
 
@@ -410,12 +411,13 @@ def _check_lora_file(token: str, path: Path) -> None:
         with safe_open(str(path), framework="pt") as checkpoint:
             keys = list(checkpoint.keys())
     except Exception as error:
+        log.warning("the adapter file of %r, %s, is not readable: %s", token, path, error)
         raise AdapterLoadError(
-            f"adapter {token!r}: {str(path)!r} is not a readable safetensors file (corrupt or truncated?): "
-            f"{_brief(error)}"
+            f"the adapter file of “{token}” is not a readable safetensors file (corrupt or truncated?)"
         ) from error
     if not keys or not all("lora" in key for key in keys):
-        raise AdapterLoadError(f"adapter {token!r}: {str(path)!r} holds no LoRA weights")
+        log.warning("the adapter file of %r, %s, holds no LoRA weights", token, path)
+        raise AdapterLoadError(f"the adapter file of “{token}” holds no LoRA weights")
 
 
 def _brief(error: Exception, limit: int = 300) -> str:
@@ -755,20 +757,23 @@ class Generator:
 
 def _init_image(path: Path, job: GenerateJob) -> PIL.Image.Image:
     """The init image at `path` in RGB, resized to the size `job` makes."""
+    # Its path goes to the log, not into the message: members read it.
     if not path.is_file():
-        raise ValueError(f"`init_image` has to be an existing file but is {str(path)!r}")
+        log.warning("the init image %s is gone", path)
+        raise ValueError("the picture to start from is gone (was it deleted?)")
     try:
         with PIL.Image.open(path) as opened:
             width, height = job.output_size(*opened.size)
             # Checked on the header, before a too-big image is decoded.
             if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
                 raise ValueError(
-                    f"`init_image` {str(path)!r} is {opened.width}x{opened.height}: upscaled "
+                    f"the picture to start from is {opened.width}x{opened.height}: upscaled "
                     f"{UPSCALE_FACTOR}x it would be {width}x{height}, outside {MIN_SIDE}..{MAX_SIDE}"
                 )
             init = opened.convert("RGB")
     except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"`init_image` {str(path)!r} is not a readable image: {error}") from None
+        log.warning("the init image %s is not readable: %s", path, error)
+        raise ValueError("the picture to start from is not a readable image") from None
     # Lanczos: the hires-fix resize; img2img then redraws detail at the new size.
     return init.resize((width, height), PIL.Image.LANCZOS)
 

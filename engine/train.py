@@ -143,7 +143,8 @@ def train_lora(
     photos = [Path(photo) for photo in job.photos]
     missing = [str(photo) for photo in photos if not photo.is_file()]
     if missing:
-        raise ValueError(f"photos: no such file {missing[0]!r} ({len(missing)} missing)")
+        log.error("training %s: %d photos are gone, %s first", job.job_id, len(missing), missing[0])
+        raise ValueError(f"{len(missing)} of the training photos are gone (deleted before the training ran?)")
     pipeline = model.pipeline
     report = on_progress or (lambda _progress: None)
     stop = should_stop or (lambda: False)

@@ -358,10 +358,10 @@ class Worker:
             failure = (str(error), "bad_adapter")
         except ValueError as error:
             failure = (str(error), "bad_request")
-        except Exception as error:
+        except Exception:
             log.error("jobs %s failed:\n%s", [task.job_id for task in tasks], traceback.format_exc())
             failure = (
-                f"the engine hit an unexpected error ({type(error).__name__}); it has been logged",
+                "the engine hit an unexpected error; it has been logged for the bot's admin",
                 "internal",
             )
         if out_of_memory:

@@ -295,7 +295,7 @@ def test_an_init_image_that_is_gone_fails_its_job(engine: EngineProcess, data_di
     engine.send(generate_job("init-gone", data_dir, init_image=str(gone), strength=0.5))
     error = engine.finished("init-gone")
     assert isinstance(error, Error) and error.code == "bad_request"
-    assert error.message == f"`init_image` has to be an existing file but is {str(gone)!r}"
+    assert error.message == "the picture to start from is gone (was it deleted?)"
 
 
 def test_paths_outside_the_data_dir_are_refused(

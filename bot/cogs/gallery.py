@@ -19,6 +19,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.bot import DreamBot
+from bot.consent import generation_refusal
 from bot.db import GenerationRow
 from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
@@ -72,6 +73,9 @@ class Gallery(commands.Cog):
             return  # she keeps her pictures out of the gallery (/settings)
         if is_age_restricted(message.channel) and not channel.is_nsfw():
             return  # what an age-restricted channel allows stays there
+        job = self.bot.db.find_job(row.job_id)
+        if job is None or generation_refusal(self.bot.db, job) is not None:
+            return  # a model of it was withdrawn since its post: no copy spreads it further
         upload, name = image_upload(row, guild.filesize_limit)
         embed = generation_embed(row, name)
         embed.add_field(name="Original", value=f"[Jump to the post]({message.jump_url})")

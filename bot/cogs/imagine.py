@@ -29,6 +29,7 @@ from discord.ext import commands
 from PIL import Image
 
 from bot.bot import DreamBot, report_error
+from bot.consent import generation_refusal
 from bot.db import GenerationRow, JobRow, ModelRow
 from bot.pnginfo import Parameters, parse_a1111
 from bot.prompts import MAX_COMMAND_STEPS, size_for_aspect
@@ -325,6 +326,12 @@ class Imagine(commands.Cog):
             # Encoding a 2x2 grid of full-size images takes a moment: off the event loop.
             grid = generation_dir(self.bot.config, job.id) / GRID_FILE
             await asyncio.to_thread(make_grid, [Path(path) for path in row.files], grid)
+        # Its model's owner may have withdrawn it while the queue told this cog and the grid was made.
+        if (refusal := generation_refusal(self.bot.db, job)) is not None:
+            self.bot.db.delete_generation(row.id)
+            end_generation(self.bot.config, job)
+            await self._tell(job, waiting, f"<@{job.user_id}> I couldn't make your image: {refusal}")
+            return
         note = f" (the safety checker hid {_pictures(hidden)} flagged as NSFW)" if hidden else ""
         message = await self._post(job, waiting, row, note)
         if message is not None:
