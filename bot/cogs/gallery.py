@@ -4,6 +4,9 @@ The mirror post links back to the original and mentions its author without pingi
 reaction on a mirror post counts as a star (the bot's own ⭐, added so people can click it, does
 not); /gallery pages through the server's generations, newest or most starred first. Stars given
 while the bot was offline reach it as no event: at start-up it counts them on recent posts.
+
+A picture made in an age-restricted channel (or a thread of one) is shown only in age-restricted
+channels (bot.views.may_show), here and everywhere else: its row says so.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Literal, cast
 
 import discord
@@ -22,7 +24,7 @@ from bot.bot import DreamBot
 from bot.db import GenerationRow
 from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import STAR, Pager, generation_embed, image_upload, is_star_vote
+from bot.views import STAR, Pager, generation_embed, image_upload, is_star_vote, may_show
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine
@@ -35,12 +37,6 @@ RECOUNT_POSTS = 200
 RECOUNT_SECONDS = 14 * 24 * 3600
 # A /gallery pager stops answering after this long; /gallery again opens a new one.
 PAGER_TIMEOUT = 15 * 60
-
-
-def is_age_restricted(channel: object) -> bool:
-    """Threads inherit their parent's age restriction; DMs and unknown channels have none."""
-    is_nsfw = getattr(channel, "is_nsfw", None)
-    return bool(is_nsfw and is_nsfw())
 
 
 def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
@@ -70,8 +66,8 @@ class Gallery(commands.Cog):
             return
         if not self.bot.db.member_settings(row.user_id).gallery:
             return  # she keeps her pictures out of the gallery (/settings)
-        if is_age_restricted(message.channel) and not channel.is_nsfw():
-            return  # what an age-restricted channel allows stays there
+        if not may_show(row.age_restricted, channel):
+            return  # what an age-restricted channel allows stays in such channels
         upload, name = image_upload(row, guild.filesize_limit)
         embed = generation_embed(row, name)
         embed.add_field(name="Original", value=f"[Jump to the post]({message.jump_url})")
@@ -160,17 +156,11 @@ class Gallery(commands.Cog):
     ) -> None:
         """Browse the images made on this server."""
         assert interaction.guild is not None  # guild_only
-        # Pictures made in age-restricted channels are shown only in age-restricted channels.
-        hidden = (
-            ()
-            if is_age_restricted(interaction.channel)
-            else [channel.id for channel in interaction.guild.text_channels if channel.is_nsfw()]
-        )
         pager = GalleryPager(
             self.bot,
             opener_id=interaction.user.id,
             guild_id=interaction.guild.id,
-            exclude_channel_ids=hidden,
+            with_age_restricted=may_show(True, interaction.channel),
             user_id=user.id if user else None,
             token=model.strip().lower() if model else None,
             search=search,
@@ -211,10 +201,11 @@ class GalleryPager(Pager):
         token: str | None,
         search: str | None,
         sort: Literal["newest", "top"],
-        exclude_channel_ids: Collection[int] = (),
+        with_age_restricted: bool,
     ) -> None:
         super().__init__(opener_id, PAGER_TIMEOUT)
-        self.exclude_channel_ids = exclude_channel_ids
+        # Whether its channel may show pictures made in age-restricted channels.
+        self.with_age_restricted = with_age_restricted
         self.bot = bot
         self.guild_id = guild_id
         self.user_id = user_id
@@ -253,7 +244,7 @@ class GalleryPager(Pager):
             token=self.token,
             search=self.search,
             sort=self.sort,
-            exclude_channel_ids=self.exclude_channel_ids,
+            with_age_restricted=self.with_age_restricted,
             offset=self.index,
             limit=1,
         )
