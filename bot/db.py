@@ -155,7 +155,7 @@ class GenerationRow:
     # The prompt as the member typed it when it was a template (`[SUBJECT]`): "Use prompt" offers it.
     template: str | None = None
     # Made in an age-restricted channel (or a thread of one): shown only in age-restricted channels
-    # (bot.views.may_show). Read as True while not recorded (a row older than the column).
+    # (bot.views.may_show). Read as True while not recorded yet (see record_age_restriction).
     age_restricted: bool = False
 
 
@@ -390,8 +390,9 @@ MIGRATIONS: list[str] = [
     """,
     # Whether a picture was made in an age-restricted channel (a thread of one included), and whether
     # an entry was saved in one or from such a picture. For the rows already there only Discord knows:
-    # they stay NULL, which counts as age-restricted. An entry without a picture (typed, or its picture
-    # deleted) has nothing to look up: it stays as ordinary as it was shown until now.
+    # they stay NULL, which counts as age-restricted, until the bot looks their channels up at start-up
+    # (record_age_restriction). An entry without a picture (typed, or its picture deleted) has nothing
+    # to look up: it stays as ordinary as it was shown until now.
     """
     ALTER TABLE generations ADD COLUMN age_restricted INTEGER;
     ALTER TABLE prompts ADD COLUMN age_restricted INTEGER;
@@ -611,6 +612,29 @@ class Database:
 
     def delete_generation(self, generation_id: int) -> None:
         self.db["generations"].delete(generation_id)
+
+    def channels_without_age_restriction(self) -> list[tuple[int, int]]:
+        """The (guild id, channel id) of the channels of pictures made before the bot recorded whether
+        their channel was age-restricted."""
+        cursor = self.db.execute(
+            "SELECT DISTINCT guild_id, channel_id FROM generations WHERE age_restricted IS NULL "
+            "ORDER BY guild_id, channel_id"
+        )
+        return [(guild_id, channel_id) for guild_id, channel_id in cursor.fetchall()]
+
+    def record_age_restriction(self, channel_id: int, age_restricted: bool) -> None:
+        """Record it for the pictures made in a channel before the bot recorded it, and for the prompt
+        book entries saved from them."""
+        with self.db.conn:
+            self.db.execute(
+                "UPDATE generations SET age_restricted = ? WHERE channel_id = ? AND age_restricted IS NULL",
+                [age_restricted, channel_id],
+            )
+            self.db.execute(
+                "UPDATE prompts SET age_restricted = ? WHERE age_restricted IS NULL "
+                "AND generation_id IN (SELECT id FROM generations WHERE channel_id = ?)",
+                [age_restricted, channel_id],
+            )
 
     def search_generations(
         self,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, imagine, running_bot
-from fakediscord import FakeInteraction, FakeMessage, modal_text_fields
+from botharness import JOB_TIMEOUT, BotHarness, fake_discord, imagine, running_bot
+from fakediscord import FakeInteraction, FakeMessage, modal_text_fields, new_snowflake
 
 from bot.cogs.gallery import message_url
+from bot.db import DATABASE_FILE, MIGRATIONS
 
 # Every test here runs the bot with an engine worker.
 pytestmark = pytest.mark.slow
@@ -266,5 +268,65 @@ def test_what_comes_from_age_restricted_channels_is_shown_only_in_them(tmp_path:
             ix = await h.fake.slash(h.bob, h.nsfw_channel_id, "prompt browse")
             assert prompt_page(await ix.wait_original()) == ("Dragon", "1 / 1")
             assert h.fake.errors == []
+
+    asyncio.run(scenario())
+
+
+def test_pictures_made_before_rows_said_where_get_their_channels_age_restriction_at_start_up(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with fake_discord(tmp_path) as h:
+            guild = h.fake.guilds[h.guild_id]
+            chat = guild.add_thread(h.general_channel_id, "chat")
+            # Archived: not among the threads Discord sends at start-up, so the bot asks for it.
+            old_night = guild.add_thread(h.nsfw_channel_id, "old night", archived=True)
+            deleted = new_snowflake()
+            # A database of the schema before: nothing in it says which channels were age-restricted.
+            h.data_dir.mkdir(parents=True)
+            old = sqlite3.connect(h.data_dir / DATABASE_FILE)
+            old.executescript(f"{'; '.join(MIGRATIONS[:4])}; PRAGMA user_version = 4;")
+            old.execute("INSERT INTO users (id, name, created_at) VALUES (?, 'alice', 0)", [h.alice])
+            pictures = {
+                h.general_channel_id: "a marble statue",
+                chat: "a castle",
+                h.nsfw_channel_id: "a nude statue",
+                old_night: "a nude dancer",
+                deleted: "a statue of who knows what",
+            }
+            for channel_id, prompt in pictures.items():
+                old.execute(
+                    "INSERT INTO generations (job_id, guild_id, user_id, channel_id, prompt, seed, steps, "
+                    "guidance, width, height, kind, created_at) "
+                    "VALUES ('j', ?, ?, ?, ?, 1, 2, 7.5, 64, 64, 'txt2img', 0)",
+                    [h.guild_id, h.alice, channel_id, prompt],
+                )
+            old.commit()
+            old.close()
+
+            await h.start()
+            try:
+                await h.fake.wait_until(lambda: not h.db.channels_without_age_restriction(), timeout=30)
+                made_in = {row.channel_id: row.age_restricted for row in h.db.generations_of(h.alice)}
+                # A channel deleted since may have been either: its pictures count as age-restricted.
+                assert made_in == {
+                    h.general_channel_id: False,
+                    chat: False,
+                    h.nsfw_channel_id: True,
+                    old_night: True,
+                    deleted: True,
+                }
+                # Only the channels not in the cache were asked for.
+                asked = [
+                    r.params["channel_id"] for r in h.fake.requests if r.matches("GET /channels/{channel_id}")
+                ]
+                assert sorted(asked) == sorted([str(old_night), str(deleted)])
+                ordinary = await (await gallery(h, h.bob, search="statue")).wait_original()
+                assert page(ordinary) == ("a marble statue", "1 / 1")
+                ix = await h.fake.slash(h.bob, h.nsfw_channel_id, "gallery", search="statue")
+                assert page(await ix.wait_original())[1] == "1 / 3"
+                assert h.fake.errors == []
+            finally:
+                await h.stop()
 
     asyncio.run(scenario())

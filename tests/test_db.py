@@ -119,9 +119,17 @@ def test_a_database_of_the_fourth_schema_counts_its_pictures_age_restricted_unti
         ["Statue", "Castle", "Dragon"],
         ["Castle", "Dragon", "Statue"],
     )
+    assert db.channels_without_age_restriction() == [(10, 5), (10, 6)]
+
+    db.record_age_restriction(5, False)
+    db.record_age_restriction(6, True)
+    assert db.channels_without_age_restriction() == []
+    assert [db.generation(i).age_restricted for i in (1, 2, 3)] == [False, True, True]
+    assert shown(anywhere=False) == (["a castle"], ["Castle", "Dragon"], ["Castle", "Dragon"])
     # New rows say it from the start.
-    _generation(db, 1, "a nude dancer again", [], age_restricted=False)
-    assert shown(anywhere=False) == (["a nude dancer again"], ["Dragon"], ["Dragon"])
+    _generation(db, 1, "a marble statue", [], age_restricted=False)
+    assert shown(anywhere=False)[0] == ["a marble statue", "a castle"]
+    assert db.channels_without_age_restriction() == []
 
 
 def test_tokens_are_unique_per_server(db: Database) -> None:

@@ -6,7 +6,8 @@ not); /gallery pages through the server's generations, newest or most starred fi
 while the bot was offline reach it as no event: at start-up it counts them on recent posts.
 
 A picture made in an age-restricted channel (or a thread of one) is shown only in age-restricted
-channels (bot.views.may_show), here and everywhere else: its row says so.
+channels (bot.views.may_show), here and everywhere else. Its row says so; for the pictures made before
+rows did, the channels are looked up once at start-up.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bot.bot import DreamBot
 from bot.db import GenerationRow
 from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import STAR, Pager, generation_embed, image_upload, is_star_vote, may_show
+from bot.views import STAR, Pager, generation_embed, image_upload, is_age_restricted, is_star_vote, may_show
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine
@@ -46,14 +47,17 @@ def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
 class Gallery(commands.Cog):
     def __init__(self, bot: DreamBot) -> None:
         self.bot = bot
-        self._recount: asyncio.Task[None] | None = None
+        self._startup: list[asyncio.Task[None]] = []
 
     async def cog_load(self) -> None:
-        self._recount = asyncio.create_task(self.recount_stars(), name="recount stars")
+        self._startup = [
+            asyncio.create_task(self.recount_stars(), name="recount stars"),
+            asyncio.create_task(self.record_age_restrictions(), name="record age restrictions"),
+        ]
 
     async def cog_unload(self) -> None:
-        if self._recount is not None:
-            self._recount.cancel()
+        for task in self._startup:
+            task.cancel()
 
     # -- the mirror ----------------------------------------------------------------------------
 
@@ -135,6 +139,30 @@ class Gallery(commands.Cog):
                 changed += 1
         if changed:
             log.info("recounted the stars of %d gallery posts changed while the bot was offline", changed)
+
+    # -- age restrictions of older pictures ----------------------------------------------------
+
+    async def record_age_restrictions(self) -> None:
+        """Record whether the channels of pictures made before the bot recorded it are age-restricted:
+        until then they count as age-restricted, hidden from ordinary channels."""
+        await self.bot.wait_until_ready()
+        for guild_id, channel_id in self.bot.db.channels_without_age_restriction():
+            guild = self.bot.get_guild(guild_id)
+            if guild is None:
+                continue  # a server the bot is not in (now): looked at again at the next start
+            # An archived thread is not in the cache: it is fetched.
+            channel = guild.get_channel_or_thread(channel_id)
+            if channel is None:
+                try:
+                    channel = await self.bot.fetch_channel(channel_id)
+                except discord.NotFound:
+                    # Deleted: nothing tells what it was, so its pictures count as age-restricted.
+                    self.bot.db.record_age_restriction(channel_id, True)
+                    continue
+                except discord.HTTPException as error:
+                    log.warning("could not look up channel %s of older pictures: %s", channel_id, error)
+                    continue
+            self.bot.db.record_age_restriction(channel_id, is_age_restricted(channel))
 
     # -- /gallery ------------------------------------------------------------------------------
 
