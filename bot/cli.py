@@ -402,6 +402,8 @@ def imagine_command(config: Config, args: argparse.Namespace) -> int:
             user_id=LOCAL_USER_ID,
             user_name=LOCAL_USER_NAME,
             channel_id=0,
+            # Like nsfw_allowed above: the command line is no age-restricted channel.
+            age_restricted=False,
             request=request,
             adapters=adapters,
         )

@@ -154,6 +154,9 @@ class GenerationRow:
     parameters: list[str] = field(default_factory=list)
     # The prompt as the member typed it when it was a template (`[SUBJECT]`): "Use prompt" offers it.
     template: str | None = None
+    # Made in an age-restricted channel (or a thread of one): shown only in age-restricted channels
+    # (bot.views.may_show). Read as True while not recorded yet (see record_age_restriction).
+    age_restricted: bool = False
 
 
 @dataclass
@@ -175,6 +178,9 @@ class PromptRow:
     stars: int
     uses: int
     created_at: float
+    # Saved in an age-restricted channel or from a picture made in one: shown only in age-restricted
+    # channels, like such a picture. Read as True while not recorded yet.
+    age_restricted: bool = False
 
 
 PromptSort = Literal["top", "new", "used"]
@@ -229,6 +235,10 @@ def _row(cls: type, raw: dict[str, Any]) -> Any:
             )
         elif name in _BOOL_FIELDS:
             value = bool(value)
+        elif name == "age_restricted":
+            # NULL: not recorded yet (a row older than the column), which counts as age-restricted,
+            # as _SHOWN_OUTSIDE_AGE_RESTRICTED has it in SQL.
+            value = value is None or bool(value)
         values[name] = value
     return cls(**values)
 
@@ -378,7 +388,21 @@ MIGRATIONS: list[str] = [
         INSERT INTO prompts_fts (rowid, title, prompt, note) VALUES (new.id, new.title, new.prompt, new.note);
     END;
     """,
+    # Whether a picture was made in an age-restricted channel (a thread of one included), and whether
+    # an entry was saved in one or from such a picture. For the rows already there only Discord knows:
+    # they stay NULL, which counts as age-restricted, until the bot looks their channels up at start-up
+    # (record_age_restriction). An entry without a picture (typed, or its picture deleted) has nothing
+    # to look up: it stays as ordinary as it was shown until now.
+    """
+    ALTER TABLE generations ADD COLUMN age_restricted INTEGER;
+    ALTER TABLE prompts ADD COLUMN age_restricted INTEGER;
+    UPDATE prompts SET age_restricted = 0 WHERE generation_id IS NULL;
+    """,
 ]
+
+# The rows an ordinary channel may show, in SQL: those recorded as made outside age-restricted
+# channels (NULL, not recorded yet, is not 0). The same rule for one row is bot.views.may_show.
+_SHOWN_OUTSIDE_AGE_RESTRICTED = "{rows}.age_restricted = 0"
 
 # A generation or job made with one of the member's models shows her face, whoever asked for it.
 # `{rows}` is the table, `{tokens}` the JSON array of the tokens its prompt used.
@@ -609,6 +633,29 @@ class Database:
     def delete_generation(self, generation_id: int) -> None:
         self.db["generations"].delete(generation_id)
 
+    def channels_without_age_restriction(self) -> list[tuple[int, int]]:
+        """The (guild id, channel id) of the channels of pictures made before the bot recorded whether
+        their channel was age-restricted."""
+        cursor = self.db.execute(
+            "SELECT DISTINCT guild_id, channel_id FROM generations WHERE age_restricted IS NULL "
+            "ORDER BY guild_id, channel_id"
+        )
+        return [(guild_id, channel_id) for guild_id, channel_id in cursor.fetchall()]
+
+    def record_age_restriction(self, channel_id: int, age_restricted: bool) -> None:
+        """Record it for the pictures made in a channel before the bot recorded it, and for the prompt
+        book entries saved from them."""
+        with self.db.conn:
+            self.db.execute(
+                "UPDATE generations SET age_restricted = ? WHERE channel_id = ? AND age_restricted IS NULL",
+                [age_restricted, channel_id],
+            )
+            self.db.execute(
+                "UPDATE prompts SET age_restricted = ? WHERE age_restricted IS NULL "
+                "AND generation_id IN (SELECT id FROM generations WHERE channel_id = ?)",
+                [age_restricted, channel_id],
+            )
+
     def search_generations(
         self,
         guild_id: int,
@@ -617,16 +664,16 @@ class Database:
         token: str | None = None,
         search: str | None = None,
         sort: Literal["newest", "top"] = "newest",
-        exclude_channel_ids: Collection[int] = (),
+        with_age_restricted: bool = False,
         offset: int = 0,
         limit: int = 1,
     ) -> tuple[list[GenerationRow], int]:
-        """A page of a server's generations and the total that match, for /gallery."""
+        """A page of a server's generations and the total that match, for /gallery; those made in
+        age-restricted channels only `with_age_restricted`."""
         where = ["g.guild_id = ?"]
         args: list[Any] = [guild_id]
-        if exclude_channel_ids:
-            where.append(f"g.channel_id NOT IN ({', '.join('?' * len(exclude_channel_ids))})")
-            args.extend(exclude_channel_ids)
+        if not with_age_restricted:
+            where.append(_SHOWN_OUTSIDE_AGE_RESTRICTED.format(rows="g"))
         if user_id is not None:
             where.append("g.user_id = ?")
             args.append(user_id)
@@ -694,6 +741,7 @@ class Database:
         negative_prompt: str = "",
         note: str = "",
         generation_id: int | None = None,
+        age_restricted: bool,
     ) -> PromptRow:
         """A new entry; sqlite3.IntegrityError when the server's book already has that title (any case)."""
         prompt_id = (
@@ -707,6 +755,7 @@ class Database:
                     "negative_prompt": negative_prompt,
                     "note": note,
                     "generation_id": generation_id,
+                    "age_restricted": age_restricted,
                     "stars": 0,
                     "uses": 0,
                     "created_at": time.time(),
@@ -742,9 +791,14 @@ class Database:
     def delete_prompt(self, prompt_id: int) -> None:
         self.db["prompts"].delete(prompt_id)
 
-    def prompt_titles(self, guild_id: int, *, user_id: int | None = None) -> list[str]:
-        """The titles of a server's book (optionally one author's), for autocomplete."""
+    def prompt_titles(
+        self, guild_id: int, *, user_id: int | None = None, with_age_restricted: bool = False
+    ) -> list[str]:
+        """The titles of a server's book (optionally one author's), for autocomplete; those of entries
+        from age-restricted channels only `with_age_restricted`."""
         where, args = "guild_id = ?", [guild_id]
+        if not with_age_restricted:
+            where += " AND " + _SHOWN_OUTSIDE_AGE_RESTRICTED.format(rows="prompts")
         if user_id is not None:
             where, args = where + " AND user_id = ?", [*args, user_id]
         return [raw["title"] for raw in self.db["prompts"].rows_where(where, args, order_by="title")]
@@ -755,15 +809,19 @@ class Database:
         *,
         search: str | None = None,
         sort: PromptSort = "new",
+        with_age_restricted: bool = False,
         offset: int = 0,
         limit: int = 1,
     ) -> tuple[list[PromptRow], int]:
         """A page of a server's prompt book and the total that match, for /prompt browse: by stars
-        (top), newest first (new) or most used (used)."""
+        (top), newest first (new) or most used (used); entries from age-restricted channels only
+        `with_age_restricted`."""
         if sort not in _PROMPT_ORDER:
             raise ValueError(f"sort must be one of {', '.join(_PROMPT_ORDER)}, got {sort!r}")
         where = ["p.guild_id = ?"]
         args: list[Any] = [guild_id]
+        if not with_age_restricted:
+            where.append(_SHOWN_OUTSIDE_AGE_RESTRICTED.format(rows="p"))
         if search:
             where.append("p.id IN (SELECT rowid FROM prompts_fts WHERE prompts_fts MATCH ?)")
             args.append(fts_query(search))

@@ -336,10 +336,12 @@ def queue_generation(
     user_id: int,
     user_name: str,
     channel_id: int,
+    age_restricted: bool,
     request: ImageRequest,
     adapters: Sequence[AdapterRef],
 ) -> JobRow:
-    """Write the job row of a checked request (check_generation_request)."""
+    """Write the job row of a checked request (check_generation_request); `age_restricted`: whether
+    its channel is, which its picture's row will say."""
     job_id = new_job_id()
     try:
         job = GenerateJob(
@@ -368,7 +370,11 @@ def queue_generation(
         channel_id=channel_id,
         payload=encode(job),
         job_id=job_id,
-        context={"parent_id": request.parent_id, "template": request.template},
+        context={
+            "parent_id": request.parent_id,
+            "template": request.template,
+            "age_restricted": age_restricted,
+        },
     )
 
 
@@ -416,6 +422,8 @@ def finish_generation(
         kind=generation_kind(request.init_image, request.upscale),
         parent_id=job.context.get("parent_id"),
         template=job.context.get("template"),
+        # None (not recorded) for a job queued by a bot older than the column.
+        age_restricted=job.context.get("age_restricted"),
     )
     return FinishedGeneration(row, hidden)
 

@@ -1,5 +1,6 @@
 """What more than one cog shows: job lists with Cancel buttons, confirmations, a generation's embed,
-and the words they share. No cog owns this module and it imports no cog.
+the rule of where what came from an age-restricted channel may be shown, and the words they share.
+No cog owns this module and it imports no cog.
 
 The Cancel buttons are dynamic items: their custom_id carries the job id, so a button keeps working
 after the bot restarts, with no view kept in memory (the queue cog registers them).
@@ -42,6 +43,35 @@ def only_mentions(user_id: int) -> discord.AllowedMentions:
     return discord.AllowedMentions(
         everyone=False, roles=False, replied_user=False, users=[discord.Object(id=user_id)]
     )
+
+
+# -- age-restricted channels ---------------------------------------------------------------------
+
+PICTURE_FROM_AGE_RESTRICTED = "That picture was made in an age-restricted channel"
+PROMPT_FROM_AGE_RESTRICTED = "That prompt comes from an age-restricted channel"
+
+
+def is_age_restricted(channel: object) -> bool:
+    """Threads inherit their parent's age restriction; DMs and unknown channels have none."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw and is_nsfw())
+
+
+def may_show(age_restricted: bool, channel: object) -> bool:
+    """The one rule for a picture or prompt book entry (its row's `age_restricted`): what came from an
+    age-restricted channel is shown only in age-restricted channels. A search asks the database for
+    rows with `with_age_restricted=may_show(True, channel)`."""
+    return not age_restricted or is_age_restricted(channel)
+
+
+def ensure_may_show(age_restricted: bool, channel: object, origin: str = PICTURE_FROM_AGE_RESTRICTED) -> None:
+    """Refuse, saying why, to show in `channel` (where the member is, or where a new picture would be
+    posted) what may not be shown there."""
+    if may_show(age_restricted, channel):
+        return
+    mention = getattr(channel, "mention", None)
+    which = f", and {mention} isn't one" if mention else ""
+    raise UserFacingError(f"{origin}, so it's only shown in age-restricted channels{which}.")
 
 
 # -- jobs ----------------------------------------------------------------------------------------

@@ -362,6 +362,7 @@ class FakeChannel:
     rate_limit_per_user: int = 0
     recipient_id: int | None = None  # DM channels
     owner_id: int | None = None  # threads
+    archived: bool = False  # threads: not in GUILD_CREATE, fetched by id
     last_message_id: int | None = None
 
     @property
@@ -493,6 +494,23 @@ class FakeGuild:
     def add_category(self, name: str) -> int:
         return self.add_channel(name, type=4)
 
+    def add_thread(
+        self, parent_id: int, name: str, *, owner_id: int | None = None, archived: bool = False
+    ) -> int:
+        """Add a public thread of a text channel, opened by ``owner_id`` (the guild's owner by default);
+        ``archived``: left out of GUILD_CREATE, as Discord does."""
+        thread = FakeChannel(
+            id=new_snowflake(),
+            name=name,
+            type=11,
+            guild_id=self.id,
+            parent_id=parent_id,
+            owner_id=owner_id or self.owner_id,
+            archived=archived,
+        )
+        self.channels[thread.id] = thread
+        return thread.id
+
     def set_overwrite(
         self,
         channel_id: int,
@@ -598,7 +616,7 @@ class FakeGuild:
                 member_count=1,
                 total_message_sent=0,
                 thread_metadata={
-                    "archived": False,
+                    "archived": channel.archived,
                     "auto_archive_duration": 1440,
                     "archive_timestamp": _iso(channel.id),
                     "locked": False,
@@ -676,7 +694,9 @@ class FakeGuild:
                 member_count=len(self.members),
                 members=[self.members[m].to_payload() for m in ids],
                 channels=[self.channel_payload(c) for c in self.channels.values() if not c.is_thread],
-                threads=[self.channel_payload(c) for c in self.channels.values() if c.is_thread],
+                threads=[
+                    self.channel_payload(c) for c in self.channels.values() if c.is_thread and not c.archived
+                ],
                 presences=[],
                 voice_states=[],
                 stage_instances=[],
@@ -3474,6 +3494,25 @@ class FakeDiscord:
         if dispatch:
             self._message_event("MESSAGE_CREATE", msg)
         return msg
+
+    def open_thread(self, user_id: int, parent_id: int, name: str) -> int:
+        """A member opens a public thread in a text channel: queue THREAD_CREATE; the thread's id."""
+        channel, guild = self._context(user_id, parent_id)
+        if guild is None or channel.type not in (0, 5):
+            raise ValueError(f"threads are opened in a server's text channels, not in {channel.name!r}")
+        thread_id = guild.add_thread(parent_id, name, owner_id=user_id)
+        self._enqueue(
+            "THREAD_CREATE", {**guild.channel_payload(guild.channels[thread_id]), "newly_created": True}
+        )
+        return thread_id
+
+    def set_nsfw(self, channel_id: int, nsfw: bool) -> None:
+        """A moderator turns a channel's age restriction on or off: queue CHANNEL_UPDATE."""
+        channel, guild = self.channel(channel_id)
+        if guild is None or channel.is_thread:
+            raise ValueError("only a server's channels are age-restricted; a thread follows its parent")
+        channel.nsfw = nsfw
+        self._enqueue("CHANNEL_UPDATE", guild.channel_payload(channel))
 
     def delete_message(self, message: FakeMessage | int) -> None:
         """Delete a message as a moderator would by hand, and queue MESSAGE_DELETE."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, answer, button, imagine, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, SharedBot, answer, button, imagine, running_bot
 from fakediscord import FakeMessage, modal_text_fields
 
 from bot.cogs.help import HELP_TEXT
@@ -143,6 +143,38 @@ def test_prompt_book_save_browse_use_try_delete_and_forget(tmp_path: Path) -> No
             assert h.fake.errors == []
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_prompt_saved_in_an_age_restricted_channel_is_carded_and_drawn_only_in_one(
+    shared_bot: SharedBot,
+) -> None:
+    async def scenario(h: BotHarness) -> None:
+        h.trained_model(h.alice, "abraza")
+        ix = await h.fake.slash(
+            h.alice, h.nsfw_channel_id, "prompt save", title="Midnight", prompt="abraza at midnight"
+        )
+        saved = await ix.wait_original()
+        # #prompts is not age-restricted: the card goes up where it was saved.
+        card = await h.fake.wait_message(
+            h.nsfw_channel_id, lambda m: bool(m.embeds) and m.embeds[0]["title"] == "Midnight"
+        )
+        assert str(card.id) in saved.content and cards(h, "Midnight") == []
+
+        # Its picture would be posted in #prompts: refused, from wherever it is asked for.
+        refusal = (
+            "That prompt comes from an age-restricted channel, so it's only shown in age-restricted "
+            f"channels, and <#{h.prompts_channel_id}> isn't one."
+        )
+        for channel_id in (h.nsfw_channel_id, h.general_channel_id):
+            ix = await h.fake.slash(h.alice, channel_id, "prompt use", title="Midnight")
+            refused = await ix.wait_original()
+            assert refused.ephemeral and refused.content == refusal
+        ix = await h.fake.click(h.alice, card, button(card, "Try with my face"))
+        assert (await ix.wait_original()).content == refusal
+        assert h.db.jobs_of(h.alice) == [] and h.fake.errors == []
+
+    shared_bot.run(scenario)
 
 
 def test_readme_and_help_describe_the_prompt_book() -> None:

@@ -33,7 +33,7 @@ def _generation(db: Database, user_id: int, prompt: str, tokens: list[str], **ex
         tokens=tokens,
         files=[f"/data/generations/{prompt}.png"],
         kind="txt2img",
-        **extra,
+        **{"age_restricted": False, **extra},
     ).id
 
 
@@ -78,6 +78,58 @@ def test_a_database_of_the_second_schema_gains_templates_and_member_settings(tmp
     assert db.generation(1).template is None and db.member_settings(1) == MemberSettings()
     db.set_member_settings(1, MemberSettings(steps=30, gallery=False))
     assert db.member_settings(1) == MemberSettings(steps=30, gallery=False)
+
+
+def test_a_database_of_the_fourth_schema_counts_its_pictures_age_restricted_until_recorded(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(f"{'; '.join(MIGRATIONS[:4])}; PRAGMA user_version = 4;")
+    old.execute("INSERT INTO users (id, name, created_at) VALUES (1, 'alice', 0)")
+    for channel_id, prompt in [(5, "a castle"), (6, "a nude statue"), (6, "a nude dancer")]:
+        old.execute(
+            "INSERT INTO generations (job_id, guild_id, user_id, channel_id, prompt, seed, steps, guidance, "
+            "width, height, kind, created_at) VALUES ('j', 10, 1, ?, ?, 1, 2, 7.5, 64, 64, 'txt2img', 0)",
+            [channel_id, prompt],
+        )
+    for title, generation_id in [("Dragon", None), ("Castle", 1), ("Statue", 2)]:
+        old.execute(
+            "INSERT INTO prompts (guild_id, user_id, title, prompt, generation_id, created_at) "
+            "VALUES (10, 1, ?, 'a prompt', ?, 0)",
+            [title, generation_id],
+        )
+    old.commit()
+    old.close()
+    db = Database(path)
+    assert db.schema_version == len(MIGRATIONS)
+
+    def shown(*, anywhere: bool) -> tuple[list[str], list[str], list[str]]:
+        """The pictures, entries and titles shown in an age-restricted channel (`anywhere`), or not."""
+        pictures = [row.prompt for row in db.search_generations(10, with_age_restricted=anywhere, limit=9)[0]]
+        entries = [row.title for row in db.search_prompts(10, with_age_restricted=anywhere, limit=9)[0]]
+        return pictures, entries, db.prompt_titles(10, with_age_restricted=anywhere)
+
+    # Where its pictures were made is not known yet: they count as age-restricted, and the entries
+    # saved from them too; a typed entry is an ordinary one.
+    assert [db.generation(i).age_restricted for i in (1, 2, 3)] == [True, True, True]
+    assert shown(anywhere=False) == ([], ["Dragon"], ["Dragon"])
+    assert shown(anywhere=True) == (
+        ["a nude dancer", "a nude statue", "a castle"],
+        ["Statue", "Castle", "Dragon"],
+        ["Castle", "Dragon", "Statue"],
+    )
+    assert db.channels_without_age_restriction() == [(10, 5), (10, 6)]
+
+    db.record_age_restriction(5, False)
+    db.record_age_restriction(6, True)
+    assert db.channels_without_age_restriction() == []
+    assert [db.generation(i).age_restricted for i in (1, 2, 3)] == [False, True, True]
+    assert shown(anywhere=False) == (["a castle"], ["Castle", "Dragon"], ["Castle", "Dragon"])
+    # New rows say it from the start.
+    _generation(db, 1, "a marble statue", [], age_restricted=False)
+    assert shown(anywhere=False)[0] == ["a marble statue", "a castle"]
+    assert db.channels_without_age_restriction() == []
 
 
 def test_tokens_are_unique_per_server(db: Database) -> None:
@@ -263,7 +315,9 @@ def test_a_job_row_of_the_previous_version_reads_as_the_typed_contract(db: Datab
 
 
 def _saved(db: Database, user_id: int, title: str, prompt: str, **extra: Any) -> PromptRow:
-    return db.add_prompt(guild_id=10, user_id=user_id, title=title, prompt=prompt, **extra)
+    return db.add_prompt(
+        guild_id=10, user_id=user_id, title=title, prompt=prompt, **{"age_restricted": False, **extra}
+    )
 
 
 def test_saved_prompts_have_unique_titles_per_server_in_any_case(db: Database) -> None:
@@ -272,7 +326,8 @@ def test_saved_prompts_have_unique_titles_per_server_in_any_case(db: Database) -
     with pytest.raises(sqlite3.IntegrityError):
         _saved(db, 2, "KNIGHT", "a knight")
     # Another server's book is its own.
-    assert db.add_prompt(guild_id=11, user_id=2, title="knight", prompt="a knight").guild_id == 11
+    elsewhere = db.add_prompt(guild_id=11, user_id=2, title="knight", prompt="a knight", age_restricted=False)
+    assert elsewhere.guild_id == 11
     assert db.prompt_by_title(10, "dragon") is None
 
 
@@ -315,7 +370,9 @@ def test_forget_removes_her_entries_and_those_showing_or_naming_her_model(db: Da
     naming_her = _saved(db, 2, "Duel", "<lora:abraza:0.6> fights a dragon")
     bobs = _saved(db, 2, "Dragon", "a red dragon", generation_id=_generation(db, 2, "a red dragon", []))
     # The same word in another server names someone else's model.
-    elsewhere = db.add_prompt(guild_id=11, user_id=2, title="Duel", prompt="abraza fights")
+    elsewhere = db.add_prompt(
+        guild_id=11, user_id=2, title="Duel", prompt="abraza fights", age_restricted=False
+    )
     db.update_prompt(hers.id, card_channel_id=5, card_message_id=900)
 
     forgotten = db.prompts_to_forget(1)

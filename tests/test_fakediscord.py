@@ -483,6 +483,33 @@ def test_client_side_permission_and_nsfw_rules() -> None:
     run(scenario)
 
 
+def test_threads_follow_their_parents_age_restriction_and_archived_ones_are_fetched() -> None:
+    async def scenario() -> None:
+        async with world() as w:
+            fake, bot = w.fake, w.bot
+            thread_id = fake.open_thread(w.alice, w.after_dark, "late night")
+            guild = bot.get_guild(w.guild.id)
+            assert guild is not None
+            await fake.wait_until(lambda: guild.get_thread(thread_id) is not None)
+            thread = guild.get_thread(thread_id)
+            assert isinstance(thread, discord.Thread) and thread.owner_id == w.alice
+            assert thread.parent_id == w.after_dark and thread.is_nsfw()
+
+            fake.set_nsfw(w.after_dark, False)
+            after_dark = guild.get_channel(w.after_dark)
+            assert isinstance(after_dark, discord.TextChannel)
+            await fake.wait_until(lambda: not after_dark.is_nsfw())
+            assert not thread.is_nsfw()
+
+            # An archived thread is left out of GUILD_CREATE: a bot fetches it by id.
+            archived = w.guild.add_thread(w.general, "old news", archived=True)
+            assert [t["id"] for t in w.guild.payload()["threads"]] == [str(thread_id)]
+            fetched = await bot.fetch_channel(archived)
+            assert isinstance(fetched, discord.Thread) and fetched.archived and fetched.parent_id == w.general
+
+    run(scenario)
+
+
 def test_subcommand_group_and_channel_option() -> None:
     async def scenario() -> None:
         async with world() as w:

@@ -4,6 +4,10 @@ The mirror post links back to the original and mentions its author without pingi
 reaction on a mirror post counts as a star (the bot's own ⭐, added so people can click it, does
 not); /gallery pages through the server's generations, newest or most starred first. Stars given
 while the bot was offline reach it as no event: at start-up it counts them on recent posts.
+
+A picture made in an age-restricted channel (or a thread of one) is shown only in age-restricted
+channels (bot.views.may_show), here and everywhere else. Its row says so; for the pictures made before
+rows did, the channels are looked up once at start-up.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Literal, cast
 
 import discord
@@ -23,7 +26,7 @@ from bot.consent import generation_refusal
 from bot.db import GenerationRow
 from bot.service import UserFacingError
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import STAR, Pager, generation_embed, image_upload, is_star_vote
+from bot.views import STAR, Pager, generation_embed, image_upload, is_age_restricted, is_star_vote, may_show
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine
@@ -38,12 +41,6 @@ RECOUNT_SECONDS = 14 * 24 * 3600
 PAGER_TIMEOUT = 15 * 60
 
 
-def is_age_restricted(channel: object) -> bool:
-    """Threads inherit their parent's age restriction; DMs and unknown channels have none."""
-    is_nsfw = getattr(channel, "is_nsfw", None)
-    return bool(is_nsfw and is_nsfw())
-
-
 def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
     return f"https://discord.com/channels/{guild_id}/{channel_id}/{message_id}"
 
@@ -51,14 +48,17 @@ def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
 class Gallery(commands.Cog):
     def __init__(self, bot: DreamBot) -> None:
         self.bot = bot
-        self._recount: asyncio.Task[None] | None = None
+        self._startup: list[asyncio.Task[None]] = []
 
     async def cog_load(self) -> None:
-        self._recount = asyncio.create_task(self.recount_stars(), name="recount stars")
+        self._startup = [
+            asyncio.create_task(self.recount_stars(), name="recount stars"),
+            asyncio.create_task(self.record_age_restrictions(), name="record age restrictions"),
+        ]
 
     async def cog_unload(self) -> None:
-        if self._recount is not None:
-            self._recount.cancel()
+        for task in self._startup:
+            task.cancel()
 
     # -- the mirror ----------------------------------------------------------------------------
 
@@ -71,8 +71,8 @@ class Gallery(commands.Cog):
             return
         if not self.bot.db.member_settings(row.user_id).gallery:
             return  # she keeps her pictures out of the gallery (/settings)
-        if is_age_restricted(message.channel) and not channel.is_nsfw():
-            return  # what an age-restricted channel allows stays there
+        if not may_show(row.age_restricted, channel):
+            return  # what an age-restricted channel allows stays in such channels
         job = self.bot.db.find_job(row.job_id)
         if job is None or generation_refusal(self.bot.db, job) is not None:
             return  # a model of it was withdrawn since its post: no copy spreads it further
@@ -144,6 +144,30 @@ class Gallery(commands.Cog):
         if changed:
             log.info("recounted the stars of %d gallery posts changed while the bot was offline", changed)
 
+    # -- age restrictions of older pictures ----------------------------------------------------
+
+    async def record_age_restrictions(self) -> None:
+        """Record whether the channels of pictures made before the bot recorded it are age-restricted:
+        until then they count as age-restricted, hidden from ordinary channels."""
+        await self.bot.wait_until_ready()
+        for guild_id, channel_id in self.bot.db.channels_without_age_restriction():
+            guild = self.bot.get_guild(guild_id)
+            if guild is None:
+                continue  # a server the bot is not in (now): looked at again at the next start
+            # An archived thread is not in the cache: it is fetched.
+            channel = guild.get_channel_or_thread(channel_id)
+            if channel is None:
+                try:
+                    channel = await self.bot.fetch_channel(channel_id)
+                except discord.NotFound:
+                    # Deleted: nothing tells what it was, so its pictures count as age-restricted.
+                    self.bot.db.record_age_restriction(channel_id, True)
+                    continue
+                except discord.HTTPException as error:
+                    log.warning("could not look up channel %s of older pictures: %s", channel_id, error)
+                    continue
+            self.bot.db.record_age_restriction(channel_id, is_age_restricted(channel))
+
     # -- /gallery ------------------------------------------------------------------------------
 
     @app_commands.command()
@@ -164,17 +188,11 @@ class Gallery(commands.Cog):
     ) -> None:
         """Browse the images made on this server."""
         assert interaction.guild is not None  # guild_only
-        # Pictures made in age-restricted channels are shown only in age-restricted channels.
-        hidden = (
-            ()
-            if is_age_restricted(interaction.channel)
-            else [channel.id for channel in interaction.guild.text_channels if channel.is_nsfw()]
-        )
         pager = GalleryPager(
             self.bot,
             opener_id=interaction.user.id,
             guild_id=interaction.guild.id,
-            exclude_channel_ids=hidden,
+            with_age_restricted=may_show(True, interaction.channel),
             user_id=user.id if user else None,
             token=model.strip().lower() if model else None,
             search=search,
@@ -215,10 +233,11 @@ class GalleryPager(Pager):
         token: str | None,
         search: str | None,
         sort: Literal["newest", "top"],
-        exclude_channel_ids: Collection[int] = (),
+        with_age_restricted: bool,
     ) -> None:
         super().__init__(opener_id, PAGER_TIMEOUT)
-        self.exclude_channel_ids = exclude_channel_ids
+        # Whether its channel may show pictures made in age-restricted channels.
+        self.with_age_restricted = with_age_restricted
         self.bot = bot
         self.guild_id = guild_id
         self.user_id = user_id
@@ -257,7 +276,7 @@ class GalleryPager(Pager):
             token=self.token,
             search=self.search,
             sort=self.sort,
-            exclude_channel_ids=self.exclude_channel_ids,
+            with_age_restricted=self.with_age_restricted,
             offset=self.index,
             limit=1,
         )

@@ -49,8 +49,10 @@ from bot.views import (
     GRID_FILE,
     SavePromptButton,
     confirm,
+    ensure_may_show,
     generation_embed,
     image_upload,
+    is_age_restricted,
     only_mentions,
     picture_info_embed,
 )
@@ -191,7 +193,7 @@ class Imagine(commands.Cog):
         guild, user = interaction.guild, interaction.user
         if guild is None:
             raise UserFacingError("Images are made in servers, not in direct messages.")
-        channel = self._channel_for(interaction, redirect=redirect)
+        channel = self.channel_for(interaction, redirect=redirect)
         db, config = self.bot.db, self.bot.config
         # [SUBJECT] is whoever asks: on someone else's picture, the clicker's own model.
         request = fill_template(db, guild.id, user.id, request)
@@ -206,6 +208,7 @@ class Imagine(commands.Cog):
             user_id=user.id,
             user_name=user.name,
             channel_id=channel.id,
+            age_restricted=is_age_restricted(channel),
             request=request,
             adapters=adapters,
         )
@@ -236,9 +239,10 @@ class Imagine(commands.Cog):
             # The row is the truth: the job runs even if telling the member failed.
             self.bot.jobs.submit(job)
 
-    def _channel_for(
+    def channel_for(
         self, interaction: discord.Interaction, *, redirect: bool
     ) -> discord.TextChannel | discord.Thread:
+        """The channel a picture asked for in this interaction is posted in (see queue)."""
         channel = interaction.channel
         prompts = self.bot.prompts_channel(interaction.guild)
         in_prompts = prompts is None or (
@@ -427,6 +431,16 @@ class Imagine(commands.Cog):
             raise UserFacingError("That image has been deleted.")
         return row
 
+    def _shown_generation(
+        self, interaction: discord.Interaction, generation_id: int, *, queued: bool
+    ) -> GenerationRow:
+        """The generation, refused where it may not be shown: in the channel its new picture would be
+        posted in when `queued`, else in the member's channel (an answer only she sees is still in it)."""
+        row = self._generation(generation_id)
+        channel = self.channel_for(interaction, redirect=True) if queued else interaction.channel
+        ensure_may_show(row.age_restricted, channel)
+        return row
+
     def _same_settings(self, row: GenerationRow, **changes: Any) -> ImageRequest:
         width, height = base_size(row)
         values: dict[str, Any] = {
@@ -448,15 +462,19 @@ class Imagine(commands.Cog):
         return row.files[index]
 
     async def reroll(self, interaction: discord.Interaction, generation_id: int) -> None:
-        row = self._generation(generation_id)
+        row = self._shown_generation(interaction, generation_id, queued=True)
         await self.queue(interaction, self._same_settings(row), redirect=True)
 
     async def vary(self, interaction: discord.Interaction, generation_id: int, index: int) -> None:
-        request = self._from_image(self._generation(generation_id), index, "variation")
+        request = self._from_image(
+            self._shown_generation(interaction, generation_id, queued=True), index, "variation"
+        )
         await self.queue(interaction, request, redirect=True)
 
     async def upscale(self, interaction: discord.Interaction, generation_id: int, index: int) -> None:
-        request = self._from_image(self._generation(generation_id), index, "upscale")
+        request = self._from_image(
+            self._shown_generation(interaction, generation_id, queued=True), index, "upscale"
+        )
         await self.queue(interaction, request, redirect=True)
 
     def _from_image(
@@ -482,7 +500,7 @@ class Imagine(commands.Cog):
     async def open_prompt_modal(self, interaction: discord.Interaction, generation_id: int) -> None:
         """The prompt as a template, ready to edit and run: as its author typed it when it was one,
         else with the author's tokens written as [SUBJECT], which the clicker's own model fills."""
-        row = self._generation(generation_id)
+        row = self._shown_generation(interaction, generation_id, queued=False)
         authors: list[ModelRow] = []
         if interaction.user.id != row.user_id:
             authors = [m for m in self.bot.db.models_of(row.user_id, row.guild_id) if m.token in row.tokens]
@@ -520,7 +538,7 @@ class Imagine(commands.Cog):
 
     async def show_info(self, interaction: discord.Interaction, generation_id: int) -> None:
         """A generation's parameters, privately, with its Use prompt button."""
-        row = self._generation(generation_id)
+        row = self._shown_generation(interaction, generation_id, queued=False)
         if not interaction.response.is_done():
             await interaction.response.defer(ephemeral=True, thinking=True)
         view = discord.ui.View(timeout=None)
@@ -540,7 +558,7 @@ class Imagine(commands.Cog):
         return gallery.id if gallery is not None else None
 
     async def run_prompt(self, interaction: discord.Interaction, generation_id: int, prompt: str) -> None:
-        row = self._generation(generation_id)
+        row = self._shown_generation(interaction, generation_id, queued=True)
         request = self._same_settings(row, prompt=prompt, template=None, count=1)
         await self.queue(interaction, request, redirect=True)
 

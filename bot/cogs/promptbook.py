@@ -4,6 +4,8 @@ A prompt is saved typed (/prompt save) or from a picture (its "Save prompt" butt
 model in it is stored as [SUBJECT], so whoever uses the entry gets their own face in its place. Each
 entry is posted once as a card with its example picture and a "Try with my face" button; ⭐ reactions
 on the card and uses rank the book. Rendering goes through the imagine cog's queue, like /imagine.
+An entry saved in an age-restricted channel, or from a picture made in one, is shown (its card too)
+and rendered only in age-restricted channels, like such a picture (bot.views.may_show).
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ from bot.safety import merge_negative, prompt_refusal
 from bot.service import ImageRequest, UserFacingError
 from bot.templates import SUBJECT, template_form, with_stand_in
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
-from bot.views import STAR, Pager, SavePromptButton, confirm, image_upload, is_star_vote, refusal_line
+from bot.views import (
+    PROMPT_FROM_AGE_RESTRICTED,
+    STAR,
+    Pager,
+    SavePromptButton,
+    confirm,
+    ensure_may_show,
+    image_upload,
+    is_age_restricted,
+    is_star_vote,
+    may_show,
+    refusal_line,
+)
 from engine.prompt_syntax import PromptSyntaxError, parse_prompt
 
 if TYPE_CHECKING:
@@ -90,7 +104,15 @@ class PromptBook(commands.Cog):
     ) -> None:
         """Save a prompt to the server's prompt book, posted as a card for everyone to try."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        entry = await self.save_entry(interaction, title, prompt, "", note or "", generation_id=None)
+        entry = await self.save_entry(
+            interaction,
+            title,
+            prompt,
+            "",
+            note or "",
+            generation_id=None,
+            age_restricted=is_age_restricted(interaction.channel),
+        )
         await interaction.followup.send(self._saved_line(entry), ephemeral=True)
 
     async def open_save_modal(self, interaction: discord.Interaction, generation_id: int) -> None:
@@ -103,6 +125,8 @@ class PromptBook(commands.Cog):
                 "Only the member who made this picture can save it to the prompt book. Press "
                 "“Use prompt” to make your own, or save a prompt of yours with `/prompt save`."
             )
+        # Before she fills the form in: a picture whose card could go up nowhere is refused.
+        self._card_channel(interaction, row.age_restricted)
         await interaction.response.send_modal(SavePromptModal(self, generation_id))
 
     async def save_from_picture(
@@ -113,7 +137,13 @@ class PromptBook(commands.Cog):
         if row is None:  # deleted while the form was open
             raise UserFacingError("That image has been deleted.")
         entry = await self.save_entry(
-            interaction, title, row.prompt, row.negative_prompt, note, generation_id=row.id
+            interaction,
+            title,
+            row.prompt,
+            row.negative_prompt,
+            note,
+            generation_id=row.id,
+            age_restricted=row.age_restricted or is_age_restricted(interaction.channel),
         )
         await interaction.followup.send(self._saved_line(entry), ephemeral=True)
 
@@ -126,16 +156,16 @@ class PromptBook(commands.Cog):
         note: str,
         *,
         generation_id: int | None,
+        age_restricted: bool,
     ) -> PromptRow:
-        """Check, store in template form and post the card (once); the entry as stored."""
+        """Check, store in template form and post the card (once); the entry as stored.
+        `age_restricted`: saved in an age-restricted channel or from a picture made in one."""
         guild, db = interaction.guild, self.bot.db
         assert guild is not None  # guild_only
         title, note = " ".join(title.split()), note.strip()
         if not title:
             raise UserFacingError("The title is empty: give the prompt a short name.")
-        card_channel = self.bot.prompts_channel(guild) or interaction.channel
-        if not isinstance(card_channel, discord.TextChannel | discord.Thread):
-            raise UserFacingError("I have no prompts channel to post the card in.")
+        card_channel = self._card_channel(interaction, age_restricted)
         # The card is public: what could not be drawn there is not posted there either.
         refusal = prompt_refusal(
             f"{title} {prompt} {note}",
@@ -160,6 +190,7 @@ class PromptBook(commands.Cog):
                 negative_prompt=negative_prompt,
                 note=note,
                 generation_id=generation_id,
+                age_restricted=age_restricted,
             )
         except sqlite3.IntegrityError:
             shown = discord.utils.escape_markdown(title)
@@ -167,6 +198,20 @@ class PromptBook(commands.Cog):
                 f"The prompt book already has a prompt called **{shown}**: pick another title."
             ) from None
         return await self._post_card(entry, card_channel)
+
+    def _card_channel(
+        self, interaction: discord.Interaction, age_restricted: bool
+    ) -> discord.TextChannel | discord.Thread:
+        """Where an entry's card goes up: the prompts channel, unless it may not show the entry; then
+        where the entry is saved, if that may."""
+        prompts = self.bot.prompts_channel(interaction.guild)
+        channel = (
+            prompts if prompts is not None and may_show(age_restricted, prompts) else interaction.channel
+        )
+        if not isinstance(channel, discord.TextChannel | discord.Thread):
+            raise UserFacingError("I have no prompts channel to post the card in.")
+        ensure_may_show(age_restricted, channel)
+        return channel
 
     async def _post_card(self, entry: PromptRow, channel: discord.TextChannel | discord.Thread) -> PromptRow:
         generation = self.bot.db.find_generation(entry.generation_id) if entry.generation_id else None
@@ -221,7 +266,12 @@ class PromptBook(commands.Cog):
         """Browse the server's prompt book."""
         assert interaction.guild_id is not None  # guild_only
         pager = PromptPager(
-            self, opener_id=interaction.user.id, guild_id=interaction.guild_id, search=search, sort=sort
+            self,
+            opener_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            search=search,
+            sort=sort,
+            with_age_restricted=may_show(True, interaction.channel),
         )
         page = pager.render()
         if page is None:
@@ -254,6 +304,14 @@ class PromptBook(commands.Cog):
         entry = self.bot.db.find_prompt(prompt_id)
         if entry is None:
             raise UserFacingError("That prompt has been deleted from the prompt book.")
+        # Not isinstance: load_extension executes the imagine module afresh, so its class differs.
+        imagine = cast("Imagine | None", self.bot.get_cog("Imagine"))
+        if imagine is None:
+            raise UserFacingError("Drawing is switched off right now. Please try again later.")
+        # Its picture shows the prompt where it is posted.
+        ensure_may_show(
+            entry.age_restricted, imagine.channel_for(interaction, redirect=True), PROMPT_FROM_AGE_RESTRICTED
+        )
         # The imagine cog's queue fills [SUBJECT] with the member's own model (or says to /train).
         prompt = entry.prompt
         config = self.bot.config
@@ -268,10 +326,6 @@ class PromptBook(commands.Cog):
             steps=config.generation.steps,
             guidance=config.generation.guidance,
         )
-        # Not isinstance: load_extension executes the imagine module afresh, so its class differs.
-        imagine = cast("Imagine | None", self.bot.get_cog("Imagine"))
-        if imagine is None:
-            raise UserFacingError("Drawing is switched off right now. Please try again later.")
         await imagine.queue(interaction, request, redirect=True)
         self.bot.db.count_prompt_use(entry.id)
 
@@ -306,7 +360,10 @@ class PromptBook(commands.Cog):
     ) -> list[app_commands.Choice[str]]:
         if interaction.guild_id is None:
             return []
-        return _choices(self.bot.db.prompt_titles(interaction.guild_id), current)
+        titles = self.bot.db.prompt_titles(
+            interaction.guild_id, with_age_restricted=may_show(True, interaction.channel)
+        )
+        return _choices(titles, current)
 
     @delete.autocomplete("title")
     async def _own_title(
@@ -314,7 +371,12 @@ class PromptBook(commands.Cog):
     ) -> list[app_commands.Choice[str]]:
         if interaction.guild_id is None:
             return []
-        return _choices(self.bot.db.prompt_titles(interaction.guild_id, user_id=interaction.user.id), current)
+        titles = self.bot.db.prompt_titles(
+            interaction.guild_id,
+            user_id=interaction.user.id,
+            with_age_restricted=may_show(True, interaction.channel),
+        )
+        return _choices(titles, current)
 
     # -- stars ---------------------------------------------------------------------------------
 
@@ -411,24 +473,31 @@ class PromptPager(Pager):
     nothing_left = "No saved prompt matches any more."
 
     def __init__(
-        self, book: PromptBook, *, opener_id: int, guild_id: int, search: str | None, sort: PromptSort
+        self,
+        book: PromptBook,
+        *,
+        opener_id: int,
+        guild_id: int,
+        search: str | None,
+        sort: PromptSort,
+        with_age_restricted: bool,
     ) -> None:
         super().__init__(opener_id, PAGER_TIMEOUT)
         self.book = book
         self.guild_id = guild_id
         self.search = search
         self.sort: PromptSort = sort
+        # Whether its channel may show entries from age-restricted channels.
+        self.with_age_restricted = with_age_restricted
         self.entry: PromptRow | None = None
 
     def render(self) -> tuple[discord.Embed, discord.File | None] | None:
         """The current page, read afresh (stars and uses change, entries get deleted); None when none match."""
         db = self.book.bot.db
-        rows, total = db.search_prompts(self.guild_id, search=self.search, sort=self.sort, offset=self.index)
+        rows, total = self._page()
         if not rows and total:
             self.index = total - 1
-            rows, total = db.search_prompts(
-                self.guild_id, search=self.search, sort=self.sort, offset=self.index
-            )
+            rows, total = self._page()
         if not rows:
             return None
         self.entry = entry = rows[0]
@@ -443,6 +512,15 @@ class PromptPager(Pager):
         self.previous.disabled = self.index == 0
         self.next.disabled = self.index >= total - 1
         return embed, upload
+
+    def _page(self) -> tuple[list[PromptRow], int]:
+        return self.book.bot.db.search_prompts(
+            self.guild_id,
+            search=self.search,
+            sort=self.sort,
+            with_age_restricted=self.with_age_restricted,
+            offset=self.index,
+        )
 
     @discord.ui.button(label="Try with my face", emoji="🪄", style=discord.ButtonStyle.primary)
     async def try_it(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
