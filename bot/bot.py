@@ -25,7 +25,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.db import Database, GenerationRow, JobRow, PostRow, PromptRow
-from bot.jobs import JobQueue
+from bot.jobs import JobQueue, WorkerPool
 from bot.service import UserFacingError
 from bot.words import load_base_vocabulary
 from engine.config import Config
@@ -67,7 +67,7 @@ HEARTBEAT_MAX_AGE = 3 * HEARTBEAT_INTERVAL
 
 
 class DreamBot(commands.Bot):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, pool: WorkerPool | None = None) -> None:
         intents = discord.Intents.default()
         # The bot never joins voice: no "PyNaCl is not installed" warnings at every start.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
@@ -80,7 +80,7 @@ class DreamBot(commands.Bot):
         )
         self.config = config
         self.db = Database.in_data_dir(config.data_dir)
-        self.jobs = JobQueue(self.db, config, on_event=self._on_job_event)
+        self.jobs = JobQueue(self.db, config, on_event=self._on_job_event, pool=pool)
         self._heartbeat: asyncio.Task[None] | None = None
         # Model names are checked against the base model's tokenizer: read it once, here.
         load_base_vocabulary(config.model.base)

@@ -170,17 +170,23 @@ class RayWorker(EngineWorker):
     async def _receive(
         self, shipment: Shipment, on_event: Callable[[EngineWorker, Event], Awaitable[None]]
     ) -> None:
-        await asyncio.to_thread(store_shipment, self.config.data_dir, shipment)
-        if shipment.event is None:
-            return
         try:
-            event = decode(shipment.event)
+            event = None if shipment.event is None else decode(shipment.event)
         except ProtocolError as error:
             log.warning("engine %s sent something that is not an event: %s", self.name, error)
             return
-        if isinstance(event, TrainingDone):
+        # A node is another machine: its files land only in the folder of the job they are about
+        # (a checkpoint sent alone: of a job this worker holds), wherever it says they go.
+        about = getattr(event, "job_id", None)
+        folders = [
+            Path(row.request.output_dir) for job_id, row in self.in_flight.items() if about in (None, job_id)
+        ]
+        await asyncio.to_thread(store_shipment, self.config.data_dir, shipment, folders)
+        if event is None:
+            return
+        if isinstance(event, TrainingDone) and (row := self.in_flight.get(event.job_id)) is not None:
             # The training deleted its checkpoints; so does the bot's copy.
-            shutil.rmtree(Path(event.adapter_path).parent / CHECKPOINTS_DIR, ignore_errors=True)
+            shutil.rmtree(Path(row.request.output_dir) / CHECKPOINTS_DIR, ignore_errors=True)
             adapter = shipment.files.get(_relative(self.config.data_dir, event.adapter_path) or "")
             if adapter is not None:
                 self.node_adapters.add(content_hash(adapter))
@@ -287,15 +293,22 @@ class RayWorker(EngineWorker):
                 ray.kill(self.actor, no_restart=True)
 
 
-def store_shipment(data_dir: Path, shipment: Shipment) -> None:
-    """Write a shipment's files into the data dir; a checkpoint lands whole or not at all, and the
-    older ones beside it go, as engine.train keeps them."""
-    checkpoint = None if shipment.checkpoint is None else _inside(data_dir, shipment.checkpoint)
+def store_shipment(data_dir: Path, shipment: Shipment, folders: Sequence[Path]) -> None:
+    """Write a shipment's files into the data dir, those inside one of `folders` (its jobs' output
+    folders) only; a checkpoint lands whole or not at all, and the older ones beside it go, as
+    engine.train keeps them."""
+    allowed = [folder.resolve() for folder in folders]
+
+    def target_of(relative: str) -> Path | None:
+        target = _inside(data_dir, relative)
+        return target if target is not None and any(target.is_relative_to(f) for f in allowed) else None
+
+    checkpoint = None if shipment.checkpoint is None else target_of(shipment.checkpoint)
     partial = None if checkpoint is None else checkpoint.with_name(f".partial-{checkpoint.name}")
     for relative, data in shipment.files.items():
-        target = _inside(data_dir, relative)
+        target = target_of(relative)
         if target is None:
-            log.warning("ignored a file from the engine outside the data directory: %s", relative)
+            log.error("ignored a file from the engine outside its jobs' folders: %s", relative)
             continue
         if checkpoint is not None and partial is not None and target.parent == checkpoint:
             target = partial / target.name

@@ -48,6 +48,7 @@ from engine.protocol import (
     TrainJob,
     decode,
     encode,
+    named_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,18 @@ def _adapter_files(paths: Iterable[str | Path]) -> list[Path]:
 
 # An absolute path in what an engine says (a Ray node's engine may be a broken or hostile process).
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])[~]?/(?:[\w.@+=-]+/)*[\w.@+=-]+/?")
+
+
+STRAY_FILES_MESSAGE = (
+    "the engine's answer named files that are not this job's, so I didn't use it (the bot's admin can "
+    "see why in its log)"
+)
+
+
+def _outside_job_folder(paths: Iterable[str], row: JobRow) -> list[str]:
+    """Those of `paths` that do not resolve (links followed) inside the job's own output folder."""
+    folder = Path(row.request.output_dir).resolve()
+    return [path for path in paths if not Path(path).resolve().is_relative_to(folder)]
 
 
 def _without_paths(message: str) -> str:
@@ -425,6 +438,7 @@ class JobQueue:
         *,
         on_event: EventCallback,
         job_ids: Collection[str] | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -432,7 +446,8 @@ class JobQueue:
         # Only these jobs are recovered and dispatched: the CLI runs its one job this way and
         # leaves the rows of a bot that is not running alone.
         self._job_ids = None if job_ids is None else set(job_ids)
-        self._pool = worker_pool(config)
+        # The config's backend unless the composition root hands one in.
+        self._pool = pool or worker_pool(config)
         # The workers of the pool's current slots; a retired one leaves this at once, and its
         # supervisor ends once it has exited.
         self._workers: dict[str, EngineWorker] = {}
@@ -687,6 +702,17 @@ class JobQueue:
             return
         if isinstance(event, Error):
             event = Error(event.job_id, _without_paths(event.message), event.code)
+        paths = named_paths(event)
+        if paths and (strays := await asyncio.to_thread(_outside_job_folder, paths, row)):
+            # A broken engine, or a hostile one on a Ray node: the bot would post or delete them.
+            log.error(
+                "engine %s named files outside the folder of job %s: %s refused (%s)",
+                worker.name, row.id, event.type, ", ".join(strays),
+            )  # fmt: skip
+            if isinstance(event, Progress):
+                return
+            if isinstance(event, Result):
+                event = Error(row.id, STRAY_FILES_MESSAGE, "internal")
         refusal = generation_refusal(self.db, row)
         if refusal is not None and not (isinstance(event, Error) and event.code == "cancelled"):
             if isinstance(event, Progress):

@@ -320,6 +320,18 @@ RESULT_TYPES: dict[str, type[TrainingDone] | type[GenerationDone]] = {
 }
 
 
+def named_paths(event: Event) -> list[str]:
+    """The files an event names (previews, samples, pictures, the adapter and its metadata), which the
+    bot reads, posts and deletes: each must lie in the folder of the event's job (bot.jobs checks)."""
+    if isinstance(event, Progress):
+        return [] if event.preview is None else [event.preview]
+    if isinstance(event, TrainingDone):
+        return [*event.files, event.adapter_path, event.metadata_path]
+    if isinstance(event, GenerationDone):
+        return list(event.files)
+    return []
+
+
 class ProtocolError(ValueError):
     """A line that is not a well-formed message; `job_id` is the job it was about, when it says."""
 

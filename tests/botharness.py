@@ -34,6 +34,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from bot.bot import DreamBot
 from bot.db import Database, ModelRow
+from bot.jobs import WorkerPool
 from engine.config import Config, load_config
 
 PHOTOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
@@ -90,8 +91,8 @@ class BotHarness:
     def data_dir(self) -> Path:
         return self.config.data_dir
 
-    async def start(self) -> None:
-        self.bot = DreamBot(self.config)
+    async def start(self, pool: WorkerPool | None = None) -> None:
+        self.bot = DreamBot(self.config, pool)
         await self._stack.enter_async_context(self.fake.run_bot(self.bot, timeout=START_TIMEOUT))
         await self.bot.jobs.wait_ready(timeout=START_TIMEOUT)
 

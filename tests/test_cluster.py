@@ -61,11 +61,12 @@ def test_a_node_takes_one_actor_per_worker_share_of_its_gpus_or_cpus() -> None:
     assert node_slots({**gpu_node, "Alive": False}, EngineSection(backend="ray")) == 0
 
 
-def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_the_data_dir(tmp_path: Path) -> None:
+def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_its_jobs_folder(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     checkpoints = data_dir / "trained" / "t1" / "checkpoints"
     (checkpoints / "step-000002").mkdir(parents=True)
     (checkpoints / "step-000002" / "state.pt").write_bytes(b"old")
+    (data_dir / "dreambot.sqlite3").write_bytes(b"the bot's database")
     shipment = Shipment(
         '{"type":"accepted","job_id":"t1"}',
         {
@@ -73,14 +74,23 @@ def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_the_data
             "trained/t1/checkpoints/step-000004/adapter.safetensors": b"weights",
             "trained/t1/preview.jpg": b"jpeg",
             "../outside.txt": b"no",
+            # A node may write neither the bot's own files nor another job's.
+            "dreambot.sqlite3": b"overwritten",
+            "trained/t2/adapter.safetensors": b"someone else's face",
+            "trained/t1/../t2/x": b"no",
         },
         checkpoint="trained/t1/checkpoints/step-000004",
     )
-    store_shipment(data_dir, shipment)
+    store_shipment(data_dir, shipment, [data_dir / "trained" / "t1"])
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step-000004"]
     assert (checkpoints / "step-000004" / "adapter.safetensors").read_bytes() == b"weights"
     assert (data_dir / "trained" / "t1" / "preview.jpg").read_bytes() == b"jpeg"
-    assert not (tmp_path / "outside.txt").exists()
+    assert not (tmp_path / "outside.txt").exists() and not (data_dir / "trained" / "t2").exists()
+    assert (data_dir / "dreambot.sqlite3").read_bytes() == b"the bot's database"
+    # A checkpoint folder outside the jobs' folders is not taken either.
+    stray = Shipment(None, {"trained/t2/checkpoints/step-000001/state.pt": b"x"}, "trained/t2/checkpoints/step-000001")
+    store_shipment(data_dir, stray, [data_dir / "trained" / "t1"])
+    assert not (data_dir / "trained" / "t2").exists()
 
 
 @pytest.fixture(scope="module")

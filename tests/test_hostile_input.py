@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
-from botharness import JOB_TIMEOUT, BotHarness, SharedBot, answer, button, responsive_throughout
+from botharness import (
+    JOB_TIMEOUT,
+    BotHarness,
+    SharedBot,
+    answer,
+    button,
+    fake_discord,
+    responsive_throughout,
+    start_training,
+)
 from fakediscord import FakeMessage
 
+from bot.db import DATABASE_FILE
+from bot.jobs import STRAY_FILES_MESSAGE, EngineWorker, WorkerPool
 from bot.prompts import MAX_COMMAND_STEPS
 from bot.storage import generation_dir
+from engine.config import Config
+from engine.protocol import (
+    Accepted,
+    Event,
+    GenerateJob,
+    GenerationDone,
+    Job,
+    Progress,
+    Ready,
+    ShutdownJob,
+    TrainingDone,
+    TrainJob,
+)
 
 
 def test_chat_that_mentions_the_bot_is_no_command_no_error_and_no_reply(shared_bot: SharedBot) -> None:
@@ -99,3 +125,100 @@ def test_a_model_withdrawn_while_a_picture_with_it_waits_is_never_drawn_posted_o
         assert not any(generation_dir(h.config, job.id).exists() for job in bobs_jobs)
 
     shared_bot.run(scenario)
+
+
+class HostileWorker(EngineWorker):
+    """An engine that answers each job naming `targets`, files that are not its job's (the bot's
+    database, another member's adapter, a system file): a broken engine, or a hostile Ray node."""
+
+    def __init__(self, config: Config, targets: list[Path]) -> None:
+        super().__init__(config, "hostile")
+        self.targets = [str(target) for target in targets]
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._running = False
+
+    @property
+    def alive(self) -> bool:
+        return self._running
+
+    async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int:
+        self._running = True
+        await self.deliver(on_event, Ready("cpu", "tiny"))
+        while (event := await self._events.get()) is not None:
+            await self.deliver(on_event, event)
+        self._running = False
+        return 0
+
+    async def send(self, job: Job) -> None:
+        if isinstance(job, ShutdownJob):
+            self.kill()
+            return
+        assert isinstance(job, GenerateJob | TrainJob)
+        count = len(self.targets)
+        result: Event = (
+            GenerationDone(job.job_id, self.targets, [1] * count, ["x"] * count, [False] * count, 0.1)
+            if isinstance(job, GenerateJob)
+            else TrainingDone(job.job_id, self.targets, self.targets[0], self.targets[1], {}, 1, 0.1)
+        )
+        for event in (
+            Accepted(job.job_id),
+            Progress(job.job_id, "drawing", 1, 2, preview=self.targets[0]),
+            result,
+        ):
+            self._events.put_nowait(event)
+
+    async def shutdown(self, timeout: float) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        self._events.put_nowait(None)
+
+    async def forget_adapters(self, files: Sequence[Path]) -> None:
+        """It keeps no copies."""
+
+
+class HostilePool(WorkerPool):
+    def __init__(self, worker: HostileWorker) -> None:
+        self._worker = worker
+
+    async def slots(self) -> list[str]:
+        return ["hostile"]
+
+    def worker(self, slot: str) -> EngineWorker:
+        return self._worker
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_files_an_engine_names_outside_its_jobs_folder_are_never_posted_read_or_deleted(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with fake_discord(tmp_path) as h:
+            bobs = h.data_dir / "adapters" / str(h.guild_id) / "zorblat" / "pytorch_lora_weights.safetensors"
+            bobs.parent.mkdir(parents=True)
+            bobs.write_bytes(b"bob's face")
+            database = h.data_dir / DATABASE_FILE
+            targets = [database, bobs, Path("/etc/hostname")]
+            await h.start(HostilePool(HostileWorker(h.config, targets)))
+            try:
+                mark = h.fake.mark()
+                ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+                answer = await ix.wait_original(lambda m: "couldn't make your image" in m.content, timeout=30)
+                assert answer.content == f"<@{h.alice}> I couldn't make your image: {STRAY_FILES_MESSAGE}"
+                progress = await start_training(h, h.alice, "abraza")
+                failed = await h.fake.wait_message(
+                    progress.channel_id, lambda m: "Failed" in m.content, timeout=30
+                )
+                assert failed.id == progress.id and STRAY_FILES_MESSAGE in failed.content
+                model = h.db.model_by_token(h.guild_id, "abraza")
+                assert model is not None and model.state == "failed" and model.adapter_path is None
+                uploaded = [file.data for request in h.fake.requests[mark:] for file in request.files]
+                assert uploaded == []
+                assert bobs.read_bytes() == b"bob's face" and database.exists()
+                assert sum("named files outside the folder of job" in error for error in h.fake.errors) == 4
+            finally:
+                await h.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=300))
