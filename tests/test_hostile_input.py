@@ -73,8 +73,9 @@ async def _withdrawn_while_waiting(h: BotHarness, withdraw: Callable[[], Awaitab
     asked = await h.fake.slash(h.bob, h.prompts_channel_id, "imagine", prompt="abraza as thor")
     await asked.wait_original(timeout=30)
     job = h.db.active_jobs(h.bob)[0]
-    await withdraw()
-    await h.bot.jobs.wait_finished([job.id], timeout=JOB_TIMEOUT)
+    async with responsive_throughout(h, h.admin):
+        await withdraw()
+        await h.bot.jobs.wait_finished([job.id], timeout=JOB_TIMEOUT)
     await slow.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
     return await asked.wait_original(lambda m: "couldn't make your image" in m.content, timeout=30)
 
@@ -204,17 +205,20 @@ def test_files_an_engine_names_outside_its_jobs_folder_are_never_posted_read_or_
             await h.start(HostilePool(HostileWorker(h.config, targets)))
             try:
                 mark = h.fake.mark()
-                ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
-                answer = await ix.wait_original(lambda m: "couldn't make your image" in m.content, timeout=30)
+                async with responsive_throughout(h, h.bob):
+                    ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+                    answer = await ix.wait_original(
+                        lambda m: "couldn't make your image" in m.content, timeout=30
+                    )
+                    progress = await start_training(h, h.alice, "abraza")
+                    failed = await h.fake.wait_message(
+                        progress.channel_id, lambda m: "Failed" in m.content, timeout=30
+                    )
                 assert answer.content == f"<@{h.alice}> I couldn't make your image: {STRAY_FILES_MESSAGE}"
-                progress = await start_training(h, h.alice, "abraza")
-                failed = await h.fake.wait_message(
-                    progress.channel_id, lambda m: "Failed" in m.content, timeout=30
-                )
                 assert failed.id == progress.id and STRAY_FILES_MESSAGE in failed.content
                 model = h.db.model_by_token(h.guild_id, "abraza")
                 assert model is not None and model.state == "failed" and model.adapter_path is None
-                uploaded = [file.data for request in h.fake.requests[mark:] for file in request.files]
+                uploaded = [f.data for request in h.fake.requests[mark:] for f in request.files]
                 assert uploaded == []
                 assert bobs.read_bytes() == b"bob's face" and database.exists()
                 assert sum("named files outside the folder of job" in error for error in h.fake.errors) == 4
