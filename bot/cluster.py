@@ -153,9 +153,11 @@ class RayWorker(EngineWorker):
                     return 0
         except RayActorError as error:
             if error.actor_init_failed and not self.ready:
-                # The node cannot run the engine at all (dreambot or torch missing there).
+                # The node cannot run the engine at all (dreambot or torch missing there). Members
+                # read start_error: the exception stays in the log.
+                log.error("engine %s could not start: %s", self.name, _last_line(error))
                 self.start_error = (
-                    f"the engine could not start on node {self.node_id[:8]}: {_last_line(error)}"
+                    f"the engine could not start on node {self.node_id[:8]} (the bot's log says why)"
                 )
             log.warning("engine %s died: %s", self.name, _first_line(error))
             return None

@@ -786,7 +786,7 @@ class JobQueue:
         if not queued:
             return
         if self._all_broken():
-            message = f"The image engine cannot start: {self._broken_message()}"
+            message = f"The image engine cannot start: {_without_paths(self._broken_message())}"
             for row in queued:
                 await self._finish(row, Error(row.id, message, "bad_model"))
             return
