@@ -902,8 +902,8 @@ class Database:
         return [_row(JobRow, raw) for raw in rows]
 
     def forget_user(self, user_id: int) -> list[str]:
-        """Delete every row of a member (and the pictures made with her models), leaving no trace of them
-        in the database file or its WAL; return the files those rows pointed to."""
+        """Delete every row of a member (and the pictures made with her models); return the files those
+        rows pointed to. Then scrub(), which leaves no trace of the rows in the file or its WAL."""
         files: list[str] = []
         for model in self.models_of(user_id):
             files.extend(model.samples)
@@ -924,18 +924,25 @@ class Database:
             self.db.execute("DELETE FROM member_settings WHERE user_id = :user_id", who)
             self.db.execute("DELETE FROM models WHERE owner_id = :user_id", who)
             self.db.execute("DELETE FROM users WHERE id = :user_id", who)
-        self._scrub()
         return files
 
-    def _scrub(self) -> None:
+    def scrub(self) -> None:
         """Leave no byte of deleted rows in the file: secure_delete zeroes their cells, but the FTS index
         keeps a deleted prompt's terms until its segments are merged, a table's inner pages keep deleted
         rowids as dividers until VACUUM rebuilds them, and the WAL keeps old copies of every page until
-        a checkpoint empties it."""
-        self.db.execute("INSERT INTO generations_fts (generations_fts) VALUES ('optimize')")
-        self.db.execute("INSERT INTO prompts_fts (prompts_fts) VALUES ('optimize')")
-        self.db.execute("VACUUM")
-        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        a checkpoint empties it.
+
+        On a connection of its own, so that a thread can run it (its time grows with the database)
+        while this one keeps serving the bot: WAL readers are not blocked, writers wait for it."""
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            connection.execute("PRAGMA busy_timeout = 10000")
+            connection.execute("INSERT INTO generations_fts (generations_fts) VALUES ('optimize')")
+            connection.execute("INSERT INTO prompts_fts (prompts_fts) VALUES ('optimize')")
+            connection.execute("VACUUM")
+            busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            connection.close()
         if busy:
             # Another process (the CLI) is reading: its snapshot needs the WAL's frames.
             log.warning(

@@ -203,6 +203,7 @@ def test_forget_user_removes_every_row_and_returns_files(db: Database) -> None:
     ).id  # fmt: skip
 
     files = db.forget_user(1)
+    db.scrub()
 
     assert sorted(files) == sorted(
         [
@@ -379,6 +380,7 @@ def test_forget_removes_her_entries_and_those_showing_or_naming_her_model(db: Da
     assert [row.id for row in forgotten] == [hers.id, from_her_face.id, naming_her.id]
     assert forgotten[0].card_message_id == 900
     db.forget_user(1)
+    db.scrub()
     assert db.find_prompt(bobs.id) == bobs and db.find_prompt(elsewhere.id) == elsewhere
     assert [row.id for row in db.search_prompts(10, limit=10)[0]] == [bobs.id]
     assert db.search_prompts(10, search="knight")[1] == 0

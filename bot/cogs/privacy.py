@@ -58,6 +58,7 @@ class Privacy(commands.Cog):
             )
         await self.bot.jobs.forget_adapters(paths)
         paths.extend(db.forget_user(user_id))
+        await asyncio.to_thread(db.scrub)
         files = await asyncio.to_thread(remove_paths, config, paths)
         await interaction.edit_original_response(
             content=(
