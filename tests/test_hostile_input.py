@@ -226,3 +226,21 @@ def test_files_an_engine_names_outside_its_jobs_folder_are_never_posted_read_or_
                 await h.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=300))
+
+
+def test_readme_promises_what_these_tests_check() -> None:
+    readme = " ".join(
+        (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8").split()
+    )
+    for promise in (
+        "share it no more, or delete the model, and pictures of it still waiting are not drawn, or not posted",
+        "whose settings are up to 64 KiB of text or a graph of up to 2,000 nodes (a larger one is answered "
+        "as too large to read)",
+        "up to 8 chunks: a prompt that makes more (its words, or its BREAKs) is refused saying so",
+        "chat that mentions the bot is not a command. No message a member reads names a server path or an "
+        "exception.",
+        "are used only inside the folder of the job they belong to.",
+        "A database file that is damaged or not a database is named in one line at start, with what to do "
+        "(restore a backup, or move it aside), and left as it is.",
+    ):
+        assert promise in readme, promise
