@@ -123,10 +123,16 @@ class BotHarness:
         return self.db.update_model(model.id, state="ready", shared=int(shared), adapter_path=str(adapter))
 
 
+def is_post(message: FakeMessage) -> bool:
+    """A finished picture's post: its files and embed (a preview on the way, which a slow machine
+    shows, has a file but no embed)."""
+    return bool(message.files and message.embeds)
+
+
 async def imagine(h: BotHarness, user_id: int, **options: Any) -> FakeMessage:
     """Run /imagine in #prompts and return the finished post."""
     ix = await h.fake.slash(user_id, h.prompts_channel_id, "imagine", **options)
-    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+    return await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
 
 
 async def start_training(h: BotHarness, user_id: int, name: str) -> FakeMessage:

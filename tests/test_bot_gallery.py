@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, fake_discord, imagine, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, fake_discord, imagine, is_post, running_bot
 from fakediscord import FakeInteraction, FakeMessage, modal_text_fields, new_snowflake
 
 from bot.cogs.gallery import message_url
@@ -149,7 +149,7 @@ def test_gallery_pages_searches_filters_and_sorts_by_stars(tmp_path: Path) -> No
 async def made(h: BotHarness, user_id: int, channel_id: int, prompt: str) -> FakeMessage:
     """/imagine in that channel; the finished post."""
     ix = await h.fake.slash(user_id, channel_id, "imagine", prompt=prompt)
-    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+    return await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
 
 
 async def refusal(ix: FakeInteraction) -> str:
@@ -243,7 +243,7 @@ def test_what_comes_from_age_restricted_channels_is_shown_only_in_them(tmp_path:
                 "That prompt comes from an age-restricted channel", h.general_channel_id
             )
             ix = await h.fake.slash(h.alice, thread, "prompt use", title="Dusk")
-            await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+            await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
             assert len(h.db.jobs_of(h.bob)) == 1 and h.db.generation(4).age_restricted
 
             # A moderator lifts #after-dark's age restriction: what was made there, and in its thread,

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, SharedBot, button, delete_picture, imagine, running_bot
+from botharness import (
+    JOB_TIMEOUT,
+    BotHarness,
+    SharedBot,
+    button,
+    delete_picture,
+    imagine,
+    is_post,
+    running_bot,
+)
 from fakediscord import FakeInteraction, FakeMessage
 from PIL import Image
 
@@ -151,7 +160,8 @@ def field(message: FakeMessage, name: str) -> str:
 
 async def click_for_post(h: BotHarness, user_id: int, message: FakeMessage, custom_id: str) -> FakeMessage:
     ix = await h.fake.click(user_id, message, custom_id)
-    return await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+    # The post, not a preview on the way (a slow machine shows some): only the post has an embed.
+    return await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
 
 
 async def refusal(ix: FakeInteraction) -> str:
@@ -244,7 +254,7 @@ def test_imagine_posts_a_grid_mirrors_it_and_every_button_works(tmp_path: Path) 
             ix = await h.fake.submit_modal(
                 h.bob, h.prompts_channel_id, modal["custom_id"], {text_input["custom_id"]: "zorblat as loki"}
             )
-            bobs = await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+            bobs = await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
             assert bobs.embeds[0]["description"] == "zorblat as loki" and field(bobs, "Model") == "zorblat"
             assert bobs.allowed_mentions == {"parse": [], "users": [h.bob]}
 
@@ -451,7 +461,7 @@ def test_settings_and_templates(shared_bot: SharedBot) -> None:
             modal["custom_id"],
             {text_input["custom_id"]: text_input["value"]},
         )
-        bobs = await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+        bobs = await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
         bobs_row = h.db.generation(int(bobs.custom_ids[0].rsplit(":", 1)[1]))
         bobs_request = h.db.job(bobs_row.job_id).request
         assert bobs_request.prompt == "zorblat person as a viking"

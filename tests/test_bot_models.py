@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import BotHarness, SharedBot, answer, button, files_under, running_bot, start_training
+from botharness import (
+    BotHarness,
+    SharedBot,
+    answer,
+    button,
+    files_under,
+    is_post,
+    running_bot,
+    start_training,
+)
 from fakediscord import CommandUnavailable, FakeMessage, modal_text_fields
 from fakehub import FakeHub, assert_token_kept_nowhere
 
@@ -251,7 +260,7 @@ def test_forget_leaves_no_file_or_row_behind(tmp_path: Path) -> None:
             h.trained_model(h.alice, "abraza")
             h.trained_model(h.bob, "zorvik")
             ix = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="abraza as a viking")
-            post = await ix.wait_original(lambda m: m.files, timeout=120)
+            post = await ix.wait_original(is_post, timeout=120)
             mirror = await h.fake.wait_message(h.gallery_channel_id, lambda m: m.files, timeout=30)
             await start_training(h, h.alice, "quorbly")
             assert files_under(h.data_dir / "generations") and files_under(h.data_dir / "photos")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, BotHarness, SharedBot, answer, button, imagine, running_bot
+from botharness import JOB_TIMEOUT, BotHarness, SharedBot, answer, button, imagine, is_post, running_bot
 from fakediscord import FakeMessage, modal_text_fields
 
 from bot.cogs.help import HELP_TEXT
@@ -108,7 +108,7 @@ def test_prompt_book_save_browse_use_try_delete_and_forget(tmp_path: Path) -> No
 
             # Use: bob's face goes where it says [SUBJECT]; a member without a model is sent to /train.
             ix = await h.fake.slash(h.bob, h.prompts_channel_id, "prompt use", title="knight")
-            post = await ix.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+            post = await ix.wait_original(is_post, timeout=JOB_TIMEOUT)
             assert post.embeds[0]["description"] == "zorvik person as a knight in shining armour"
             assert "Model zorvik" in post.text
             no_model = await answer(h, h.admin, "prompt use", title="Knight")

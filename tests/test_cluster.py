@@ -61,7 +61,9 @@ def test_a_node_takes_one_actor_per_worker_share_of_its_gpus_or_cpus() -> None:
     assert node_slots({**gpu_node, "Alive": False}, EngineSection(backend="ray")) == 0
 
 
-def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_its_jobs_folder(tmp_path: Path) -> None:
+def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_its_jobs_folder(
+    tmp_path: Path,
+) -> None:
     data_dir = tmp_path / "data"
     checkpoints = data_dir / "trained" / "t1" / "checkpoints"
     (checkpoints / "step-000002").mkdir(parents=True)
@@ -88,7 +90,9 @@ def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_its_jobs
     assert not (tmp_path / "outside.txt").exists() and not (data_dir / "trained" / "t2").exists()
     assert (data_dir / "dreambot.sqlite3").read_bytes() == b"the bot's database"
     # A checkpoint folder outside the jobs' folders is not taken either.
-    stray = Shipment(None, {"trained/t2/checkpoints/step-000001/state.pt": b"x"}, "trained/t2/checkpoints/step-000001")
+    stray = Shipment(
+        None, {"trained/t2/checkpoints/step-000001/state.pt": b"x"}, "trained/t2/checkpoints/step-000001"
+    )
     store_shipment(data_dir, stray, [data_dir / "trained" / "t1"])
     assert not (data_dir / "trained" / "t2").exists()
 

@@ -13,6 +13,7 @@ from botharness import (
     answer,
     button,
     fake_discord,
+    is_post,
     responsive_throughout,
     start_training,
 )
@@ -76,7 +77,7 @@ async def _withdrawn_while_waiting(h: BotHarness, withdraw: Callable[[], Awaitab
     async with responsive_throughout(h, h.admin):
         await withdraw()
         await h.bot.jobs.wait_finished([job.id], timeout=JOB_TIMEOUT)
-    await slow.wait_original(lambda m: m.files, timeout=JOB_TIMEOUT)
+    await slow.wait_original(is_post, timeout=JOB_TIMEOUT)
     return await asked.wait_original(lambda m: "couldn't make your image" in m.content, timeout=30)
 
 
