@@ -10,15 +10,18 @@ queued, and it holds the progress message's id so that the message survives a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands, tasks
@@ -26,11 +29,11 @@ from discord.ext import commands, tasks
 from bot.bot import DreamBot, report_error
 from bot.db import ACTIVE_JOB_STATES, JobRow, new_job_id
 from bot.service import UserFacingError, check_training_request, end_training, finish_training, queue_training
-from bot.storage import photos_dir, remove_path
+from bot.storage import incoming_dir, photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
 from bot.views import only_mentions
 from bot.words import CLASS_WORDS, normalize_subject, normalize_token
-from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_photos
+from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_files, too_big
 from engine.protocol import Accepted, Error, Progress, TrainingDone, TrainJob
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,14 @@ PHASE_LABELS = {
     "samples": "Drawing samples",
 }
 MAX_PHOTO_OPTIONS = 20
+# Attachments are streamed to disk in pieces of this size: a download holds no more in memory.
+DOWNLOAD_CHUNK = 64 * 1024
+# A download that receives nothing for this long is given up: it holds one of the intake turns.
+DOWNLOAD_STALL_TIMEOUT = 30.0
+WAITING_TURN_MESSAGE = (
+    "⏳ Your photos are waiting their turn: I check a few sets of photos at a time. The report follows here."
+)
+DOWNLOAD_FAILED_MESSAGE = "I couldn't download your photos from Discord. Please try again."
 
 
 # -- checks that need no Discord -------------------------------------------------------------
@@ -108,6 +119,36 @@ def image_attachments(message: discord.Message) -> list[discord.Attachment]:
     ]
 
 
+class IntakeTurns:
+    """Whose photos are downloaded and checked now: one set per member at a time, `slots` sets in all.
+
+    A burst of /train waits here for its turn instead of filling the bot's memory and cores at once.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._slots = asyncio.Semaphore(slots)
+        self._members: dict[int, asyncio.Lock] = {}
+        # Turns taken or awaited per member: a member's lock goes once none is left.
+        self._holders: Counter[int] = Counter()
+
+    def must_wait(self, member_id: int) -> bool:
+        """Whether a turn asked for now would wait (for the member's earlier set, or for a slot)."""
+        lock = self._members.get(member_id)
+        return self._slots.locked() or (lock is not None and lock.locked())
+
+    @contextlib.asynccontextmanager
+    async def turn(self, member_id: int) -> AsyncIterator[None]:
+        lock = self._members.setdefault(member_id, asyncio.Lock())
+        self._holders[member_id] += 1
+        try:
+            async with lock, self._slots:
+                yield
+        finally:
+            self._holders[member_id] -= 1
+            if not self._holders[member_id]:
+                del self._holders[member_id], self._members[member_id]
+
+
 class TrainModal(discord.ui.Modal, title="Train on these photos"):
     name: discord.ui.TextInput[TrainModal] = discord.ui.TextInput(
         label="Name: a made-up word for you", placeholder="abraza", min_length=3, max_length=20
@@ -143,14 +184,30 @@ class Training(commands.Cog):
         # The newest progress text of a job whose last edit was too recent; flushed by a background task.
         self._pending: dict[str, tuple[JobRow, str]] = {}
         self._edit_locks: dict[str, asyncio.Lock] = {}
+        self.intake_turns = IntakeTurns(bot.config.intake.max_concurrent)
+        # The checks run on threads of their own, one per turn: a thread keeps the memory its last
+        # decode used (the allocator's arena), so more threads would mean more such memory.
+        self._intake_threads = ThreadPoolExecutor(
+            bot.config.intake.max_concurrent, thread_name_prefix="intake"
+        )
+        # The attachments' downloads: streamed to disk, never read whole into memory.
+        self._downloads: aiohttp.ClientSession | None = None
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.train_menu)
         await asyncio.to_thread(self._sweep_photos)
+        self._downloads = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=DOWNLOAD_STALL_TIMEOUT, sock_read=DOWNLOAD_STALL_TIMEOUT
+            )
+        )
         self.flush_progress.start()
 
     async def cog_unload(self) -> None:
         self.flush_progress.cancel()
+        if self._downloads is not None:
+            await self._downloads.close()
+        self._intake_threads.shutdown(wait=False, cancel_futures=True)
         self.bot.tree.remove_command(self.train_menu.name, type=self.train_menu.type)
 
     # -- the commands --------------------------------------------------------------------------
@@ -239,30 +296,15 @@ class Training(commands.Cog):
         token, class_word = normalize_token(name), normalize_subject(subject)
         check_training_request(self.bot.db, self.bot.config, guild_id, user.id, token, class_word)
         await interaction.response.defer(ephemeral=True, thinking=True)
-
-        max_bytes = self.bot.config.intake.max_bytes
-        # Oversized files are never downloaded; they are reported beside the checked ones.
-        wanted = [attachment for attachment in attachments if attachment.size <= max_bytes]
-        try:
-            contents = await asyncio.gather(*(attachment.read() for attachment in wanted))
-        except discord.HTTPException as error:
-            raise UserFacingError(
-                "I couldn't download your photos from Discord. Please try again."
-            ) from error
+        if self.intake_turns.must_wait(user.id):
+            await interaction.followup.send(WAITING_TURN_MESSAGE, ephemeral=True)
 
         job_id = new_job_id()
         folder = photos_dir(self.bot.config, job_id)
         queued = False
         try:
-            report = await asyncio.to_thread(
-                check_photos,
-                [(attachment.filename, data) for attachment, data in zip(wanted, contents, strict=True)],
-                class_word,
-                folder,
-                self.bot.config.intake,
-                self.bot.config.training.resolution,
-            )
-            _add_oversized(report, attachments, max_bytes)
+            async with self.intake_turns.turn(user.id):
+                report = await self._intake(job_id, attachments, class_word, folder)
             await interaction.followup.send(report.format(), ephemeral=True)
             if not report.ok:
                 return
@@ -294,6 +336,74 @@ class Training(commands.Cog):
             "post your samples here when it's done (usually a few minutes to half an hour).",
             ephemeral=True,
         )
+
+    async def _intake(
+        self, job_id: str, attachments: Sequence[discord.Attachment], class_word: str, folder: Path
+    ) -> IntakeReport:
+        """Download the photos to disk and check them from there; the accepted ones are written to
+        `folder`. The downloads are deleted whatever happens."""
+        config = self.bot.config
+        max_bytes = config.intake.max_bytes
+        incoming = incoming_dir(config, job_id)
+        # Files declared too big are never downloaded, and none is read past the limit; they are
+        # reported beside the checked ones.
+        wanted = [index for index, attachment in enumerate(attachments) if attachment.size <= max_bytes]
+        paths = {index: incoming / f"{index:02d}" for index in wanted}
+        try:
+            await asyncio.to_thread(incoming.mkdir, parents=True)
+            complete = await self._download({index: attachments[index] for index in wanted}, paths, max_bytes)
+            checked = [index for index in wanted if complete[index]]
+            check = functools.partial(
+                check_files,
+                [paths[index] for index in checked],
+                class_word,
+                folder,
+                config.intake,
+                config.training.resolution,
+                names=[attachments[index].filename for index in checked],
+            )
+            report = await asyncio.get_running_loop().run_in_executor(self._intake_threads, check)
+        finally:
+            await asyncio.to_thread(remove_path, config, incoming)
+        reasons = {
+            index: too_big(attachment.size if attachment.size > max_bytes else None, max_bytes)
+            for index, attachment in enumerate(attachments)
+            if index not in checked
+        }
+        _add_too_big(report, attachments, reasons)
+        return report
+
+    async def _download(
+        self, attachments: Mapping[int, discord.Attachment], paths: Mapping[int, Path], max_bytes: int
+    ) -> dict[int, bool]:
+        """Stream the attachments to their paths at once; for each, False when it was bigger than
+        max_bytes (the rest was not read). Returns once every download has ended."""
+        indexes = list(attachments)
+        results = await asyncio.gather(
+            *(self._save_attachment(attachments[index], paths[index], max_bytes) for index in indexes),
+            return_exceptions=True,
+        )
+        errors = [result for result in results if isinstance(result, BaseException)]
+        for error in errors:
+            if isinstance(error, aiohttp.ClientError | TimeoutError):
+                log.warning("downloading a photo failed: %r", error)
+                raise UserFacingError(DOWNLOAD_FAILED_MESSAGE) from error
+        if errors:
+            raise errors[0]
+        return {index: result is True for index, result in zip(indexes, results, strict=True)}
+
+    async def _save_attachment(self, attachment: discord.Attachment, path: Path, max_bytes: int) -> bool:
+        assert self._downloads is not None
+        async with self._downloads.get(attachment.url) as response:
+            response.raise_for_status()
+            received = 0
+            with path.open("wb") as file:
+                async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        return False
+                    await asyncio.to_thread(file.write, chunk)
+        return True
 
     async def _post_progress_message(self, interaction: discord.Interaction, row: JobRow) -> JobRow:
         # A plain channel message, not the interaction's: a training outlives its 15-minute token.
@@ -436,15 +546,20 @@ class Training(commands.Cog):
             log.warning("cannot tell user %s about job %s: %s", job.user_id, job.id, error)
 
     def _sweep_photos(self) -> None:
-        """Remove photo folders a crash left behind: no job row, or a finished job's (unless kept)."""
-        root = self.bot.config.data_dir.resolve() / "photos"
-        if not root.is_dir():
-            return
-        for folder in root.iterdir():
+        """Remove what a crash left behind: downloads that intake never finished with, and prepared
+        photos with no job row, or a finished job's (unless kept)."""
+        root = self.bot.config.data_dir.resolve()
+        for folder in _subfolders(root / "incoming"):
+            remove_path(self.bot.config, folder)
+        for folder in _subfolders(root / "photos"):
             job = self.bot.db.find_job(folder.name)
             finished = job is not None and job.state not in ("queued", "running")
             if job is None or (finished and not self.bot.config.storage.keep_photos):
                 remove_path(self.bot.config, folder)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
 
 
 def _progress_text(job: JobRow, status: str) -> str:
@@ -458,12 +573,12 @@ def _finished(job: JobRow | None) -> bool:
     return job is None or job.state not in ACTIVE_JOB_STATES
 
 
-def _add_oversized(report: IntakeReport, attachments: Sequence[discord.Attachment], max_bytes: int) -> None:
-    """Put the photos too big to download into the report, in the order the member sent them."""
-    for index, attachment in enumerate(attachments):
-        if attachment.size > max_bytes:
-            reason = f"the file is too big: {attachment.size / 2**20:.1f} MB, the limit is {max_bytes / 2**20:.0f} MB"
-            report.photos.insert(index, PhotoVerdict(attachment.filename, False, reason))
+def _add_too_big(
+    report: IntakeReport, attachments: Sequence[discord.Attachment], reasons: Mapping[int, str]
+) -> None:
+    """Put the photos too big to check (index -> reason) into the report, in the order the member sent them."""
+    for index in sorted(reasons):
+        report.photos.insert(index, PhotoVerdict(attachments[index].filename, False, reasons[index]))
 
 
 async def _send_with_files(
