@@ -14,6 +14,7 @@ import contextlib
 import functools
 import io
 import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -28,11 +29,20 @@ from discord.ext import commands, tasks
 
 from bot.bot import DreamBot, report_error
 from bot.db import ACTIVE_JOB_STATES, JobRow, new_job_id
-from bot.service import UserFacingError, check_training_request, end_training, finish_training, queue_training
+from bot.service import (
+    UserFacingError,
+    awaits_retry,
+    check_training_request,
+    end_training,
+    finish_training,
+    queue_training,
+    retry_training,
+)
 from bot.storage import incoming_dir, photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
-from bot.views import only_mentions
+from bot.views import can_manage, only_mentions
 from bot.words import CLASS_WORDS, normalize_subject, normalize_token
+from engine.disk import disk_full_cause
 from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_files, too_big
 from engine.protocol import Accepted, Error, Progress, TrainingDone, TrainJob
 
@@ -51,6 +61,7 @@ PHASE_LABELS = {
     "samples": "Drawing samples",
 }
 MAX_PHOTO_OPTIONS = 20
+RETRY_TEMPLATE = r"dreambot:retrytrain:(?P<job_id>[0-9a-f]+)"
 # Attachments are streamed to disk in pieces of this size: a download holds no more in memory.
 DOWNLOAD_CHUNK = 64 * 1024
 # A download that receives nothing for this long is given up: it holds one of the intake turns.
@@ -59,6 +70,10 @@ WAITING_TURN_MESSAGE = (
     "⏳ Your photos are waiting their turn: I check a few sets of photos at a time. The report follows here."
 )
 DOWNLOAD_FAILED_MESSAGE = "I couldn't download your photos from Discord. Please try again."
+INTAKE_DISK_FULL_MESSAGE = (
+    "I can't take your photos right now: the server's disk is full (its admins can see it in the "
+    "log). Please try again later."
+)
 
 
 # -- checks that need no Discord -------------------------------------------------------------
@@ -149,6 +164,41 @@ class IntakeTurns:
                 del self._holders[member_id], self._members[member_id]
 
 
+class RetryTrainingButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=RETRY_TEMPLATE
+):
+    """Try again: a training that stopped on a full disk runs again from where it stopped. A dynamic
+    item, so the button works after a restart of the bot (the cog registers it)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Try again",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"dreambot:retrytrain:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction,
+        item: discord.ui.Button[discord.ui.View],
+        match: re.Match[str],
+        /,
+    ) -> RetryTrainingButton:
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
+        try:
+            training = interaction.client.get_cog(Training.__cog_name__)
+            assert isinstance(training, Training)
+            await training.retry(interaction, self.job_id)
+        except Exception as error:
+            await report_error(interaction, error)
+
+
 class TrainModal(discord.ui.Modal, title="Train on these photos"):
     name: discord.ui.TextInput[TrainModal] = discord.ui.TextInput(
         label="Name: a made-up word for you", placeholder="abraza", min_length=3, max_length=20
@@ -195,6 +245,7 @@ class Training(commands.Cog):
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.train_menu)
+        self.bot.add_dynamic_items(RetryTrainingButton)
         await asyncio.to_thread(self._sweep_photos)
         self._downloads = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
@@ -208,6 +259,7 @@ class Training(commands.Cog):
         if self._downloads is not None:
             await self._downloads.close()
         self._intake_threads.shutdown(wait=False, cancel_futures=True)
+        self.bot.remove_dynamic_items(RetryTrainingButton)
         self.bot.tree.remove_command(self.train_menu.name, type=self.train_menu.type)
 
     # -- the commands --------------------------------------------------------------------------
@@ -363,6 +415,13 @@ class Training(commands.Cog):
                 names=[attachments[index].filename for index in checked],
             )
             report = await asyncio.get_running_loop().run_in_executor(self._intake_threads, check)
+        except OSError as error:
+            if disk_full_cause(error) is None:
+                raise
+            log.error(
+                "the disk of %s is full: a member's photos could not be saved (%s)", config.data_dir, error
+            )
+            raise UserFacingError(INTAKE_DISK_FULL_MESSAGE) from error
         finally:
             await asyncio.to_thread(remove_path, config, incoming)
         reasons = {
@@ -384,6 +443,10 @@ class Training(commands.Cog):
             return_exceptions=True,
         )
         errors = [result for result in results if isinstance(result, BaseException)]
+        # A full disk first: it is the admin's to fix, and the member must hear it is not their photos.
+        for error in errors:
+            if disk_full_cause(error) is not None:
+                raise error
         for error in errors:
             if isinstance(error, aiohttp.ClientError | TimeoutError):
                 log.warning("downloading a photo failed: %r", error)
@@ -404,6 +467,28 @@ class Training(commands.Cog):
                         return False
                     await asyncio.to_thread(file.write, chunk)
         return True
+
+    async def retry(self, interaction: discord.Interaction[DreamBot], job_id: str) -> None:
+        """The Try again button: queue a training that stopped on a full disk again."""
+        job = self.bot.db.find_job(job_id)
+        if job is None or job.kind != "train":
+            raise UserFacingError("That training is gone: run `/train` again.")
+        if not can_manage(interaction, job):
+            raise UserFacingError(
+                "That's not your training: only its owner or a server manager can try it again."
+            )
+        row = retry_training(self.bot.db, self.bot.config, job)
+        self.bot.jobs.submit(row)
+        # The button has done its work: it goes from the post.
+        await interaction.response.edit_message(view=None)
+        position = self.bot.jobs.position(row.id)
+        where = f"#{position} in the queue" if position else "starting now"
+        request = row.request
+        assert isinstance(request, TrainJob)
+        await interaction.followup.send(
+            f"**{request.token}** is {where} again: it picks up where it stopped.", ephemeral=True
+        )
+        await self._edit_progress(row, _progress_text(row, "Waiting in the queue…"), final=False)
 
     async def _post_progress_message(self, interaction: discord.Interaction, row: JobRow) -> JobRow:
         # A plain channel message, not the interaction's: a training outlives its 15-minute token.
@@ -472,6 +557,23 @@ class Training(commands.Cog):
         if model is None:
             await self._edit_final(job, "⏹️ Cancelled.")
             return
+        if event.code == "disk_full":
+            log.warning(
+                "training %s (%s) stopped on a full disk: its photos and checkpoints are kept for Try again",
+                job.id,
+                model.token,
+            )
+            await self._edit_final(job, f"⏸️ Stopped: {event.message}.")
+            retry = discord.ui.View(timeout=None)
+            retry.add_item(RetryTrainingButton(job.id))
+            await self._tell_member(
+                job,
+                f"<@{job.user_id}> training **{model.token}** stopped: {event.message}. Your photos and "
+                "the steps done so far are kept: once there is room again, press **Try again** (you or a "
+                "server manager) and it picks up where it stopped.",
+                view=retry,
+            )
+            return
         await self._edit_final(job, f"❌ Failed: {event.message}")
         await self._tell_member(
             job,
@@ -522,8 +624,11 @@ class Training(commands.Cog):
                 del self._pending[job_id]
                 await self._edit_progress(job, text, final=False)
 
-    async def _tell_member(self, job: JobRow, content: str, files: Sequence[Path] = ()) -> None:
-        """Post in the job's channel, pinging only the member; by DM when the channel refuses.
+    async def _tell_member(
+        self, job: JobRow, content: str, files: Sequence[Path] = (), view: discord.ui.View | None = None
+    ) -> None:
+        """Post in the job's channel, pinging only the member; by DM when the channel refuses. The
+        first message carries `view`.
 
         Every message sent is recorded as a post about the job, for /forget and /model delete."""
         guild = self.bot.get_guild(job.guild_id)
@@ -533,28 +638,34 @@ class Training(commands.Cog):
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         record = functools.partial(self.bot.record_post, job=job)
         try:
-            await _send_with_files(channel, content, existing, f"sample-{job.id}", limit, mention, record)
+            await _send_with_files(
+                channel, content, existing, f"sample-{job.id}", limit, mention, record, view
+            )
             return
         except discord.HTTPException as error:
             log.warning("cannot post job %s's outcome in channel %s: %s", job.id, job.channel_id, error)
         try:
             user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
             await _send_with_files(
-                user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention, record
+                user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention, record, view
             )
         except discord.HTTPException as error:
             log.warning("cannot tell user %s about job %s: %s", job.user_id, job.id, error)
 
     def _sweep_photos(self) -> None:
         """Remove what a crash left behind: downloads that intake never finished with, and prepared
-        photos with no job row, or a finished job's (unless kept)."""
+        photos with no job row, or a finished job's (unless kept, or awaiting a retry)."""
         root = self.bot.config.data_dir.resolve()
         for folder in _subfolders(root / "incoming"):
             remove_path(self.bot.config, folder)
         for folder in _subfolders(root / "photos"):
             job = self.bot.db.find_job(folder.name)
-            finished = job is not None and job.state not in ("queued", "running")
-            if job is None or (finished and not self.bot.config.storage.keep_photos):
+            kept = job is not None and (
+                job.state in ACTIVE_JOB_STATES
+                or self.bot.config.storage.keep_photos
+                or awaits_retry(self.bot.db, job)
+            )
+            if not kept:
                 remove_path(self.bot.config, folder)
 
 
@@ -589,16 +700,18 @@ async def _send_with_files(
     size_limit: int,
     allowed_mentions: discord.AllowedMentions,
     on_sent: Callable[[discord.Message], None],
+    view: discord.ui.View | None = None,
 ) -> None:
-    """Send `content` with the pictures, in as many messages as the size limit needs; `on_sent` hears
-    of each message as it is sent (a later one may fail)."""
+    """Send `content` (and `view`) with the pictures, in as many messages as the size limit needs;
+    `on_sent` hears of each message as it is sent (a later one may fail)."""
     batches = await asyncio.to_thread(image_files, paths, stem, size_limit) if paths else [[]]
     for index, batch in enumerate(batches):
-        text = content if index == 0 else None
-        if batch:
-            message = await destination.send(text, files=batch, allowed_mentions=allowed_mentions)
-        else:
-            message = await destination.send(text, allowed_mentions=allowed_mentions)
+        extra: dict[str, Any] = {"files": batch} if batch else {}
+        if index == 0 and view is not None:
+            extra["view"] = view
+        message = await destination.send(
+            content if index == 0 else None, allowed_mentions=allowed_mentions, **extra
+        )
         on_sent(message)
 
 
