@@ -381,10 +381,8 @@ class Training(commands.Cog):
 
         row = await self._post_progress_message(interaction, row)
         self.bot.jobs.submit(row)
-        position = self.bot.jobs.position(row.id)
-        where = f"#{position} in the queue" if position else "starting now"
         await interaction.followup.send(
-            f"**{token}** is {where}. I'll keep the progress message in this channel up to date and "
+            f"**{token}** is {self._queue_place(row)}. I'll keep the progress message in this channel up to date and "
             "post your samples here when it's done (usually a few minutes to half an hour).",
             ephemeral=True,
         )
@@ -478,17 +476,21 @@ class Training(commands.Cog):
                 "That's not your training: only its owner or a server manager can try it again."
             )
         row = retry_training(self.bot.db, self.bot.config, job)
-        self.bot.jobs.submit(row)
         # The button has done its work: it goes from the post.
         await interaction.response.edit_message(view=None)
-        position = self.bot.jobs.position(row.id)
-        where = f"#{position} in the queue" if position else "starting now"
+        # Before the engine can take it, so that this never overwrites its first progress.
+        await self._edit_progress(row, _progress_text(row, "Waiting in the queue…"), final=False)
+        self.bot.jobs.submit(row)
         request = row.request
         assert isinstance(request, TrainJob)
         await interaction.followup.send(
-            f"**{request.token}** is {where} again: it picks up where it stopped.", ephemeral=True
+            f"**{request.token}** is back in the queue ({self._queue_place(row)}): it picks up where it stopped.",
+            ephemeral=True,
         )
-        await self._edit_progress(row, _progress_text(row, "Waiting in the queue…"), final=False)
+
+    def _queue_place(self, row: JobRow) -> str:
+        position = self.bot.jobs.position(row.id)
+        return f"#{position} in the queue" if position else "starting now"
 
     async def _post_progress_message(self, interaction: discord.Interaction, row: JobRow) -> JobRow:
         # A plain channel message, not the interaction's: a training outlives its 15-minute token.
