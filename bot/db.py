@@ -594,6 +594,11 @@ class Database:
         rows = self.db["jobs"].rows_where("user_id = ?", [user_id], order_by="created_at, rowid")
         return [_row(JobRow, raw) for raw in rows]
 
+    def trainings_of(self, model_id: int) -> list[JobRow]:
+        """The training jobs of a model (only trainings name one), finished ones included."""
+        rows = self.db["jobs"].rows_where("model_id = ?", [model_id], order_by="created_at, rowid")
+        return [_row(JobRow, raw) for raw in rows]
+
     # -- generations -------------------------------------------------------------------------
 
     def add_generation(self, **values: Any) -> GenerationRow:

@@ -27,6 +27,7 @@ from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, re
 from bot.templates import TemplateError, fill, placeholders, unfilled_message
 from bot.words import normalize_token, subject_problem, token_problem
 from engine.config import Config
+from engine.disk import DISK_FULL_MESSAGE
 from engine.kohya import upgrade_adapter
 from engine.prompt_syntax import PromptSyntaxError, parse_prompt
 from engine.protocol import (
@@ -37,6 +38,7 @@ from engine.protocol import (
     Error,
     GenerateJob,
     GenerationDone,
+    ProtocolError,
     TrainingDone,
     TrainJob,
     encode,
@@ -136,7 +138,7 @@ def queue_training(
     db.ensure_user(user_id, user_name)
     failed = db.model_by_token(guild_id, token)
     if failed is not None:  # the member's own failed model (check_training_request allowed nothing else)
-        db.delete_model(failed.id)
+        delete_model(db, config, failed)
     output_dir = adapter_dir(config, guild_id, token)
     # An older model of this name must not be resumed from its checkpoints.
     remove_path(config, output_dir)
@@ -186,7 +188,10 @@ def finish_training(db: Database, config: Config, job: JobRow, result: TrainingD
 
 def end_training(db: Database, config: Config, job: JobRow, error: Error) -> ModelRow | None:
     """A training that failed or was cancelled. A failed one's model is kept as failed (its name can be
-    trained again); a cancelled one's is deleted. Returns the failed model, None when there is none."""
+    trained again); a cancelled one's is deleted. Returns the failed model, None when there is none.
+
+    One that stopped on a full disk keeps its photos and checkpoints: retry_training runs it again
+    from where it stopped once there is room."""
     model = db.find_model(job.model_id)
     if error.code == "cancelled" or model is None:
         if model is not None:
@@ -194,8 +199,46 @@ def end_training(db: Database, config: Config, job: JobRow, error: Error) -> Mod
         remove_training_files(db, config, job, with_adapter=True)
         return None
     model = db.update_model(model.id, state="failed", error=error.message)
-    remove_training_files(db, config, job, with_adapter=False)
+    if error.code != "disk_full":
+        remove_training_files(db, config, job, with_adapter=False)
     return model
+
+
+def awaits_retry(db: Database, job: JobRow) -> bool:
+    """A training that a full disk stopped (the row keeps the engine's message, not its code) and
+    that still has what retry_training needs: its model, failed, and its photos (end_training kept them)."""
+    if job.kind != "train" or job.state != "failed" or job.error != DISK_FULL_MESSAGE:
+        return False
+    model = db.find_model(job.model_id)
+    try:
+        request = job.request
+    except ProtocolError:
+        return False
+    return (
+        model is not None
+        and model.state == "failed"
+        and all(Path(photo).is_file() for photo in request.photos)
+    )
+
+
+def retry_training(db: Database, config: Config, job: JobRow) -> JobRow:
+    """Queue a training that stopped on a full disk again: the same job, on the photos it kept, which
+    the engine resumes from its newest checkpoint. UserFacingError says why it cannot be."""
+    request = job.request
+    assert isinstance(request, TrainJob)
+    if job.state in ("queued", "running"):
+        raise UserFacingError(f"**{request.token}** is already back in the queue.")
+    if job.state == "done":
+        raise UserFacingError(f"**{request.token}** is already trained.")
+    if not awaits_retry(db, job):
+        raise UserFacingError(
+            f"Training **{request.token}** can't be tried again: its photos or its model are gone. "
+            f"Run `/train` again with the same name."
+        )
+    # The member's limits as a new training meets them; the failed model holds the name.
+    check_training_request(db, config, job.guild_id, job.user_id, request.token, request.class_word)
+    db.update_model(job.model_id, state="queued", error=None)
+    return db.update_job(job.id, state="queued", error=None, attempts=0, started_at=None, finished_at=None)
 
 
 def model_files(config: Config, model: ModelRow) -> list[str | Path]:
@@ -209,9 +252,15 @@ def model_files(config: Config, model: ModelRow) -> list[str | Path]:
 def delete_model(db: Database, config: Config, model: ModelRow) -> int:
     """The one way a model goes: its row and its files; returns how many files were removed. Safe to
     call again. (The engines' own copies of its adapter go first: JobQueue.forget_adapters.)"""
+    # Photos a failed training kept for its retry (awaits_retry) go too, unless [storage] keeps them all.
+    kept_photos = (
+        []
+        if config.storage.keep_photos
+        else [photos_dir(config, job.id) for job in db.trainings_of(model.id)]
+    )
     if db.find_model(model.id) is not None:
         db.delete_model(model.id)
-    return remove_paths(config, model_files(config, model))
+    return remove_paths(config, [*model_files(config, model), *kept_photos])
 
 
 def remove_training_files(db: Database, config: Config, job: JobRow, *, with_adapter: bool) -> None:

@@ -18,6 +18,11 @@ def photos_dir(config: Config, job_id: str) -> Path:
     return config.data_dir / "photos" / job_id
 
 
+def incoming_dir(config: Config, job_id: str) -> Path:
+    """The photos of a /train as they come from Discord, while intake checks them (then deleted)."""
+    return config.data_dir / "incoming" / job_id
+
+
 def adapter_dir(config: Config, guild_id: int, token: str) -> Path:
     """A model's adapter, metadata, checkpoints and samples."""
     return config.data_dir / "adapters" / str(guild_id) / token

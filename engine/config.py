@@ -133,6 +133,9 @@ class IntakeSection:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 80_000_000
     warn_below_side: int = 720
+    # Photo sets checked at once, in all (a member's own sets always one at a time); more wait their
+    # turn. Each check keeps one core busy and holds one decoded photo at a time.
+    max_concurrent: int = 2
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ def _check_values(config: Config) -> None:
         "[generation] batch_limit": config.generation.batch_limit,
         "[intake] min_photos": config.intake.min_photos,
         "[intake] max_bytes": config.intake.max_bytes,
+        "[intake] max_concurrent": config.intake.max_concurrent,
         "[limits] max_queued_jobs_per_user": config.limits.max_queued_jobs_per_user,
     }
     for key, value in positive.items():

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -84,6 +85,8 @@ DUPLICATE_MAX_DISTANCE = 10
 BACKGROUND_MAX_DELTA_E = 15.0
 # Warn when at least this share of the accepted photos (and at least 3) have one background.
 BACKGROUND_SHARE = 0.6
+# The format is told from a file's first bytes: magic numbers, brands, an SVG tag, text or not.
+SNIFF_BYTES = 4096
 # Discord refuses messages over 2000 characters; leave room for a mention or a heading.
 MESSAGE_LIMIT = 1900
 
@@ -173,7 +176,7 @@ def check_photos(
     NN is the photo's 0-based position in `photos`, so rejected photos leave gaps; output_dir None
     checks only and writes nothing.
     """
-    items = [(name, lambda data=data: data) for name, data in photos]
+    items = [(name, functools.partial(_memory_source, data)) for name, data in photos]
     return _check(items, class_word, output_dir, settings, resolution)
 
 
@@ -183,10 +186,19 @@ def check_files(
     output_dir: Path | None,
     settings: IntakeSection,
     resolution: int = 512,
+    *,
+    names: Sequence[str] | None = None,
 ) -> IntakeReport:
-    """check_photos on files, read one at a time; a file over settings.max_bytes is never read."""
+    """check_photos on files, each read from disk as the checks need it, never whole into memory; a
+    file over settings.max_bytes is not read at all. `names` are what the report calls the photos
+    (default: the files' names)."""
+    paths = [Path(path) for path in paths]
+    if names is None:
+        names = [path.name for path in paths]
+    elif len(names) != len(paths):
+        raise ValueError(f"check_files: {len(names)} names for {len(paths)} files")
     return _check(
-        [(Path(p).name, functools.partial(_read_file, Path(p), settings.max_bytes)) for p in paths],
+        [(name, functools.partial(_file_source, path)) for name, path in zip(names, paths, strict=True)],
         class_word,
         output_dir,
         settings,
@@ -198,6 +210,18 @@ class _Rejected(Exception):
     """A photo failed a check; the message is the reason shown to the member."""
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A photo's bytes, in memory or in a file: each step opens it again and reads what it needs."""
+
+    size: int
+    open: Callable[[], BinaryIO]
+
+    def head(self, count: int) -> bytes:
+        with self.open() as file:
+            return file.read(count)
+
+
 @dataclass
 class _Prepared:
     image: Image.Image  # resolution x resolution, RGB, no metadata
@@ -206,7 +230,7 @@ class _Prepared:
 
 
 def _check(
-    items: Sequence[tuple[str, Callable[[], bytes]]],
+    items: Sequence[tuple[str, Callable[[], _Source]]],
     class_word: str,
     output_dir: Path | None,
     settings: IntakeSection,
@@ -261,21 +285,33 @@ def _check(
     return IntakeReport(verdicts, warnings, accepted >= settings.min_photos, prepared)
 
 
-def _read_file(path: Path, max_bytes: int) -> bytes:
+def _memory_source(data: bytes) -> _Source:
+    return _Source(len(data), functools.partial(io.BytesIO, data))
+
+
+def _file_source(path: Path) -> _Source:
     try:
         size = path.stat().st_size
-        if size > max_bytes:
-            raise _Rejected(_too_big(size, max_bytes))
-        with path.open("rb") as file:
-            return file.read(max_bytes + 1)  # the file may grow between stat and read
     except OSError as error:
-        raise _Rejected(f"could not read the file ({error.strerror or error})") from None
+        raise _Rejected(_unreadable(error)) from None
+    return _Source(size, functools.partial(_open_file, path))
 
 
-def _prepare(data: bytes, person: bool, settings: IntakeSection, resolution: int) -> _Prepared:
-    if len(data) > settings.max_bytes:
-        raise _Rejected(_too_big(len(data), settings.max_bytes))
-    decoder = _Decoder(data, _sniff(data))
+def _open_file(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as error:
+        raise _Rejected(_unreadable(error)) from None
+
+
+def _unreadable(error: OSError) -> str:
+    return f"could not read the file ({error.strerror or error})"
+
+
+def _prepare(source: _Source, person: bool, settings: IntakeSection, resolution: int) -> _Prepared:
+    if source.size > settings.max_bytes:
+        raise _Rejected(too_big(source.size, settings.max_bytes))
+    decoder = _Decoder(source, _sniff(source))
     # Pixel count and shortest side do not depend on the EXIF orientation: check them on the header.
     stored_w, stored_h = decoder.stored_size
     ceiling = settings.max_pixels
@@ -340,8 +376,9 @@ def _prepare(data: bytes, person: bool, settings: IntakeSection, resolution: int
     return _Prepared(crop, face, warnings)
 
 
-def _sniff(data: bytes) -> str:
+def _sniff(source: _Source) -> str:
     """The Pillow format name for an accepted format, from the magic bytes; _Rejected otherwise."""
+    data = source.head(SNIFF_BYTES)
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -361,7 +398,8 @@ def _sniff(data: bytes) -> str:
             raise _Rejected("a video is not supported: send a photo")
     if data.startswith((b"GIF87a", b"GIF89a")):
         try:
-            animated = getattr(Image.open(io.BytesIO(data), formats=["GIF"]), "n_frames", 1) > 1
+            with source.open() as file:
+                animated = getattr(Image.open(file, formats=["GIF"]), "n_frames", 1) > 1
         except Exception:  # a damaged GIF is rejected all the same
             animated = False
         raise _Rejected(
@@ -370,7 +408,7 @@ def _sniff(data: bytes) -> str:
     for magic, what in _NAMED_FORMATS:
         if data.startswith(magic):
             raise _Rejected(f"{what} is not supported: {SUPPORTED}")
-    head = data[:4096].decode("utf-8", errors="replace")
+    head = data.decode("utf-8", errors="replace")
     if "<svg" in head.lower():
         raise _Rejected(f"an SVG drawing is not supported: {SUPPORTED}")
     if not head:
@@ -397,16 +435,17 @@ class _Decoder:
     12-megapixel photo several times cheaper; other formats decode once at full size.
     """
 
-    def __init__(self, data: bytes, fmt: str) -> None:
-        self.data, self.format = data, fmt
+    def __init__(self, source: _Source, fmt: str) -> None:
+        self.source, self.format = source, fmt
         # The header alone, through the format's plugin: Image.open raises its decompression-bomb error
         # before the size could be reported. Decoding (upright) goes through Image.open, guard on.
-        try:
-            header = _HEADER_READERS[fmt](io.BytesIO(data))
-            self.stored_size = header.size
-            animated = fmt in ("PNG", "WEBP") and getattr(header, "n_frames", 1) > 1
-        except Exception:  # decoders raise many exception types on hostile input
-            raise _Rejected("the file is damaged or incomplete") from None
+        with source.open() as file:
+            try:
+                header = _HEADER_READERS[fmt](file)
+                self.stored_size = header.size
+                animated = fmt in ("PNG", "WEBP") and getattr(header, "n_frames", 1) > 1
+            except Exception:  # decoders raise many exception types on hostile input
+                raise _Rejected("the file is damaged or incomplete") from None
         if animated:
             raise _Rejected(
                 f"an animated {'WebP' if fmt == 'WEBP' else fmt} is not supported: send a still photo"
@@ -420,24 +459,26 @@ class _Decoder:
         """The photo in RGB, EXIF orientation applied, at least `scale` times its full size."""
         if self._image is not None and self._scale >= scale:
             return self._image
-        try:
-            image = Image.open(io.BytesIO(self.data), formats=[self.format])
-            if self.format == "JPEG":
-                w, h = image.size
-                image.draft(image.mode, (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
-            image.load()
-            # Orientations 5-8 turn the picture a quarter. Read after load: a PNG's eXIf may follow IDAT.
-            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            self.size = self.stored_size[::-1] if turned else self.stored_size
-            self._scale = min(1.0, image.width / self.stored_size[0])
-            self.icc_profile = image.info.get("icc_profile")
-            ImageOps.exif_transpose(image, in_place=True)
-            self._image = _rgb(image)
-        except Image.DecompressionBombError:  # a backstop: our own ceiling is below Pillow's guard
-            w, h = self.stored_size
-            raise _Rejected(f"image is too large: {w}x{h} pixels") from None
-        except Exception:  # a truncated file lands here: LOAD_TRUNCATED_IMAGES stays off
-            raise _Rejected("the file is damaged or incomplete") from None
+        # Everything that reads the file happens before it is closed: _rgb's image holds only pixels.
+        with self.source.open() as file:
+            try:
+                image = Image.open(file, formats=[self.format])
+                if self.format == "JPEG":
+                    w, h = image.size
+                    image.draft(image.mode, (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+                image.load()
+                # Orientations 5-8 turn the picture a quarter. Read after load: a PNG's eXIf may follow IDAT.
+                turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                self.size = self.stored_size[::-1] if turned else self.stored_size
+                self._scale = min(1.0, image.width / self.stored_size[0])
+                self.icc_profile = image.info.get("icc_profile")
+                ImageOps.exif_transpose(image, in_place=True)
+                self._image = _rgb(image)
+            except Image.DecompressionBombError:  # a backstop: our own ceiling is below Pillow's guard
+                w, h = self.stored_size
+                raise _Rejected(f"image is too large: {w}x{h} pixels") from None
+            except Exception:  # a truncated file lands here: LOAD_TRUNCATED_IMAGES stays off
+                raise _Rejected("the file is damaged or incomplete") from None
         return self._image
 
 
@@ -556,7 +597,10 @@ def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(value, high))
 
 
-def _too_big(size: int, limit: int) -> str:
+def too_big(size: int | None, limit: int) -> str:
+    """The reason a file over `limit` bytes is refused; `size` None: its download was stopped at the limit."""
+    if size is None:
+        return f"the file is too big: over the limit of {limit / 2**20:.0f} MB"
     return f"the file is too big: {size / 2**20:.1f} MB, the limit is {limit / 2**20:.0f} MB"
 
 

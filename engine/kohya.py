@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load_file, save, save_file
+from safetensors.numpy import load_file, save
 
 # component -> module path (diffusers name, dots) -> (down, up): lora_A is kohya's lora_down.
 LoraLayers = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -155,11 +155,14 @@ def kohya_metadata(training: Mapping[str, Any], *, sdxl: bool) -> dict[str, str]
 def write_kohya_adapter(
     path: Path, layers: LoraLayers, alphas: Mapping[str, float], *, sdxl: bool, metadata: Mapping[str, str]
 ) -> Path:
-    """Write the adapter whole or not at all: a worker may be loading the previous file meanwhile."""
+    """Write the adapter whole or not at all: a worker may be loading the previous file meanwhile.
+
+    Written through a Python file, so that a failed write (a full disk) raises the OSError that says
+    so (engine.disk); safetensors' own writer reports it as a SafetensorError."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        save_file(kohya_state_dict(layers, alphas, sdxl=sdxl), str(partial), metadata=dict(metadata))
+        partial.write_bytes(save(kohya_state_dict(layers, alphas, sdxl=sdxl), metadata=dict(metadata)))
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

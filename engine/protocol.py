@@ -282,7 +282,9 @@ class GenerationDone:
 Result = TrainingDone | GenerationDone
 
 
-ErrorCode = Literal["cancelled", "out_of_memory", "bad_model", "bad_adapter", "bad_request", "internal"]
+ErrorCode = Literal[
+    "cancelled", "out_of_memory", "disk_full", "bad_model", "bad_adapter", "bad_request", "internal"
+]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from engine import kohya
 from engine.config import TrainingSection
@@ -750,9 +751,6 @@ def _save_checkpoint(
     partial = folder / f".partial-step-{step:06d}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file(
-        {name: param.detach().contiguous() for name, param in trainer.params.items()}, partial / ADAPTER_FILE
-    )
     state = {
         "step": step,
         "run": json.dumps(fingerprint, sort_keys=True),
@@ -763,7 +761,16 @@ def _save_checkpoint(
         "smoothed": smoothed,
         "seconds": seconds,
     }
-    torch.save(state, partial / "state.pt")
+    # Both files through Python file objects: a write that fails (a full disk) raises the OSError
+    # that says so (engine.disk), where safetensors' and torch's own writers lose the errno.
+    try:
+        weights = {name: param.detach().contiguous() for name, param in trainer.params.items()}
+        (partial / ADAPTER_FILE).write_bytes(safetensors_bytes(weights))
+        with (partial / "state.pt").open("wb") as file:
+            torch.save(state, file)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # its space goes back; the older checkpoint stays
+        raise
     # Renamed only when complete, so a crash mid-write never leaves a checkpoint that looks usable.
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
@@ -811,8 +818,11 @@ def _slug(text: str) -> str:
 def _write_png(image: Image.Image, path: Path) -> Path:
     # Written whole or not at all: other workers read the shared class-image cache concurrently.
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
+    try:
+        image.save(partial, format="PNG")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # a write that failed (a full disk) gives its space back
     return path
 
 

@@ -34,6 +34,7 @@ from typing import TextIO
 import torch
 
 from engine.config import Config, ConfigError, load_config
+from engine.disk import DISK_FULL_MESSAGE, disk_full_cause
 from engine.generate import AdapterLoadError, GenerationCancelled, GenerationResult, Generator
 from engine.memory import release_memory
 from engine.model import LoadedModel, ModelLoadError, fast_path_on, load_base_model
@@ -358,12 +359,18 @@ class Worker:
             failure = (str(error), "bad_adapter")
         except ValueError as error:
             failure = (str(error), "bad_request")
-        except Exception:
-            log.error("jobs %s failed:\n%s", [task.job_id for task in tasks], traceback.format_exc())
-            failure = (
-                "the engine hit an unexpected error; it has been logged for the bot's admin",
-                "internal",
-            )
+        except Exception as error:
+            job_ids = [task.job_id for task in tasks]
+            if (cause := disk_full_cause(error)) is not None:
+                # The server's state, not a bug: one line for the admin, the member told in plain words.
+                log.error("jobs %s stopped: a write failed, the disk is full (%s)", job_ids, cause)
+                failure = (DISK_FULL_MESSAGE, "disk_full")
+            else:
+                log.error("jobs %s failed:\n%s", job_ids, traceback.format_exc())
+                failure = (
+                    "the engine hit an unexpected error; it has been logged for the bot's admin",
+                    "internal",
+                )
         if out_of_memory:
             log.warning("jobs %s ran out of memory", [task.job_id for task in tasks])
             release_memory()

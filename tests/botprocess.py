@@ -13,16 +13,25 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 async def start_bot_process(
-    base_url: str, config: Path, log: Path, *, token: str, env: dict[str, str] | None = None
+    base_url: str,
+    config: Path,
+    log: Path,
+    *,
+    token: str,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
     """`dreambot run --config CONFIG` against the fake Discord at `base_url`; stdout and stderr go
-    to `log` (appended to, so a restarted bot's lines follow the first one's)."""
+    to `log` (appended to, so a restarted bot's lines follow the first one's). `prefix` is a command
+    that runs the bot (its arguments follow), e.g. one that sets up namespaces: it must exec it, so
+    that the process returned is the bot's."""
     environment = {
         **os.environ,
         **(env or {}),
@@ -32,6 +41,7 @@ async def start_bot_process(
     }
     with log.open("ab") as output:
         return await asyncio.create_subprocess_exec(
+            *prefix,
             sys.executable,
             __file__,
             base_url,

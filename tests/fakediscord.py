@@ -38,6 +38,7 @@ order before anything queued later; ``await fake.flush()`` waits for delivery). 
 filenames get spaces replaced by underscores; the client enforces ``default_member_permissions`` and nsfw
 commands, so ``slash`` raises ``CommandUnavailable`` (``force=True`` skips the check). Unknown routes
 answer 404 and land in ``fake.unhandled``; ERROR logs during ``run_bot`` land in ``fake.errors``.
+``hold_downloads``/``release_downloads`` keep attachment downloads waiting (each recorded in ``cdn_requests``).
 ``run_bot`` lowers discord.py's ``guild_ready_timeout`` (2 s by default) to 0.05 s.
 """
 
@@ -1144,6 +1145,8 @@ class FakeDiscord:
 
         self._by_token: dict[str, FakeInteraction] = {}
         self._files: dict[int, _StoredFile] = {}
+        # While set (hold_downloads), attachment downloads are recorded, then wait for it to be set.
+        self._downloads_open: asyncio.Event | None = None
         self._command_ids: dict[tuple[int | None, int, str], int] = {}
         self._modals: dict[str, tuple[JSON, FakeInteraction]] = {}
         self._rate_limits: list[_RateLimitRule] = []
@@ -1496,6 +1499,16 @@ class FakeDiscord:
         """Answer the next ``count`` requests matching ``route`` (see ``Request.matches``; ``"*"`` = any)
         with 429 + X-RateLimit-* headers and ``retry_after`` seconds."""
         self._rate_limits.append(_RateLimitRule(route, count, retry_after, is_global))
+
+    def hold_downloads(self) -> None:
+        """Attachment downloads from now on are recorded in ``cdn_requests`` (and wake waiters) but
+        answered only at ``release_downloads()``: a test sees whose photos are being fetched."""
+        self._downloads_open = asyncio.Event()
+
+    def release_downloads(self) -> None:
+        if self._downloads_open is not None:
+            self._downloads_open.set()
+            self._downloads_open = None
 
     def add_attachment(
         self,
@@ -1940,6 +1953,8 @@ class FakeDiscord:
         req.status = 200 if stored else 404
         self.cdn_requests.append(req)
         self._notify()
+        if self._downloads_open is not None:
+            await self._downloads_open.wait()
         if stored is None:
             return web.Response(status=404, text="This content is no longer available.")
         return web.Response(body=stored.data, content_type=stored.content_type or "application/octet-stream")

@@ -1,4 +1,5 @@
-"""The bot when things go wrong under it: a restart mid-training, an engine process killed mid-job."""
+"""The bot when things go wrong under it: a restart mid-training, an engine process killed mid-job,
+files a crash left behind."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from botharness import JOB_TIMEOUT, TRAIN_TIMEOUT, BotHarness, running_bot, start_training
+from botharness import (
+    JOB_TIMEOUT,
+    TRAIN_TIMEOUT,
+    BotHarness,
+    fake_discord,
+    files_under,
+    running_bot,
+    start_training,
+)
 from fakediscord import FakeMessage
+
+from bot.db import Database, JobRow, new_job_id
+from bot.service import end_training, queue_training
+from bot.storage import incoming_dir, photos_dir
+from engine.disk import DISK_FULL_MESSAGE
+from engine.protocol import Error
 
 # Every test here starts an engine process (and the bot, where it runs one).
 pytestmark = pytest.mark.slow
@@ -81,5 +96,47 @@ def test_a_killed_engine_is_replaced_and_its_job_retried_while_the_bot_keeps_ans
             (job,) = h.db.jobs_of(h.alice)
             assert job.state == "done" and job.attempts == 2
             assert h.fake.errors == []
+
+    run(scenario)
+
+
+def stopped_training(db: Database, h: BotHarness, token: str, error: Error) -> JobRow:
+    """Alice's training of one photo, which the engine ended with `error`, as the bot wrote it down
+    (JobQueue, then end_training)."""
+    folder = photos_dir(h.config, error.job_id or "")
+    folder.mkdir(parents=True)
+    (folder / "00.png").write_bytes(b"png")
+    db.ensure_user(h.alice, "alice")
+    row = queue_training(
+        db, h.config, guild_id=h.guild_id, user_id=h.alice, user_name="alice", channel_id=h.general_channel_id,
+        token=token, class_word="person", job_id=folder.name, photos=[folder / "00.png"],
+    )  # fmt: skip
+    row = db.update_job(row.id, state="failed", error=error.message)
+    end_training(db, h.config, row, error)
+    return row
+
+
+def test_a_start_sweeps_what_a_crash_left_and_keeps_photos_awaiting_a_retry(tmp_path) -> None:
+    async def scenario() -> None:
+        async with fake_discord(tmp_path) as h:
+            db = Database.in_data_dir(h.config.data_dir)
+            waiting = stopped_training(db, h, "abraza", Error(new_job_id(), DISK_FULL_MESSAGE, "disk_full"))
+            failed = stopped_training(db, h, "zorvik", Error(new_job_id(), "why", "internal"))
+            # The bot died before it deleted the failed one's photos, and in the middle of an intake.
+            leftover = photos_dir(h.config, failed.id) / "00.png"
+            leftover.parent.mkdir(parents=True)
+            leftover.write_bytes(b"png")
+            download = incoming_dir(h.config, new_job_id()) / "00"
+            download.parent.mkdir(parents=True)
+            download.write_bytes(b"jpeg")
+            db.close()
+
+            await h.start()
+            try:
+                kept = files_under(photos_dir(h.config, waiting.id))
+                assert kept and files_under(h.data_dir / "photos") == kept
+                assert files_under(h.data_dir / "incoming") == []
+            finally:
+                await h.stop()
 
     run(scenario)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from botharness import PHOTOS_DIR, TRAIN_TIMEOUT, BotHarness, SharedBot, files_under, running_bot
+from fakediscord import FakeInteraction
 
 from bot.cogs.training import (
     PROGRESS_EDIT_INTERVAL,
@@ -199,6 +200,65 @@ def test_a_set_that_is_not_ok_queues_nothing_and_leaves_nothing(shared_bot: Shar
         assert len(fake.messages_in(h.general_channel_id)) == before + 1  # ... and nothing posted
         assert h.db.models_of(h.alice) == [] and h.db.active_jobs(h.alice) == []
         assert files_under(h.data_dir / "photos") == []
+
+    shared_bot.run(scenario)
+
+
+@pytest.mark.slow
+def test_photo_sets_take_turns_one_per_member_and_a_few_in_all(shared_bot: SharedBot) -> None:
+    async def scenario(h: BotHarness) -> None:
+        fake = h.fake
+        assert h.config.intake.max_concurrent == 2
+        carol = fake.guilds[h.guild_id].add_member("carol")
+        limit = h.config.intake.max_bytes
+        # Said to be small, but over the limit: its download stops there.
+        liar = fake.add_attachment("huge.jpg", b"\xff\xd8\xff" + bytes(limit), "image/jpeg")
+        liar["size"] = 1000
+
+        def fetched(photos: list[dict[str, Any]]) -> list[bool]:
+            paths = [request.path for request in fake.cdn_requests]
+            return [any(f"/{photo['id']}/" in path for path in paths) for photo in photos]
+
+        async def train(user: int, name: str, photos: list[dict[str, Any]]) -> FakeInteraction:
+            options = {f"photo{number}": photo for number, photo in enumerate(photos, start=1)}
+            return await fake.slash(
+                user, h.general_channel_id, "train", name=name, subject="person", **options
+            )
+
+        alice_first, alice_second, bob_set, admin_set = h.selfies(2), h.selfies(2), h.selfies(2), h.selfies(2)
+        bob_set.append(liar)
+        fake.hold_downloads()
+        try:
+            first = await train(h.alice, "abraza", alice_first)
+            await fake.wait_until(lambda: all(fetched(alice_first)))
+            # Alice's second set waits for her first, though a turn is free ...
+            second = await train(h.alice, "zorvik", alice_second)
+            assert "waiting their turn" in (await second.wait_original()).content
+            # ... which bob's set takes.
+            bobs = await train(h.bob, "qwyxel", bob_set)
+            await fake.wait_until(lambda: all(fetched(bob_set)))
+            # Both turns are taken: the admin's set waits.
+            admins = await train(h.admin, "quorbly", admin_set)
+            assert "waiting their turn" in (await admins.wait_original()).content
+            assert not any(fetched(alice_second + admin_set))
+            # Everyone else is answered meanwhile.
+            listing = await fake.slash(carol, h.general_channel_id, "queue")
+            assert "nothing waiting" in (await listing.wait_original(timeout=3)).content
+        finally:
+            fake.release_downloads()
+
+        # Every set is checked in the end, none lost.
+        reports = [
+            (await first.wait_original(timeout=60)).content,
+            (await second.wait_followups(1, timeout=60))[0].content,
+            (await bobs.wait_original(timeout=60)).content,
+            (await admins.wait_followups(1, timeout=60))[0].content,
+        ]
+        assert all(report.count("✅ `selfie") == 2 for report in reports), reports
+        assert all("Not ready: 2 of" in report for report in reports), reports
+        assert f"❌ `huge.jpg`: the file is too big: over the limit of {limit // 2**20} MB" in reports[2]
+        # The downloads are gone once checked.
+        assert files_under(h.data_dir / "incoming") == []
 
     shared_bot.run(scenario)
 

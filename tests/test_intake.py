@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -417,6 +418,28 @@ def test_check_files(photos_dir: Path, tmp_path: Path) -> None:
         ("missing.jpg", "could not read the file (No such file or directory)"),
     ]
     assert report.prepared == [tmp_path / "00.png"]
+
+
+def test_check_files_reads_each_photo_from_disk_never_whole_into_memory(
+    astronaut: Image.Image, tmp_path: Path
+) -> None:
+    # A big PNG (noise compresses badly): its bytes alone would be more than the budget below.
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(astronaut.resize((2400, 2400)), dtype=np.int16) + rng.normal(0, 8, (2400, 2400, 3))
+    path = tmp_path / "big.png"
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, compress_level=1)
+    size = path.stat().st_size
+    assert size > 8 * 2**20
+    tracemalloc.start()
+    try:
+        report = check_files([path], "person", tmp_path / "out", SETTINGS, names=["me.png"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(v.file, v.accepted) for v in report.photos] == [("me.png", True)]
+    # Python-side allocations (tracemalloc sees bytes and numpy, not Pillow's pixels): a few blocks
+    # read from the file and the small arrays the checks use.
+    assert peak < size / 4, (peak, size)
 
 
 def background_set(astronaut: Image.Image, colours: list[tuple[int, int, int]]) -> list[tuple[str, bytes]]:

@@ -10,27 +10,40 @@ queued, and it holds the progress message's id so that the message survives a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import logging
+import re
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
 from bot.bot import DreamBot, report_error
 from bot.db import ACTIVE_JOB_STATES, JobRow, new_job_id
-from bot.service import UserFacingError, check_training_request, end_training, finish_training, queue_training
-from bot.storage import photos_dir, remove_path
+from bot.service import (
+    UserFacingError,
+    awaits_retry,
+    check_training_request,
+    end_training,
+    finish_training,
+    queue_training,
+    retry_training,
+)
+from bot.storage import incoming_dir, photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
-from bot.views import only_mentions
+from bot.views import can_manage, only_mentions
 from bot.words import CLASS_WORDS, normalize_subject, normalize_token
-from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_photos
+from engine.disk import disk_full_cause
+from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_files, too_big
 from engine.protocol import Accepted, Error, Progress, TrainingDone, TrainJob
 
 log = logging.getLogger(__name__)
@@ -48,6 +61,19 @@ PHASE_LABELS = {
     "samples": "Drawing samples",
 }
 MAX_PHOTO_OPTIONS = 20
+RETRY_TEMPLATE = r"dreambot:retrytrain:(?P<job_id>[0-9a-f]+)"
+# Attachments are streamed to disk in pieces of this size: a download holds no more in memory.
+DOWNLOAD_CHUNK = 64 * 1024
+# A download that receives nothing for this long is given up: it holds one of the intake turns.
+DOWNLOAD_STALL_TIMEOUT = 30.0
+WAITING_TURN_MESSAGE = (
+    "⏳ Your photos are waiting their turn: I check a few sets of photos at a time. The report follows here."
+)
+DOWNLOAD_FAILED_MESSAGE = "I couldn't download your photos from Discord. Please try again."
+INTAKE_DISK_FULL_MESSAGE = (
+    "I can't take your photos right now: the server's disk is full (its admins can see it in the "
+    "log). Please try again later."
+)
 
 
 # -- checks that need no Discord -------------------------------------------------------------
@@ -108,6 +134,71 @@ def image_attachments(message: discord.Message) -> list[discord.Attachment]:
     ]
 
 
+class IntakeTurns:
+    """Whose photos are downloaded and checked now: one set per member at a time, `slots` sets in all.
+
+    A burst of /train waits here for its turn instead of filling the bot's memory and cores at once.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._slots = asyncio.Semaphore(slots)
+        self._members: dict[int, asyncio.Lock] = {}
+        # Turns taken or awaited per member: a member's lock goes once none is left.
+        self._holders: Counter[int] = Counter()
+
+    def must_wait(self, member_id: int) -> bool:
+        """Whether a turn asked for now would wait (for the member's earlier set, or for a slot)."""
+        lock = self._members.get(member_id)
+        return self._slots.locked() or (lock is not None and lock.locked())
+
+    @contextlib.asynccontextmanager
+    async def turn(self, member_id: int) -> AsyncIterator[None]:
+        lock = self._members.setdefault(member_id, asyncio.Lock())
+        self._holders[member_id] += 1
+        try:
+            async with lock, self._slots:
+                yield
+        finally:
+            self._holders[member_id] -= 1
+            if not self._holders[member_id]:
+                del self._holders[member_id], self._members[member_id]
+
+
+class RetryTrainingButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=RETRY_TEMPLATE
+):
+    """Try again: a training that stopped on a full disk runs again from where it stopped. A dynamic
+    item, so the button works after a restart of the bot (the cog registers it)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Try again",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"dreambot:retrytrain:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction,
+        item: discord.ui.Button[discord.ui.View],
+        match: re.Match[str],
+        /,
+    ) -> RetryTrainingButton:
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
+        try:
+            training = interaction.client.get_cog(Training.__cog_name__)
+            assert isinstance(training, Training)
+            await training.retry(interaction, self.job_id)
+        except Exception as error:
+            await report_error(interaction, error)
+
+
 class TrainModal(discord.ui.Modal, title="Train on these photos"):
     name: discord.ui.TextInput[TrainModal] = discord.ui.TextInput(
         label="Name: a made-up word for you", placeholder="abraza", min_length=3, max_length=20
@@ -143,14 +234,32 @@ class Training(commands.Cog):
         # The newest progress text of a job whose last edit was too recent; flushed by a background task.
         self._pending: dict[str, tuple[JobRow, str]] = {}
         self._edit_locks: dict[str, asyncio.Lock] = {}
+        self.intake_turns = IntakeTurns(bot.config.intake.max_concurrent)
+        # The checks run on threads of their own, one per turn: a thread keeps the memory its last
+        # decode used (the allocator's arena), so more threads would mean more such memory.
+        self._intake_threads = ThreadPoolExecutor(
+            bot.config.intake.max_concurrent, thread_name_prefix="intake"
+        )
+        # The attachments' downloads: streamed to disk, never read whole into memory.
+        self._downloads: aiohttp.ClientSession | None = None
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.train_menu)
+        self.bot.add_dynamic_items(RetryTrainingButton)
         await asyncio.to_thread(self._sweep_photos)
+        self._downloads = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=DOWNLOAD_STALL_TIMEOUT, sock_read=DOWNLOAD_STALL_TIMEOUT
+            )
+        )
         self.flush_progress.start()
 
     async def cog_unload(self) -> None:
         self.flush_progress.cancel()
+        if self._downloads is not None:
+            await self._downloads.close()
+        self._intake_threads.shutdown(wait=False, cancel_futures=True)
+        self.bot.remove_dynamic_items(RetryTrainingButton)
         self.bot.tree.remove_command(self.train_menu.name, type=self.train_menu.type)
 
     # -- the commands --------------------------------------------------------------------------
@@ -239,30 +348,15 @@ class Training(commands.Cog):
         token, class_word = normalize_token(name), normalize_subject(subject)
         check_training_request(self.bot.db, self.bot.config, guild_id, user.id, token, class_word)
         await interaction.response.defer(ephemeral=True, thinking=True)
-
-        max_bytes = self.bot.config.intake.max_bytes
-        # Oversized files are never downloaded; they are reported beside the checked ones.
-        wanted = [attachment for attachment in attachments if attachment.size <= max_bytes]
-        try:
-            contents = await asyncio.gather(*(attachment.read() for attachment in wanted))
-        except discord.HTTPException as error:
-            raise UserFacingError(
-                "I couldn't download your photos from Discord. Please try again."
-            ) from error
+        if self.intake_turns.must_wait(user.id):
+            await interaction.followup.send(WAITING_TURN_MESSAGE, ephemeral=True)
 
         job_id = new_job_id()
         folder = photos_dir(self.bot.config, job_id)
         queued = False
         try:
-            report = await asyncio.to_thread(
-                check_photos,
-                [(attachment.filename, data) for attachment, data in zip(wanted, contents, strict=True)],
-                class_word,
-                folder,
-                self.bot.config.intake,
-                self.bot.config.training.resolution,
-            )
-            _add_oversized(report, attachments, max_bytes)
+            async with self.intake_turns.turn(user.id):
+                report = await self._intake(job_id, attachments, class_word, folder)
             await interaction.followup.send(report.format(), ephemeral=True)
             if not report.ok:
                 return
@@ -287,13 +381,116 @@ class Training(commands.Cog):
 
         row = await self._post_progress_message(interaction, row)
         self.bot.jobs.submit(row)
-        position = self.bot.jobs.position(row.id)
-        where = f"#{position} in the queue" if position else "starting now"
         await interaction.followup.send(
-            f"**{token}** is {where}. I'll keep the progress message in this channel up to date and "
+            f"**{token}** is {self._queue_place(row)}. I'll keep the progress message in this channel up to date and "
             "post your samples here when it's done (usually a few minutes to half an hour).",
             ephemeral=True,
         )
+
+    async def _intake(
+        self, job_id: str, attachments: Sequence[discord.Attachment], class_word: str, folder: Path
+    ) -> IntakeReport:
+        """Download the photos to disk and check them from there; the accepted ones are written to
+        `folder`. The downloads are deleted whatever happens."""
+        config = self.bot.config
+        max_bytes = config.intake.max_bytes
+        incoming = incoming_dir(config, job_id)
+        # Files declared too big are never downloaded, and none is read past the limit; they are
+        # reported beside the checked ones.
+        wanted = [index for index, attachment in enumerate(attachments) if attachment.size <= max_bytes]
+        paths = {index: incoming / f"{index:02d}" for index in wanted}
+        try:
+            await asyncio.to_thread(incoming.mkdir, parents=True)
+            complete = await self._download({index: attachments[index] for index in wanted}, paths, max_bytes)
+            checked = [index for index in wanted if complete[index]]
+            check = functools.partial(
+                check_files,
+                [paths[index] for index in checked],
+                class_word,
+                folder,
+                config.intake,
+                config.training.resolution,
+                names=[attachments[index].filename for index in checked],
+            )
+            report = await asyncio.get_running_loop().run_in_executor(self._intake_threads, check)
+        except OSError as error:
+            if disk_full_cause(error) is None:
+                raise
+            log.error(
+                "the disk of %s is full: a member's photos could not be saved (%s)", config.data_dir, error
+            )
+            raise UserFacingError(INTAKE_DISK_FULL_MESSAGE) from error
+        finally:
+            await asyncio.to_thread(remove_path, config, incoming)
+        reasons = {
+            index: too_big(attachment.size if attachment.size > max_bytes else None, max_bytes)
+            for index, attachment in enumerate(attachments)
+            if index not in checked
+        }
+        _add_too_big(report, attachments, reasons)
+        return report
+
+    async def _download(
+        self, attachments: Mapping[int, discord.Attachment], paths: Mapping[int, Path], max_bytes: int
+    ) -> dict[int, bool]:
+        """Stream the attachments to their paths at once; for each, False when it was bigger than
+        max_bytes (the rest was not read). Returns once every download has ended."""
+        indexes = list(attachments)
+        results = await asyncio.gather(
+            *(self._save_attachment(attachments[index], paths[index], max_bytes) for index in indexes),
+            return_exceptions=True,
+        )
+        errors = [result for result in results if isinstance(result, BaseException)]
+        # A full disk first: it is the admin's to fix, and the member must hear it is not their photos.
+        for error in errors:
+            if disk_full_cause(error) is not None:
+                raise error
+        for error in errors:
+            if isinstance(error, aiohttp.ClientError | TimeoutError):
+                log.warning("downloading a photo failed: %r", error)
+                raise UserFacingError(DOWNLOAD_FAILED_MESSAGE) from error
+        if errors:
+            raise errors[0]
+        return {index: result is True for index, result in zip(indexes, results, strict=True)}
+
+    async def _save_attachment(self, attachment: discord.Attachment, path: Path, max_bytes: int) -> bool:
+        assert self._downloads is not None
+        async with self._downloads.get(attachment.url) as response:
+            response.raise_for_status()
+            received = 0
+            with path.open("wb") as file:
+                async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        return False
+                    await asyncio.to_thread(file.write, chunk)
+        return True
+
+    async def retry(self, interaction: discord.Interaction[DreamBot], job_id: str) -> None:
+        """The Try again button: queue a training that stopped on a full disk again."""
+        job = self.bot.db.find_job(job_id)
+        if job is None or job.kind != "train":
+            raise UserFacingError("That training is gone: run `/train` again.")
+        if not can_manage(interaction, job):
+            raise UserFacingError(
+                "That's not your training: only its owner or a server manager can try it again."
+            )
+        row = retry_training(self.bot.db, self.bot.config, job)
+        # The button has done its work: it goes from the post.
+        await interaction.response.edit_message(view=None)
+        # Before the engine can take it, so that this never overwrites its first progress.
+        await self._edit_progress(row, _progress_text(row, "Waiting in the queue…"), final=False)
+        self.bot.jobs.submit(row)
+        request = row.request
+        assert isinstance(request, TrainJob)
+        await interaction.followup.send(
+            f"**{request.token}** is back in the queue ({self._queue_place(row)}): it picks up where it stopped.",
+            ephemeral=True,
+        )
+
+    def _queue_place(self, row: JobRow) -> str:
+        position = self.bot.jobs.position(row.id)
+        return f"#{position} in the queue" if position else "starting now"
 
     async def _post_progress_message(self, interaction: discord.Interaction, row: JobRow) -> JobRow:
         # A plain channel message, not the interaction's: a training outlives its 15-minute token.
@@ -362,6 +559,23 @@ class Training(commands.Cog):
         if model is None:
             await self._edit_final(job, "⏹️ Cancelled.")
             return
+        if event.code == "disk_full":
+            log.warning(
+                "training %s (%s) stopped on a full disk: its photos and checkpoints are kept for Try again",
+                job.id,
+                model.token,
+            )
+            await self._edit_final(job, f"⏸️ Stopped: {event.message}.")
+            retry = discord.ui.View(timeout=None)
+            retry.add_item(RetryTrainingButton(job.id))
+            await self._tell_member(
+                job,
+                f"<@{job.user_id}> training **{model.token}** stopped: {event.message}. Your photos and "
+                "the steps done so far are kept: once there is room again, press **Try again** (you or a "
+                "server manager) and it picks up where it stopped.",
+                view=retry,
+            )
+            return
         await self._edit_final(job, f"❌ Failed: {event.message}")
         await self._tell_member(
             job,
@@ -412,8 +626,11 @@ class Training(commands.Cog):
                 del self._pending[job_id]
                 await self._edit_progress(job, text, final=False)
 
-    async def _tell_member(self, job: JobRow, content: str, files: Sequence[Path] = ()) -> None:
-        """Post in the job's channel, pinging only the member; by DM when the channel refuses.
+    async def _tell_member(
+        self, job: JobRow, content: str, files: Sequence[Path] = (), view: discord.ui.View | None = None
+    ) -> None:
+        """Post in the job's channel, pinging only the member; by DM when the channel refuses. The
+        first message carries `view`.
 
         Every message sent is recorded as a post about the job, for /forget and /model delete."""
         guild = self.bot.get_guild(job.guild_id)
@@ -423,28 +640,39 @@ class Training(commands.Cog):
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
         record = functools.partial(self.bot.record_post, job=job)
         try:
-            await _send_with_files(channel, content, existing, f"sample-{job.id}", limit, mention, record)
+            await _send_with_files(
+                channel, content, existing, f"sample-{job.id}", limit, mention, record, view
+            )
             return
         except discord.HTTPException as error:
             log.warning("cannot post job %s's outcome in channel %s: %s", job.id, job.channel_id, error)
         try:
             user = self.bot.get_user(job.user_id) or await self.bot.fetch_user(job.user_id)
             await _send_with_files(
-                user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention, record
+                user, content, existing, f"sample-{job.id}", DEFAULT_UPLOAD_LIMIT, mention, record, view
             )
         except discord.HTTPException as error:
             log.warning("cannot tell user %s about job %s: %s", job.user_id, job.id, error)
 
     def _sweep_photos(self) -> None:
-        """Remove photo folders a crash left behind: no job row, or a finished job's (unless kept)."""
-        root = self.bot.config.data_dir.resolve() / "photos"
-        if not root.is_dir():
-            return
-        for folder in root.iterdir():
+        """Remove what a crash left behind: downloads that intake never finished with, and prepared
+        photos with no job row, or a finished job's (unless kept, or awaiting a retry)."""
+        root = self.bot.config.data_dir.resolve()
+        for folder in _subfolders(root / "incoming"):
+            remove_path(self.bot.config, folder)
+        for folder in _subfolders(root / "photos"):
             job = self.bot.db.find_job(folder.name)
-            finished = job is not None and job.state not in ("queued", "running")
-            if job is None or (finished and not self.bot.config.storage.keep_photos):
+            kept = job is not None and (
+                job.state in ACTIVE_JOB_STATES
+                or self.bot.config.storage.keep_photos
+                or awaits_retry(self.bot.db, job)
+            )
+            if not kept:
                 remove_path(self.bot.config, folder)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
 
 
 def _progress_text(job: JobRow, status: str) -> str:
@@ -458,12 +686,12 @@ def _finished(job: JobRow | None) -> bool:
     return job is None or job.state not in ACTIVE_JOB_STATES
 
 
-def _add_oversized(report: IntakeReport, attachments: Sequence[discord.Attachment], max_bytes: int) -> None:
-    """Put the photos too big to download into the report, in the order the member sent them."""
-    for index, attachment in enumerate(attachments):
-        if attachment.size > max_bytes:
-            reason = f"the file is too big: {attachment.size / 2**20:.1f} MB, the limit is {max_bytes / 2**20:.0f} MB"
-            report.photos.insert(index, PhotoVerdict(attachment.filename, False, reason))
+def _add_too_big(
+    report: IntakeReport, attachments: Sequence[discord.Attachment], reasons: Mapping[int, str]
+) -> None:
+    """Put the photos too big to check (index -> reason) into the report, in the order the member sent them."""
+    for index in sorted(reasons):
+        report.photos.insert(index, PhotoVerdict(attachments[index].filename, False, reasons[index]))
 
 
 async def _send_with_files(
@@ -474,16 +702,18 @@ async def _send_with_files(
     size_limit: int,
     allowed_mentions: discord.AllowedMentions,
     on_sent: Callable[[discord.Message], None],
+    view: discord.ui.View | None = None,
 ) -> None:
-    """Send `content` with the pictures, in as many messages as the size limit needs; `on_sent` hears
-    of each message as it is sent (a later one may fail)."""
+    """Send `content` (and `view`) with the pictures, in as many messages as the size limit needs;
+    `on_sent` hears of each message as it is sent (a later one may fail)."""
     batches = await asyncio.to_thread(image_files, paths, stem, size_limit) if paths else [[]]
     for index, batch in enumerate(batches):
-        text = content if index == 0 else None
-        if batch:
-            message = await destination.send(text, files=batch, allowed_mentions=allowed_mentions)
-        else:
-            message = await destination.send(text, allowed_mentions=allowed_mentions)
+        extra: dict[str, Any] = {"files": batch} if batch else {}
+        if index == 0 and view is not None:
+            extra["view"] = view
+        message = await destination.send(
+            content if index == 0 else None, allowed_mentions=allowed_mentions, **extra
+        )
         on_sent(message)
 
 
