@@ -238,10 +238,15 @@ def test_readme_promises_what_these_tests_check() -> None:
         "whose settings are up to 64 KiB of text or a graph of up to 2,000 nodes (a larger one is answered "
         "as too large to read)",
         "up to 8 chunks: a prompt that makes more (its words, or its BREAKs) is refused saying so",
-        "chat that mentions the bot is not a command. No message a member reads names a server path or an "
-        "exception.",
+        "chat that mentions the bot is not a command.",
+        "No message a member reads names a server path or an exception.",
         "are used only inside the folder of the job they belong to.",
         "A database file that is damaged or not a database is named in one line at start, with what to do "
         "(restore a backup, or move it aside), and left as it is.",
+        "`[intake] max_concurrent` sets (2 by default) are checked at once, each member's one at a time, and "
+        "a member whose photos wait is told so",
+        'the training stops with "the server\'s disk is full"',
+        "the member or a server manager presses **Try again** on the post, and the training resumes from "
+        "its newest checkpoint.",
     ):
         assert promise in readme, promise
