@@ -8,6 +8,10 @@ A node or actor that dies shows up within seconds as Ray's actor error on the pe
 `next_events` call; the queue then retries its jobs on another actor. A cluster that cannot be
 reached (its head restarted) empties the pool until a reconnect succeeds.
 
+Every Ray call runs off the event loop, submitting an actor call too: Ray Client blocks a call for up
+to its reconnection grace period (30 s) while the head is away, which on the loop would stall the
+bot's answers and its Discord heartbeats as long.
+
 Files travel with the messages (engine.ray_actor), so the bot's data_dir stays the one copy of
 every photo, adapter, checkpoint and picture.
 """
@@ -134,18 +138,11 @@ class RayWorker(EngineWorker):
     async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int | None:
         self.ready, self.start_error = False, None
         self._drained.clear()
-        engine = self.config.engine
-        self.actor = RemoteEngineActor.options(
-            num_cpus=engine.cpus_per_worker,
-            num_gpus=engine.gpus_per_worker,
-            # next_events waits while jobs and cancels come in.
-            max_concurrency=4,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
-        ).remote(self.config, str(self.config.data_dir), "cpu" if engine.gpus_per_worker == 0 else "auto")
-        log.info("engine actor %s starting on node %s", self.name, self.node_id)
         try:
+            self.actor = await asyncio.to_thread(self._create_actor)
+            log.info("engine actor %s starting on node %s", self.name, self.node_id)
             while True:
-                shipments, closed = await self.actor.next_events.remote(EVENT_WAIT_SECONDS)
+                shipments, closed = await _call(self.actor.next_events, EVENT_WAIT_SECONDS)
                 for shipment in shipments:
                     await self._receive(shipment, on_event)
                 if closed:
@@ -164,8 +161,18 @@ class RayWorker(EngineWorker):
             return None
         finally:
             # Killed for sure, so that a node that was only cut off never posts a second result.
-            self.kill()
+            await self.kill()
             self.actor = None
+
+    def _create_actor(self) -> Any:
+        engine = self.config.engine
+        return RemoteEngineActor.options(
+            num_cpus=engine.cpus_per_worker,
+            num_gpus=engine.gpus_per_worker,
+            # next_events waits while jobs and cancels come in.
+            max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
+        ).remote(self.config, str(self.config.data_dir), "cpu" if engine.gpus_per_worker == 0 else "auto")
 
     async def _receive(
         self, shipment: Shipment, on_event: Callable[[EngineWorker, Event], Awaitable[None]]
@@ -178,13 +185,18 @@ class RayWorker(EngineWorker):
         except ProtocolError as error:
             log.warning("engine %s sent something that is not an event: %s", self.name, error)
             return
-        if isinstance(event, TrainingDone):
-            # The training deleted its checkpoints; so does the bot's copy.
-            shutil.rmtree(Path(event.adapter_path).parent / CHECKPOINTS_DIR, ignore_errors=True)
-            adapter = shipment.files.get(_relative(self.config.data_dir, event.adapter_path) or "")
-            if adapter is not None:
-                self.node_adapters.add(content_hash(adapter))
+        if isinstance(event, TrainingDone) and (
+            digest := await asyncio.to_thread(self._trained, event, shipment)
+        ):
+            self.node_adapters.add(digest)
         await self.deliver(on_event, event)
+
+    def _trained(self, event: TrainingDone, shipment: Shipment) -> str | None:
+        """After a training: delete the bot's copy of its checkpoints, as the training deleted them;
+        the content hash of the adapter the node now holds, if it came with the shipment."""
+        shutil.rmtree(Path(event.adapter_path).parent / CHECKPOINTS_DIR, ignore_errors=True)
+        adapter = shipment.files.get(_relative(self.config.data_dir, event.adapter_path) or "")
+        return None if adapter is None else content_hash(adapter)
 
     async def send(self, job: Job) -> None:
         actor = self.actor
@@ -193,16 +205,16 @@ class RayWorker(EngineWorker):
         try:
             if isinstance(job, TrainJob | GenerateJob):
                 parcel = await asyncio.to_thread(self._parcel, job, self.node_adapters)
-                missing = await actor.submit.remote(encode(job), parcel)
+                missing = await _call(actor.submit, encode(job), parcel)
                 if missing:
                     self.node_adapters.difference_update(missing)
                     parcel = await asyncio.to_thread(self._parcel, job, set())
-                    await actor.submit.remote(encode(job), parcel)
+                    await _call(actor.submit, encode(job), parcel)
                 self.node_adapters.update(parcel.adapters.values())
             elif isinstance(job, CancelJob):
-                await actor.cancel.remote(job.job_id)
+                await _call(actor.cancel, job.job_id)
             else:
-                await actor.shutdown.remote(0)
+                await _call(actor.shutdown, 0)
         except RayError as error:
             # A dying actor: run() sees it end and the queue retries the job.
             log.warning("could not send %s to engine %s: %s", job.type, self.name, _first_line(error))
@@ -261,7 +273,7 @@ class RayWorker(EngineWorker):
         if self.actor is None or not digests:
             return
         try:
-            await self.actor.forget_adapters.remote(sorted(digests))
+            await _call(self.actor.forget_adapters, sorted(digests))
         except RayError as error:
             log.warning(
                 "engine %s could not delete its copies of adapters: %s", self.name, _first_line(error)
@@ -274,17 +286,30 @@ class RayWorker(EngineWorker):
         try:
             # The actor stops its jobs and ships their checkpoints; run() then stores them and ends.
             async with asyncio.timeout(timeout):
-                await actor.shutdown.remote(max(timeout - 1, 0.5))
+                await _call(actor.shutdown, max(timeout - 1, 0.5))
                 await self._drained.wait()
         except (TimeoutError, RayError) as error:
             log.warning("engine %s did not stop within %.0f s (%s): killing it", self.name, timeout, error)
-            self.kill()
+            await self.kill()
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         if self.actor is not None:
-            # Gone already, or the cluster is: nothing is left to kill.
-            with contextlib.suppress(Exception):
-                ray.kill(self.actor, no_restart=True)
+            await asyncio.to_thread(_kill_actor, self.actor)
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """What an actor method returns. Making the call blocks (Ray Client waits up to its reconnection
+    grace period, 30 s, for a head that went away, and sends a parcel whole), so not on the loop."""
+    return await (await asyncio.to_thread(method.remote, *args))
+
+
+def _kill_actor(actor: Any) -> None:
+    # After ray.shutdown (the cluster went away) the actor went with the connection, and ray.kill
+    # would start a Ray of its own on this machine to find it.
+    if ray.is_initialized():
+        # Gone already, or the cluster is: nothing is left to kill.
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
 
 
 def store_shipment(data_dir: Path, shipment: Shipment) -> None:

@@ -226,7 +226,8 @@ class EngineWorker(ABC):
         """Ask the worker to stop, wait up to `timeout` seconds, then kill it."""
 
     @abstractmethod
-    def kill(self) -> None: ...
+    async def kill(self) -> None:
+        """Kill the worker at once; its run() then ends."""
 
     async def deliver(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]], event: Event) -> None:
         try:
@@ -306,7 +307,7 @@ class SubprocessWorker(EngineWorker):
         finally:
             # Cancelled (bot stopping) or failed: never leave a process behind unreaped.
             if self.process.returncode is None:
-                self.kill()
+                await self.kill()
                 await self.process.wait()
 
     async def send(self, job: Job) -> None:
@@ -330,13 +331,13 @@ class SubprocessWorker(EngineWorker):
             await asyncio.wait_for(process.wait(), timeout)
         except TimeoutError:
             log.warning("engine %s did not stop within %.0f s: killing it", self.device, timeout)
-            self.kill()
+            await self.kill()
             await process.wait()
 
     async def forget_adapters(self, files: Sequence[Path]) -> None:
         return None  # it reads the bot's own files and keeps no copy
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
@@ -540,12 +541,12 @@ class JobQueue:
         current = set(slots or ())
         joined = sorted(current - set(self._workers))
         left = sorted(set(self._workers) - current)
-        for slot in left:
-            worker = self._workers.pop(slot)
+        retired = [self._workers.pop(slot) for slot in left]
+        for worker in retired:
             log.warning("engine %s left the pool: its jobs go to the other workers", worker.name)
             # Its supervisor sees it end, queues its jobs again and stops.
             worker.retired = True
-            worker.kill()
+        await asyncio.gather(*(worker.kill() for worker in retired))
         for slot in joined:
             worker = self._workers[slot] = self._pool.worker(slot)
             self._tasks.append(asyncio.create_task(self._supervise(worker), name=f"engine {worker.name}"))

@@ -15,10 +15,13 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 from botharness import (
     TRAIN_TIMEOUT,
     answer,
@@ -33,11 +36,21 @@ from ray.cluster_utils import Cluster
 from test_bot_resilience import TRAINING, ready_post, training_steps
 from test_forget import forget
 
-from bot.cluster import node_slots, store_shipment
+from bot import cluster as cluster_module
+from bot.cluster import RayWorker, node_slots, store_shipment
 from bot.db import Database
 from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
 from engine.config import Config, EngineSection, load_config
-from engine.protocol import Error, GenerationDone, Progress, TrainingDone, encode
+from engine.protocol import (
+    CancelJob,
+    Error,
+    Event,
+    GenerateJob,
+    GenerationDone,
+    Progress,
+    TrainingDone,
+    encode,
+)
 from engine.ray_actor import ADAPTER_STORE, Shipment, content_hash
 
 TIMEOUT = 240.0
@@ -59,6 +72,87 @@ def test_a_node_takes_one_actor_per_worker_share_of_its_gpus_or_cpus() -> None:
     assert node_slots(cpu_node, EngineSection(backend="ray")) == 0
     assert node_slots(cpu_node, EngineSection(backend="ray", **ON_CPUS)) == 3
     assert node_slots({**gpu_node, "Alive": False}, EngineSection(backend="ray")) == 0
+
+
+class FakeActor:
+    """Stands for RemoteEngineActor and for the handle of the actor it makes: each `.remote()` records
+    the thread it was made on; next_events hands out what the test puts in `shipments`."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, list[int]] = {}
+        self.shipments: asyncio.Queue[tuple[list[Shipment], bool]] = asyncio.Queue()
+
+    def record(self, call: str) -> None:
+        self.threads.setdefault(call, []).append(threading.get_ident())
+
+    def options(self, **options: Any) -> FakeActor:
+        return self
+
+    def remote(self, *args: Any) -> FakeActor:
+        self.record("create")
+        return self
+
+    def __getattr__(self, method: str) -> Any:
+        actor = self
+
+        class Method:
+            @staticmethod
+            def remote(*args: Any) -> Coroutine[Any, Any, Any]:
+                actor.record(method)
+                return actor.shipments.get() if method == "next_events" else _returns([])
+
+        return Method
+
+
+async def _returns(value: Any) -> Any:
+    return value
+
+
+def test_a_ray_worker_makes_no_ray_call_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ray call can block for long (Ray Client waits 30 s for a head that went away before it fails):
+    # on the loop it would stop the bot, its answers to members and its Discord heartbeats as long.
+    initialized = [True]
+    monkeypatch.setattr(ray, "is_initialized", lambda: initialized[0])
+    data_dir = tmp_path / "data"
+    config = load_config(write_engine_config(tmp_path / "config.toml", data_dir))
+
+    async def scenario() -> None:
+        actor = FakeActor()
+        monkeypatch.setattr(cluster_module, "RemoteEngineActor", actor)
+        monkeypatch.setattr(ray, "kill", lambda handle, no_restart: actor.record("kill"))
+        hashed = cluster_module.content_hash
+        monkeypatch.setattr(cluster_module, "content_hash", lambda data: actor.record("hash") or hashed(data))
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        async def on_event(worker: object, event: Event) -> None:
+            await events.put(event)
+
+        worker = RayWorker(config, "ab" * 28, 0)
+        running = asyncio.create_task(worker.run(on_event))
+        adapter = data_dir / "trained" / "t1" / "adapter.safetensors"
+        done = TrainingDone("t1", [], str(adapter), "", {}, steps=1, seconds=1.0)
+        await actor.shipments.put(([Shipment(encode(done), {"trained/t1/adapter.safetensors": b"w"})], False))
+        assert isinstance(await events.get(), TrainingDone)
+        await worker.send(GenerateJob("g1", "a castle", str(data_dir / "generations" / "g1")))
+        await worker.send(CancelJob("g1"))
+        await worker.forget_adapters([adapter])
+        await actor.shipments.put(([], True))
+        assert await running == 0
+        # Once the cluster is gone (ray.shutdown), ray.kill would start a Ray of its own to find the
+        # actor, which went with the connection: it is left alone.
+        initialized[0] = False
+        running = asyncio.create_task(worker.run(on_event))
+        await actor.shipments.put(([], True))
+        assert await running == 0
+
+        loop_thread = threading.get_ident()
+        assert [call for call, threads in actor.threads.items() if loop_thread in threads] == []
+        calls = {"create", "next_events", "hash", "submit", "cancel", "forget_adapters", "kill"}
+        assert set(actor.threads) == calls and len(actor.threads["kill"]) == 1
+
+    asyncio.run(scenario())
 
 
 def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_the_data_dir(tmp_path: Path) -> None:
