@@ -4,6 +4,7 @@ The bot is the Ray driver and stays light: it creates engine.ray_actor.EngineAct
 never imports torch. One actor runs per `gpus_per_worker` GPUs of every node (per `cpus_per_worker`
 CPUs with gpus_per_worker = 0), pinned to its node. The pool follows the cluster: the JobQueue asks
 for its slots every few seconds, starts actors for new ones and retires those of nodes that left.
+A cluster whose nodes give no slot (CPU-only nodes and gpus_per_worker = 1) says why in the log.
 A node or actor that dies shows up within seconds as Ray's actor error on the pending
 `next_events` call; the queue then retries its jobs on another actor. A cluster that cannot be
 reached (its head restarted) empties the pool until a reconnect succeeds.
@@ -32,7 +33,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bot.jobs import EngineWorker, WorkerPool
+from bot.jobs import EngineWorker, PoolSlots, WorkerPool
 from engine.config import Config, EngineSection
 from engine.protocol import (
     CancelJob,
@@ -68,6 +69,28 @@ def node_slots(node: Mapping[str, Any], engine: EngineSection) -> int:
     return min(int(resources.get("GPU", 0) // engine.gpus_per_worker), by_cpu)
 
 
+def no_slot_reason(alive: Sequence[Mapping[str, Any]], engine: EngineSection) -> str:
+    """Why the cluster's alive nodes give no engine slot (node_slots is 0 for each), for the operator."""
+    if not alive:
+        return "no node of the cluster is alive"
+    gpus, cpus = engine.gpus_per_worker, engine.cpus_per_worker
+    most_gpus = max(node.get("Resources", {}).get("GPU", 0) for node in alive)
+    most_cpus = max(node.get("Resources", {}).get("CPU", 0) for node in alive)
+    if gpus and not most_gpus:
+        return (
+            f"the cluster's nodes have no GPUs, and [engine] gpus_per_worker = {gpus:g}: set it to 0 to "
+            "run engines on CPUs, or join GPU machines to the cluster"
+        )
+    if most_gpus < gpus:
+        return f"no node has as many GPUs as [engine] gpus_per_worker = {gpus:g} (the most on one: {most_gpus:g})"
+    if most_cpus < cpus:
+        return f"no node has as many CPUs as [engine] cpus_per_worker = {cpus:g} (the most on one: {most_cpus:g})"
+    return (
+        f"no node has both as many GPUs as [engine] gpus_per_worker = {gpus:g} and as many CPUs as "
+        f"cpus_per_worker = {cpus:g}"
+    )
+
+
 class RayPool(WorkerPool):
     poll_interval = POOL_POLL_SECONDS
 
@@ -77,25 +100,26 @@ class RayPool(WorkerPool):
         # Said once per outage, not at every poll.
         self._unreachable_said = False
 
-    async def slots(self) -> list[str] | None:
+    async def slots(self) -> PoolSlots:
+        address = self.config.engine.ray_address
         try:
             if not self._connected:
                 await asyncio.to_thread(self._connect)
             nodes = await asyncio.to_thread(ray.nodes)
         except Exception as error:  # ConnectionError, RaySystemError, gRPC errors: all mean unreachable
             if not self._unreachable_said:
-                log.warning(
-                    "the Ray cluster at %s cannot be reached (%s): retrying",
-                    self.config.engine.ray_address,
-                    error,
-                )
+                log.warning("the Ray cluster at %s cannot be reached (%s): retrying", address, error)
                 self._unreachable_said = True
             self._connected = False
             await asyncio.to_thread(ray.shutdown)
-            return None
+            return PoolSlots((), 0, f"the Ray cluster at {address} cannot be reached")
         self._unreachable_said = False
         engine = self.config.engine
-        return [f"{node['NodeID']}/{index}" for node in nodes for index in range(node_slots(node, engine))]
+        alive = [node for node in nodes if node.get("Alive")]
+        names = tuple(
+            f"{node['NodeID']}/{index}" for node in alive for index in range(node_slots(node, engine))
+        )
+        return PoolSlots(names, len(alive), None if names else no_slot_reason(alive, engine))
 
     def _connect(self) -> None:
         address = self.config.engine.ray_address

@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bot import forkserver
@@ -343,6 +343,20 @@ class SubprocessWorker(EngineWorker):
                 self.process.kill()
 
 
+@dataclass(frozen=True)
+class PoolSlots:
+    """The worker slots a pool gives now, by name, the nodes (machines) it has, and why there is no
+    slot when there is none: for the operator, who can change that."""
+
+    names: tuple[str, ...]
+    nodes: int
+    shortage: str | None = None
+
+    def __str__(self) -> str:
+        counts = f"{len(self.names)} slots on {self.nodes} nodes"
+        return counts if self.shortage is None else f"{counts}: {self.shortage}"
+
+
 class WorkerPool(ABC):
     """Where the engine workers come from: the slots there are now, and a worker for each."""
 
@@ -350,8 +364,8 @@ class WorkerPool(ABC):
     poll_interval: float | None = None
 
     @abstractmethod
-    async def slots(self) -> list[str] | None:
-        """The names of the worker slots there are now; None when the pool cannot be reached."""
+    async def slots(self) -> PoolSlots:
+        """The worker slots there are now (none, saying why, when the pool cannot be reached)."""
 
     @abstractmethod
     def worker(self, slot: str) -> EngineWorker: ...
@@ -367,8 +381,8 @@ class LocalPool(WorkerPool):
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    async def slots(self) -> list[str]:
-        return [str(index) for index in range(len(self.config.model.devices))]
+    async def slots(self) -> PoolSlots:
+        return PoolSlots(tuple(str(index) for index in range(len(self.config.model.devices))), nodes=1)
 
     def worker(self, slot: str) -> EngineWorker:
         return SubprocessWorker(self.config, self.config.model.devices[int(slot)])
@@ -426,6 +440,8 @@ class JobQueue:
         # supervisor ends once it has exited.
         self._workers: dict[str, EngineWorker] = {}
         self._empty_since: float | None = None
+        # The pool as last logged: it is logged again when it changes.
+        self._pool_logged: PoolSlots | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -538,7 +554,11 @@ class JobQueue:
         slots = await self._pool.slots()
         if self._stopping.is_set():
             return
-        current = set(slots or ())
+        if slots != self._pool_logged:
+            # At start and at each change; with no slot, why, as a warning: nothing will run.
+            (log.info if slots.names else log.warning)("engine pool: %s", slots)
+            self._pool_logged = slots
+        current = set(slots.names)
         joined = sorted(current - set(self._workers))
         left = sorted(set(self._workers) - current)
         retired = [self._workers.pop(slot) for slot in left]
@@ -551,9 +571,6 @@ class JobQueue:
             worker = self._workers[slot] = self._pool.worker(slot)
             self._tasks.append(asyncio.create_task(self._supervise(worker), name=f"engine {worker.name}"))
         if joined or left:
-            log.info(
-                "engine pool: %d workers (%d joined, %d left)", len(self._workers), len(joined), len(left)
-            )
             self._tasks = [task for task in self._tasks if not task.done()]
             await self._notify_changed()
         if self._workers:

@@ -37,7 +37,7 @@ from test_bot_resilience import TRAINING, ready_post, training_steps
 from test_forget import forget
 
 from bot import cluster as cluster_module
-from bot.cluster import RayWorker, node_slots, store_shipment
+from bot.cluster import RayWorker, no_slot_reason, node_slots, store_shipment
 from bot.db import Database
 from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
 from engine.config import Config, EngineSection, load_config
@@ -72,6 +72,31 @@ def test_a_node_takes_one_actor_per_worker_share_of_its_gpus_or_cpus() -> None:
     assert node_slots(cpu_node, EngineSection(backend="ray")) == 0
     assert node_slots(cpu_node, EngineSection(backend="ray", **ON_CPUS)) == 3
     assert node_slots({**gpu_node, "Alive": False}, EngineSection(backend="ray")) == 0
+
+
+def test_a_cluster_that_gives_no_slot_says_why() -> None:
+    cpu_nodes = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 0.0}}]
+    assert no_slot_reason(cpu_nodes, EngineSection(backend="ray")) == (
+        "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: set it to 0 to run engines "
+        "on CPUs, or join GPU machines to the cluster"
+    )
+    one_gpu = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
+    assert no_slot_reason(one_gpu, EngineSection(backend="ray", gpus_per_worker=2)) == (
+        "no node has as many GPUs as [engine] gpus_per_worker = 2 (the most on one: 1)"
+    )
+    one_cpu = [{"Alive": True, "Resources": {"CPU": 1.0}}]
+    assert no_slot_reason(one_cpu, EngineSection(backend="ray", gpus_per_worker=0, cpus_per_worker=1.5)) == (
+        "no node has as many CPUs as [engine] cpus_per_worker = 1.5 (the most on one: 1)"
+    )
+    # The GPUs on one node, the CPUs on another.
+    apart = [
+        {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 4.0}},
+        {"Alive": True, "Resources": {"CPU": 16.0}},
+    ]
+    assert no_slot_reason(apart, EngineSection(backend="ray", cpus_per_worker=2)) == (
+        "no node has both as many GPUs as [engine] gpus_per_worker = 1 and as many CPUs as cpus_per_worker = 2"
+    )
+    assert no_slot_reason([], EngineSection(backend="ray")) == "no node of the cluster is alive"
 
 
 class FakeActor:
@@ -259,7 +284,10 @@ def test_the_pool_grows_with_a_node_and_jobs_land_on_both(
             await ready_workers(queue, 1)
             cluster.add_node(num_cpus=1)
             await ready_workers(queue, 2)
-            assert any("engine pool: 2 workers (1 joined" in record.getMessage() for record in caplog.records)
+            assert any(
+                re.fullmatch(r"engine pool: 2 slots on \d+ nodes", record.getMessage())
+                for record in caplog.records
+            )
 
             generations = [add_generate(db, data_dir, f"g{index}") for index in range(3)]
             training = add_train(db, data_dir, "t1", steps=4)
