@@ -61,8 +61,10 @@ DROPPED_MESSAGE = (
     "Try again later, or with fewer images or a smaller size."
 )
 CANCELLED_MESSAGE = "cancelled"
+# No engine for JobQueue.unavailable_after: the cluster is unreachable, or none of its machines can
+# run one as configured (the log says which). Either way the member can only wait.
 UNAVAILABLE_MESSAGE = (
-    "The image engine is unavailable: no engine machine is connected right now. Try again in a few minutes."
+    "The image engine is unavailable: no machine that can run it is connected right now. Try again later."
 )
 # Events carry paths and metadata, never images, but a training's metadata can be long.
 STDOUT_LINE_LIMIT = 16 * 1024 * 1024
@@ -417,8 +419,9 @@ class JobQueue:
     stop_timeout = 6.0
     # Then how long it waits for the supervisors to see their processes gone.
     stop_grace = 1.0
-    # With no worker at all (every machine left the cluster) for this long, queued jobs fail with
-    # UNAVAILABLE_MESSAGE instead of waiting for a machine that may never come.
+    # With no worker at all (every machine left the cluster, or none can run an engine) for this long,
+    # queued jobs fail with UNAVAILABLE_MESSAGE and new ones are refused (DreamBot.check_engine_available)
+    # instead of waiting for a machine that may never come.
     unavailable_after = 30.0
 
     def __init__(
@@ -511,6 +514,13 @@ class JobQueue:
         files = await asyncio.to_thread(_adapter_files, paths)
         if files:
             await asyncio.gather(*(worker.forget_adapters(files) for worker in self.workers))
+
+    def unavailable_message(self) -> str | None:
+        """Why no job can run now, for the member: the pool has had no worker for `unavailable_after`
+        seconds. None while jobs are taken (an empty pool for a shorter while may be a node restarting)."""
+        if self._empty_since is not None and time.monotonic() - self._empty_since >= self.unavailable_after:
+            return UNAVAILABLE_MESSAGE
+        return None
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False if it has already finished (or does not exist)."""
@@ -760,9 +770,9 @@ class JobQueue:
             for row in queued:
                 await self._finish(row, Error(row.id, message, "bad_model"))
             return
-        if self._empty_since is not None and time.monotonic() - self._empty_since >= self.unavailable_after:
+        if (unavailable := self.unavailable_message()) is not None:
             for row in queued:
-                await self._finish(row, Error(row.id, UNAVAILABLE_MESSAGE, "internal"))
+                await self._finish(row, Error(row.id, unavailable, "internal"))
             return
         workers = self.workers
         plan = plan_dispatch(

@@ -23,9 +23,11 @@ from typing import Any
 import pytest
 import ray
 from botharness import (
+    START_TIMEOUT,
     TRAIN_TIMEOUT,
     answer,
     button,
+    fake_discord,
     imagine,
     running_bot,
     start_training,
@@ -474,5 +476,56 @@ def test_the_bot_outlives_a_restart_of_the_head_through_ray_client_saying_meanwh
             await queue.stop()
             if second is not None:
                 second.shutdown()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_cluster_without_gpus_says_why_and_members_are_answered_while_no_engine_can_start(
+    tmp_path: Path, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The default gpus_per_worker = 1 on the cluster's CPU-only nodes: no engine can start there.
+    why = (
+        "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: set it to 0 to run engines "
+        "on CPUs, or join GPU machines to the cluster"
+    )
+
+    def pool_said_why() -> bool:
+        return any(
+            re.fullmatch(rf"engine pool: 0 slots on \d+ nodes: {re.escape(why)}", m) for m in caplog.messages
+        )
+
+    async def scenario() -> None:
+        async with fake_discord(tmp_path, engine={"backend": "ray", "ray_address": cluster.address}) as h:
+            await h.start(wait_for_engine=False)
+            try:
+                h.bot.jobs.unavailable_after = 3600.0
+                await h.fake.wait_until(pool_said_why, timeout=START_TIMEOUT, what="the pool's log line")
+                # For a while no engine may be a machine restarting: her picture waits ...
+                waiting = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+                assert (await waiting.wait_original(timeout=30)).content.startswith("⏳ Queued")
+                # ... and the bot answers another member at once meanwhile.
+                queue = await h.fake.slash(h.bob, h.general_channel_id, "queue")
+                await queue.wait_original(timeout=3)
+
+                # No engine for unavailable_after: her picture fails saying so ...
+                h.bot.jobs.unavailable_after = 0.0
+                failed = await waiting.wait_original(lambda m: UNAVAILABLE_MESSAGE in m.content, timeout=30)
+                assert not failed.files
+                # ... and new requests are refused at once, privately, before anything is queued.
+                again = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+                refused = await again.wait_original(timeout=30)
+                assert refused.ephemeral and refused.content == UNAVAILABLE_MESSAGE
+                photos = h.selfies(3)
+                training = await h.fake.slash(
+                    h.alice, h.general_channel_id, "train", name="abraza", subject="person",
+                    photo1=photos[0], photo2=photos[1], photo3=photos[2],
+                )  # fmt: skip
+                refused = await training.wait_original(timeout=30)
+                assert refused.ephemeral and refused.content == UNAVAILABLE_MESSAGE
+                assert h.db.active_jobs(h.alice) == []
+                assert h.fake.errors == []
+            finally:
+                await h.stop()
 
     asyncio.run(scenario())

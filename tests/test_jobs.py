@@ -20,6 +20,7 @@ from bot.db import Database, JobRow
 from bot.jobs import (
     DROPPED_MESSAGE,
     MAX_ATTEMPTS,
+    UNAVAILABLE_MESSAGE,
     EngineUnavailable,
     EngineWorker,
     JobQueue,
@@ -232,6 +233,38 @@ def test_a_pool_with_no_slot_is_logged_at_start_and_at_each_change_saying_why(
             assert len(pool_lines()) == 1  # the same pool: not logged again
             await pool.hand(PoolSlots((), 3, why))
             assert pool_lines()[1:] == [(logging.WARNING, f"engine pool: 0 slots on 3 nodes: {why}")]
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
+
+
+def test_with_no_slot_for_a_while_the_waiting_jobs_fail_saying_so_and_new_ones_are_refused(
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = ScriptedPool()
+    monkeypatch.setattr(jobs, "worker_pool", lambda config: pool)
+    empty = PoolSlots((), 2, "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: ...")
+
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=recorder)
+        queue.unavailable_after = 3600.0
+        await queue.start()
+        try:
+            await pool.hand(empty)
+            # For a while an empty pool may be a machine restarting: jobs are taken and wait.
+            assert queue.unavailable_message() is None
+            queue.submit(add_generate(db, tmp_path, "waiting"))
+            await pool.hand(empty)
+            assert db.job("waiting").state == "queued"
+            # Empty for unavailable_after: the waiting job fails saying so, and new ones are refused
+            # (DreamBot.check_engine_available).
+            queue.unavailable_after = 0.0
+            assert queue.unavailable_message() == UNAVAILABLE_MESSAGE
+            await pool.hand(empty)
+            _, event = await recorder.finished("waiting")
+            assert isinstance(event, Error) and event.message == UNAVAILABLE_MESSAGE
         finally:
             await queue.stop()
 

@@ -238,6 +238,7 @@ class Training(commands.Cog):
         guild_id, user = interaction.guild_id, interaction.user
         token, class_word = normalize_token(name), normalize_subject(subject)
         check_training_request(self.bot.db, self.bot.config, guild_id, user.id, token, class_word)
+        self.bot.check_engine_available()
         await interaction.response.defer(ephemeral=True, thinking=True)
 
         max_bytes = self.bot.config.intake.max_bytes
