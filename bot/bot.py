@@ -118,6 +118,12 @@ class DreamBot(commands.Bot):
         command, so a message is neither parsed nor answered (commands.Bot's would log each mention
         as an unknown command)."""
 
+    def check_engine_available(self) -> None:
+        """Refuse a new job at once while no engine has been there for a while (the queue fails the
+        waiting ones then): the member hears it now rather than after her job waited for nothing."""
+        if (message := self.jobs.unavailable_message()) is not None:
+            raise UserFacingError(message)
+
     async def _beat(self) -> None:
         path = heartbeat_path(self.config)
         while True:

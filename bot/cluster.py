@@ -4,9 +4,14 @@ The bot is the Ray driver and stays light: it creates engine.ray_actor.EngineAct
 never imports torch. One actor runs per `gpus_per_worker` GPUs of every node (per `cpus_per_worker`
 CPUs with gpus_per_worker = 0), pinned to its node. The pool follows the cluster: the JobQueue asks
 for its slots every few seconds, starts actors for new ones and retires those of nodes that left.
+A cluster whose nodes give no slot (CPU-only nodes and gpus_per_worker = 1) says why in the log.
 A node or actor that dies shows up within seconds as Ray's actor error on the pending
 `next_events` call; the queue then retries its jobs on another actor. A cluster that cannot be
 reached (its head restarted) empties the pool until a reconnect succeeds.
+
+Every Ray call runs off the event loop, submitting an actor call too: Ray Client blocks a call for up
+to its reconnection grace period (30 s) while the head is away, which on the loop would stall the
+bot's answers and its Discord heartbeats as long.
 
 Files travel with the messages (engine.ray_actor), so the bot's data_dir stays the one copy of
 every photo, adapter, checkpoint and picture.
@@ -28,7 +33,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bot.jobs import EngineWorker, WorkerPool
+from bot.jobs import EngineWorker, PoolSlots, WorkerPool
 from engine.config import Config, EngineSection
 from engine.protocol import (
     CancelJob,
@@ -64,6 +69,28 @@ def node_slots(node: Mapping[str, Any], engine: EngineSection) -> int:
     return min(int(resources.get("GPU", 0) // engine.gpus_per_worker), by_cpu)
 
 
+def no_slot_reason(alive: Sequence[Mapping[str, Any]], engine: EngineSection) -> str:
+    """Why the cluster's alive nodes give no engine slot (node_slots is 0 for each), for the operator."""
+    if not alive:
+        return "no node of the cluster is alive"
+    gpus, cpus = engine.gpus_per_worker, engine.cpus_per_worker
+    most_gpus = max(node.get("Resources", {}).get("GPU", 0) for node in alive)
+    most_cpus = max(node.get("Resources", {}).get("CPU", 0) for node in alive)
+    if gpus and not most_gpus:
+        return (
+            f"the cluster's nodes have no GPUs, and [engine] gpus_per_worker = {gpus:g}: set it to 0 to "
+            "run engines on CPUs, or join GPU machines to the cluster"
+        )
+    if most_gpus < gpus:
+        return f"no node has as many GPUs as [engine] gpus_per_worker = {gpus:g} (the most on one: {most_gpus:g})"
+    if most_cpus < cpus:
+        return f"no node has as many CPUs as [engine] cpus_per_worker = {cpus:g} (the most on one: {most_cpus:g})"
+    return (
+        f"no node has both as many GPUs as [engine] gpus_per_worker = {gpus:g} and as many CPUs as "
+        f"cpus_per_worker = {cpus:g}"
+    )
+
+
 class RayPool(WorkerPool):
     poll_interval = POOL_POLL_SECONDS
 
@@ -73,25 +100,26 @@ class RayPool(WorkerPool):
         # Said once per outage, not at every poll.
         self._unreachable_said = False
 
-    async def slots(self) -> list[str] | None:
+    async def slots(self) -> PoolSlots:
+        address = self.config.engine.ray_address
         try:
             if not self._connected:
                 await asyncio.to_thread(self._connect)
             nodes = await asyncio.to_thread(ray.nodes)
         except Exception as error:  # ConnectionError, RaySystemError, gRPC errors: all mean unreachable
             if not self._unreachable_said:
-                log.warning(
-                    "the Ray cluster at %s cannot be reached (%s): retrying",
-                    self.config.engine.ray_address,
-                    error,
-                )
+                log.warning("the Ray cluster at %s cannot be reached (%s): retrying", address, error)
                 self._unreachable_said = True
             self._connected = False
             await asyncio.to_thread(ray.shutdown)
-            return None
+            return PoolSlots((), 0, f"the Ray cluster at {address} cannot be reached")
         self._unreachable_said = False
         engine = self.config.engine
-        return [f"{node['NodeID']}/{index}" for node in nodes for index in range(node_slots(node, engine))]
+        alive = [node for node in nodes if node.get("Alive")]
+        names = tuple(
+            f"{node['NodeID']}/{index}" for node in alive for index in range(node_slots(node, engine))
+        )
+        return PoolSlots(names, len(alive), None if names else no_slot_reason(alive, engine))
 
     def _connect(self) -> None:
         address = self.config.engine.ray_address
@@ -134,18 +162,11 @@ class RayWorker(EngineWorker):
     async def run(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]]) -> int | None:
         self.ready, self.start_error = False, None
         self._drained.clear()
-        engine = self.config.engine
-        self.actor = RemoteEngineActor.options(
-            num_cpus=engine.cpus_per_worker,
-            num_gpus=engine.gpus_per_worker,
-            # next_events waits while jobs and cancels come in.
-            max_concurrency=4,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
-        ).remote(self.config, str(self.config.data_dir), "cpu" if engine.gpus_per_worker == 0 else "auto")
-        log.info("engine actor %s starting on node %s", self.name, self.node_id)
         try:
+            self.actor = await asyncio.to_thread(self._create_actor)
+            log.info("engine actor %s starting on node %s", self.name, self.node_id)
             while True:
-                shipments, closed = await self.actor.next_events.remote(EVENT_WAIT_SECONDS)
+                shipments, closed = await _call(self.actor.next_events, EVENT_WAIT_SECONDS)
                 for shipment in shipments:
                     await self._receive(shipment, on_event)
                 if closed:
@@ -166,8 +187,18 @@ class RayWorker(EngineWorker):
             return None
         finally:
             # Killed for sure, so that a node that was only cut off never posts a second result.
-            self.kill()
+            await self.kill()
             self.actor = None
+
+    def _create_actor(self) -> Any:
+        engine = self.config.engine
+        return RemoteEngineActor.options(
+            num_cpus=engine.cpus_per_worker,
+            num_gpus=engine.gpus_per_worker,
+            # next_events waits while jobs and cancels come in.
+            max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
+        ).remote(self.config, str(self.config.data_dir), "cpu" if engine.gpus_per_worker == 0 else "auto")
 
     async def _receive(
         self, shipment: Shipment, on_event: Callable[[EngineWorker, Event], Awaitable[None]]
@@ -186,13 +217,20 @@ class RayWorker(EngineWorker):
         await asyncio.to_thread(store_shipment, self.config.data_dir, shipment, folders)
         if event is None:
             return
-        if isinstance(event, TrainingDone) and (row := self.in_flight.get(event.job_id)) is not None:
-            # The training deleted its checkpoints; so does the bot's copy.
-            shutil.rmtree(Path(row.request.output_dir) / CHECKPOINTS_DIR, ignore_errors=True)
-            adapter = shipment.files.get(_relative(self.config.data_dir, event.adapter_path) or "")
-            if adapter is not None:
-                self.node_adapters.add(content_hash(adapter))
+        if isinstance(event, TrainingDone) and (
+            digest := await asyncio.to_thread(self._trained, event, shipment)
+        ):
+            self.node_adapters.add(digest)
         await self.deliver(on_event, event)
+
+    def _trained(self, event: TrainingDone, shipment: Shipment) -> str | None:
+        """After a training: delete the bot's copy of its checkpoints, from the folder of the job this
+        worker holds (not where the event says), as the training deleted them; the content hash of the
+        adapter the node now holds, if it came with the shipment."""
+        if (row := self.in_flight.get(event.job_id)) is not None:
+            shutil.rmtree(Path(row.request.output_dir) / CHECKPOINTS_DIR, ignore_errors=True)
+        adapter = shipment.files.get(_relative(self.config.data_dir, event.adapter_path) or "")
+        return None if adapter is None else content_hash(adapter)
 
     async def send(self, job: Job) -> None:
         actor = self.actor
@@ -201,16 +239,16 @@ class RayWorker(EngineWorker):
         try:
             if isinstance(job, TrainJob | GenerateJob):
                 parcel = await asyncio.to_thread(self._parcel, job, self.node_adapters)
-                missing = await actor.submit.remote(encode(job), parcel)
+                missing = await _call(actor.submit, encode(job), parcel)
                 if missing:
                     self.node_adapters.difference_update(missing)
                     parcel = await asyncio.to_thread(self._parcel, job, set())
-                    await actor.submit.remote(encode(job), parcel)
+                    await _call(actor.submit, encode(job), parcel)
                 self.node_adapters.update(parcel.adapters.values())
             elif isinstance(job, CancelJob):
-                await actor.cancel.remote(job.job_id)
+                await _call(actor.cancel, job.job_id)
             else:
-                await actor.shutdown.remote(0)
+                await _call(actor.shutdown, 0)
         except RayError as error:
             # A dying actor: run() sees it end and the queue retries the job.
             log.warning("could not send %s to engine %s: %s", job.type, self.name, _first_line(error))
@@ -269,7 +307,7 @@ class RayWorker(EngineWorker):
         if self.actor is None or not digests:
             return
         try:
-            await self.actor.forget_adapters.remote(sorted(digests))
+            await _call(self.actor.forget_adapters, sorted(digests))
         except RayError as error:
             log.warning(
                 "engine %s could not delete its copies of adapters: %s", self.name, _first_line(error)
@@ -282,17 +320,30 @@ class RayWorker(EngineWorker):
         try:
             # The actor stops its jobs and ships their checkpoints; run() then stores them and ends.
             async with asyncio.timeout(timeout):
-                await actor.shutdown.remote(max(timeout - 1, 0.5))
+                await _call(actor.shutdown, max(timeout - 1, 0.5))
                 await self._drained.wait()
         except (TimeoutError, RayError) as error:
             log.warning("engine %s did not stop within %.0f s (%s): killing it", self.name, timeout, error)
-            self.kill()
+            await self.kill()
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         if self.actor is not None:
-            # Gone already, or the cluster is: nothing is left to kill.
-            with contextlib.suppress(Exception):
-                ray.kill(self.actor, no_restart=True)
+            await asyncio.to_thread(_kill_actor, self.actor)
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """What an actor method returns. Making the call blocks (Ray Client waits up to its reconnection
+    grace period, 30 s, for a head that went away, and sends a parcel whole), so not on the loop."""
+    return await (await asyncio.to_thread(method.remote, *args))
+
+
+def _kill_actor(actor: Any) -> None:
+    # After ray.shutdown (the cluster went away) the actor went with the connection, and ray.kill
+    # would start a Ray of its own on this machine to find it.
+    if ray.is_initialized():
+        # Gone already, or the cluster is: nothing is left to kill.
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
 
 
 def store_shipment(data_dir: Path, shipment: Shipment, folders: Sequence[Path]) -> None:

@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bot import forkserver
@@ -64,8 +64,10 @@ DROPPED_MESSAGE = (
     "Try again later, or with fewer images or a smaller size."
 )
 CANCELLED_MESSAGE = "cancelled"
+# No engine for JobQueue.unavailable_after: the cluster is unreachable, or none of its machines can
+# run one as configured (the log says which). Either way the member can only wait.
 UNAVAILABLE_MESSAGE = (
-    "The image engine is unavailable: no engine machine is connected right now. Try again in a few minutes."
+    "The image engine is unavailable: no machine that can run it is connected right now. Try again later."
 )
 # Events carry paths and metadata, never images, but a training's metadata can be long.
 STDOUT_LINE_LIMIT = 16 * 1024 * 1024
@@ -251,7 +253,8 @@ class EngineWorker(ABC):
         """Ask the worker to stop, wait up to `timeout` seconds, then kill it."""
 
     @abstractmethod
-    def kill(self) -> None: ...
+    async def kill(self) -> None:
+        """Kill the worker at once; its run() then ends."""
 
     async def deliver(self, on_event: Callable[[EngineWorker, Event], Awaitable[None]], event: Event) -> None:
         try:
@@ -331,7 +334,7 @@ class SubprocessWorker(EngineWorker):
         finally:
             # Cancelled (bot stopping) or failed: never leave a process behind unreaped.
             if self.process.returncode is None:
-                self.kill()
+                await self.kill()
                 await self.process.wait()
 
     async def send(self, job: Job) -> None:
@@ -355,16 +358,30 @@ class SubprocessWorker(EngineWorker):
             await asyncio.wait_for(process.wait(), timeout)
         except TimeoutError:
             log.warning("engine %s did not stop within %.0f s: killing it", self.device, timeout)
-            self.kill()
+            await self.kill()
             await process.wait()
 
     async def forget_adapters(self, files: Sequence[Path]) -> None:
         return None  # it reads the bot's own files and keeps no copy
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
+
+
+@dataclass(frozen=True)
+class PoolSlots:
+    """The worker slots a pool gives now, by name, the nodes (machines) it has, and why there is no
+    slot when there is none: for the operator, who can change that."""
+
+    names: tuple[str, ...]
+    nodes: int
+    shortage: str | None = None
+
+    def __str__(self) -> str:
+        counts = f"{len(self.names)} slots on {self.nodes} nodes"
+        return counts if self.shortage is None else f"{counts}: {self.shortage}"
 
 
 class WorkerPool(ABC):
@@ -374,8 +391,8 @@ class WorkerPool(ABC):
     poll_interval: float | None = None
 
     @abstractmethod
-    async def slots(self) -> list[str] | None:
-        """The names of the worker slots there are now; None when the pool cannot be reached."""
+    async def slots(self) -> PoolSlots:
+        """The worker slots there are now (none, saying why, when the pool cannot be reached)."""
 
     @abstractmethod
     def worker(self, slot: str) -> EngineWorker: ...
@@ -391,8 +408,8 @@ class LocalPool(WorkerPool):
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    async def slots(self) -> list[str]:
-        return [str(index) for index in range(len(self.config.model.devices))]
+    async def slots(self) -> PoolSlots:
+        return PoolSlots(tuple(str(index) for index in range(len(self.config.model.devices))), nodes=1)
 
     def worker(self, slot: str) -> EngineWorker:
         return SubprocessWorker(self.config, self.config.model.devices[int(slot)])
@@ -427,8 +444,9 @@ class JobQueue:
     stop_timeout = 6.0
     # Then how long it waits for the supervisors to see their processes gone.
     stop_grace = 1.0
-    # With no worker at all (every machine left the cluster) for this long, queued jobs fail with
-    # UNAVAILABLE_MESSAGE instead of waiting for a machine that may never come.
+    # With no worker at all (every machine left the cluster, or none can run an engine) for this long,
+    # queued jobs fail with UNAVAILABLE_MESSAGE and new ones are refused (DreamBot.check_engine_available)
+    # instead of waiting for a machine that may never come.
     unavailable_after = 30.0
 
     def __init__(
@@ -452,6 +470,8 @@ class JobQueue:
         # supervisor ends once it has exited.
         self._workers: dict[str, EngineWorker] = {}
         self._empty_since: float | None = None
+        # The pool as last logged: it is logged again when it changes.
+        self._pool_logged: PoolSlots | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -522,6 +542,13 @@ class JobQueue:
         if files:
             await asyncio.gather(*(worker.forget_adapters(files) for worker in self.workers))
 
+    def unavailable_message(self) -> str | None:
+        """Why no job can run now, for the member: the pool has had no worker for `unavailable_after`
+        seconds. None while jobs are taken (an empty pool for a shorter while may be a node restarting)."""
+        if self._empty_since is not None and time.monotonic() - self._empty_since >= self.unavailable_after:
+            return UNAVAILABLE_MESSAGE
+        return None
+
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; False if it has already finished (or does not exist)."""
         row = self.db.find_job(job_id)
@@ -564,22 +591,23 @@ class JobQueue:
         slots = await self._pool.slots()
         if self._stopping.is_set():
             return
-        current = set(slots or ())
+        if slots != self._pool_logged:
+            # At start and at each change; with no slot, why, as a warning: nothing will run.
+            (log.info if slots.names else log.warning)("engine pool: %s", slots)
+            self._pool_logged = slots
+        current = set(slots.names)
         joined = sorted(current - set(self._workers))
         left = sorted(set(self._workers) - current)
-        for slot in left:
-            worker = self._workers.pop(slot)
+        retired = [self._workers.pop(slot) for slot in left]
+        for worker in retired:
             log.warning("engine %s left the pool: its jobs go to the other workers", worker.name)
             # Its supervisor sees it end, queues its jobs again and stops.
             worker.retired = True
-            worker.kill()
+        await asyncio.gather(*(worker.kill() for worker in retired))
         for slot in joined:
             worker = self._workers[slot] = self._pool.worker(slot)
             self._tasks.append(asyncio.create_task(self._supervise(worker), name=f"engine {worker.name}"))
         if joined or left:
-            log.info(
-                "engine pool: %d workers (%d joined, %d left)", len(self._workers), len(joined), len(left)
-            )
             self._tasks = [task for task in self._tasks if not task.done()]
             await self._notify_changed()
         if self._workers:
@@ -790,9 +818,9 @@ class JobQueue:
             for row in queued:
                 await self._finish(row, Error(row.id, message, "bad_model"))
             return
-        if self._empty_since is not None and time.monotonic() - self._empty_since >= self.unavailable_after:
+        if (unavailable := self.unavailable_message()) is not None:
             for row in queued:
-                await self._finish(row, Error(row.id, UNAVAILABLE_MESSAGE, "internal"))
+                await self._finish(row, Error(row.id, unavailable, "internal"))
             return
         workers = self.workers
         plan = plan_dispatch(

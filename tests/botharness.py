@@ -91,10 +91,11 @@ class BotHarness:
     def data_dir(self) -> Path:
         return self.config.data_dir
 
-    async def start(self, pool: WorkerPool | None = None) -> None:
+    async def start(self, pool: WorkerPool | None = None, *, wait_for_engine: bool = True) -> None:
         self.bot = DreamBot(self.config, pool)
         await self._stack.enter_async_context(self.fake.run_bot(self.bot, timeout=START_TIMEOUT))
-        await self.bot.jobs.wait_ready(timeout=START_TIMEOUT)
+        if wait_for_engine:
+            await self.bot.jobs.wait_ready(timeout=START_TIMEOUT)
 
     async def stop(self) -> None:
         await self._stack.aclose()

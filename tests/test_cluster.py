@@ -15,14 +15,19 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 from botharness import (
+    START_TIMEOUT,
     TRAIN_TIMEOUT,
     answer,
     button,
+    fake_discord,
     imagine,
     running_bot,
     start_training,
@@ -33,11 +38,21 @@ from ray.cluster_utils import Cluster
 from test_bot_resilience import TRAINING, ready_post, training_steps
 from test_forget import forget
 
-from bot.cluster import node_slots, store_shipment
+from bot import cluster as cluster_module
+from bot.cluster import RayWorker, no_slot_reason, node_slots, store_shipment
 from bot.db import Database
 from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
 from engine.config import Config, EngineSection, load_config
-from engine.protocol import Error, GenerationDone, Progress, TrainingDone, encode
+from engine.protocol import (
+    CancelJob,
+    Error,
+    Event,
+    GenerateJob,
+    GenerationDone,
+    Progress,
+    TrainingDone,
+    encode,
+)
 from engine.ray_actor import ADAPTER_STORE, Shipment, content_hash
 
 TIMEOUT = 240.0
@@ -59,6 +74,112 @@ def test_a_node_takes_one_actor_per_worker_share_of_its_gpus_or_cpus() -> None:
     assert node_slots(cpu_node, EngineSection(backend="ray")) == 0
     assert node_slots(cpu_node, EngineSection(backend="ray", **ON_CPUS)) == 3
     assert node_slots({**gpu_node, "Alive": False}, EngineSection(backend="ray")) == 0
+
+
+def test_a_cluster_that_gives_no_slot_says_why() -> None:
+    cpu_nodes = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 0.0}}]
+    assert no_slot_reason(cpu_nodes, EngineSection(backend="ray")) == (
+        "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: set it to 0 to run engines "
+        "on CPUs, or join GPU machines to the cluster"
+    )
+    one_gpu = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
+    assert no_slot_reason(one_gpu, EngineSection(backend="ray", gpus_per_worker=2)) == (
+        "no node has as many GPUs as [engine] gpus_per_worker = 2 (the most on one: 1)"
+    )
+    one_cpu = [{"Alive": True, "Resources": {"CPU": 1.0}}]
+    assert no_slot_reason(one_cpu, EngineSection(backend="ray", gpus_per_worker=0, cpus_per_worker=1.5)) == (
+        "no node has as many CPUs as [engine] cpus_per_worker = 1.5 (the most on one: 1)"
+    )
+    # The GPUs on one node, the CPUs on another.
+    apart = [
+        {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 4.0}},
+        {"Alive": True, "Resources": {"CPU": 16.0}},
+    ]
+    assert no_slot_reason(apart, EngineSection(backend="ray", cpus_per_worker=2)) == (
+        "no node has both as many GPUs as [engine] gpus_per_worker = 1 and as many CPUs as cpus_per_worker = 2"
+    )
+    assert no_slot_reason([], EngineSection(backend="ray")) == "no node of the cluster is alive"
+
+
+class FakeActor:
+    """Stands for RemoteEngineActor and for the handle of the actor it makes: each `.remote()` records
+    the thread it was made on; next_events hands out what the test puts in `shipments`."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, list[int]] = {}
+        self.shipments: asyncio.Queue[tuple[list[Shipment], bool]] = asyncio.Queue()
+
+    def record(self, call: str) -> None:
+        self.threads.setdefault(call, []).append(threading.get_ident())
+
+    def options(self, **options: Any) -> FakeActor:
+        return self
+
+    def remote(self, *args: Any) -> FakeActor:
+        self.record("create")
+        return self
+
+    def __getattr__(self, method: str) -> Any:
+        actor = self
+
+        class Method:
+            @staticmethod
+            def remote(*args: Any) -> Coroutine[Any, Any, Any]:
+                actor.record(method)
+                return actor.shipments.get() if method == "next_events" else _returns([])
+
+        return Method
+
+
+async def _returns(value: Any) -> Any:
+    return value
+
+
+def test_a_ray_worker_makes_no_ray_call_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ray call can block for long (Ray Client waits 30 s for a head that went away before it fails):
+    # on the loop it would stop the bot, its answers to members and its Discord heartbeats as long.
+    initialized = [True]
+    monkeypatch.setattr(ray, "is_initialized", lambda: initialized[0])
+    data_dir = tmp_path / "data"
+    config = load_config(write_engine_config(tmp_path / "config.toml", data_dir))
+
+    async def scenario() -> None:
+        actor = FakeActor()
+        monkeypatch.setattr(cluster_module, "RemoteEngineActor", actor)
+        monkeypatch.setattr(ray, "kill", lambda handle, no_restart: actor.record("kill"))
+        hashed = cluster_module.content_hash
+        monkeypatch.setattr(cluster_module, "content_hash", lambda data: actor.record("hash") or hashed(data))
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        async def on_event(worker: object, event: Event) -> None:
+            await events.put(event)
+
+        worker = RayWorker(config, "ab" * 28, 0)
+        running = asyncio.create_task(worker.run(on_event))
+        adapter = data_dir / "trained" / "t1" / "adapter.safetensors"
+        done = TrainingDone("t1", [], str(adapter), "", {}, steps=1, seconds=1.0)
+        await actor.shipments.put(([Shipment(encode(done), {"trained/t1/adapter.safetensors": b"w"})], False))
+        assert isinstance(await events.get(), TrainingDone)
+        await worker.send(GenerateJob("g1", "a castle", str(data_dir / "generations" / "g1")))
+        await worker.send(CancelJob("g1"))
+        await worker.forget_adapters([adapter])
+        await actor.shipments.put(([], True))
+        assert await running == 0
+        # Once the cluster is gone (ray.shutdown), ray.kill would start a Ray of its own to find the
+        # actor, which went with the connection: it is left alone.
+        initialized[0] = False
+        running = asyncio.create_task(worker.run(on_event))
+        await actor.shipments.put(([], True))
+        assert await running == 0
+
+        loop_thread = threading.get_ident()
+        assert [call for call, threads in actor.threads.items() if loop_thread in threads] == []
+        calls = {"create", "next_events", "hash", "submit", "cancel", "forget_adapters", "kill"}
+        assert set(actor.threads) == calls and len(actor.threads["kill"]) == 1
+
+    asyncio.run(scenario())
 
 
 def test_a_shipped_checkpoint_replaces_the_older_one_whole_and_stays_in_its_jobs_folder(
@@ -179,7 +300,10 @@ def test_the_pool_grows_with_a_node_and_jobs_land_on_both(
             await ready_workers(queue, 1)
             cluster.add_node(num_cpus=1)
             await ready_workers(queue, 2)
-            assert any("engine pool: 2 workers (1 joined" in record.getMessage() for record in caplog.records)
+            assert any(
+                re.fullmatch(r"engine pool: 2 slots on \d+ nodes", record.getMessage())
+                for record in caplog.records
+            )
 
             generations = [add_generate(db, data_dir, f"g{index}") for index in range(3)]
             training = add_train(db, data_dir, "t1", steps=4)
@@ -366,5 +490,56 @@ def test_the_bot_outlives_a_restart_of_the_head_through_ray_client_saying_meanwh
             await queue.stop()
             if second is not None:
                 second.shutdown()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_cluster_without_gpus_says_why_and_members_are_answered_while_no_engine_can_start(
+    tmp_path: Path, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The default gpus_per_worker = 1 on the cluster's CPU-only nodes: no engine can start there.
+    why = (
+        "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: set it to 0 to run engines "
+        "on CPUs, or join GPU machines to the cluster"
+    )
+
+    def pool_said_why() -> bool:
+        return any(
+            re.fullmatch(rf"engine pool: 0 slots on \d+ nodes: {re.escape(why)}", m) for m in caplog.messages
+        )
+
+    async def scenario() -> None:
+        async with fake_discord(tmp_path, engine={"backend": "ray", "ray_address": cluster.address}) as h:
+            await h.start(wait_for_engine=False)
+            try:
+                h.bot.jobs.unavailable_after = 3600.0
+                await h.fake.wait_until(pool_said_why, timeout=START_TIMEOUT, what="the pool's log line")
+                # For a while no engine may be a machine restarting: her picture waits ...
+                waiting = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+                assert (await waiting.wait_original(timeout=30)).content.startswith("⏳ Queued")
+                # ... and the bot answers another member at once meanwhile.
+                queue = await h.fake.slash(h.bob, h.general_channel_id, "queue")
+                await queue.wait_original(timeout=3)
+
+                # No engine for unavailable_after: her picture fails saying so ...
+                h.bot.jobs.unavailable_after = 0.0
+                failed = await waiting.wait_original(lambda m: UNAVAILABLE_MESSAGE in m.content, timeout=30)
+                assert not failed.files
+                # ... and new requests are refused at once, privately, before anything is queued.
+                again = await h.fake.slash(h.alice, h.prompts_channel_id, "imagine", prompt="a castle")
+                refused = await again.wait_original(timeout=30)
+                assert refused.ephemeral and refused.content == UNAVAILABLE_MESSAGE
+                photos = h.selfies(3)
+                training = await h.fake.slash(
+                    h.alice, h.general_channel_id, "train", name="abraza", subject="person",
+                    photo1=photos[0], photo2=photos[1], photo3=photos[2],
+                )  # fmt: skip
+                refused = await training.wait_original(timeout=30)
+                assert refused.ephemeral and refused.content == UNAVAILABLE_MESSAGE
+                assert h.db.active_jobs(h.alice) == []
+                assert h.fake.errors == []
+            finally:
+                await h.stop()
 
     asyncio.run(scenario())

@@ -153,7 +153,7 @@ class HostileWorker(EngineWorker):
 
     async def send(self, job: Job) -> None:
         if isinstance(job, ShutdownJob):
-            self.kill()
+            await self.kill()
             return
         assert isinstance(job, GenerateJob | TrainJob)
         count = len(self.targets)
@@ -170,9 +170,9 @@ class HostileWorker(EngineWorker):
             self._events.put_nowait(event)
 
     async def shutdown(self, timeout: float) -> None:
-        self.kill()
+        await self.kill()
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         self._events.put_nowait(None)
 
     async def forget_adapters(self, files: Sequence[Path]) -> None:

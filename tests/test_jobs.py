@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -14,13 +15,18 @@ from pathlib import Path
 import pytest
 from queueharness import ALICE, BOB, CAROL, TIMEOUT, Recorder, add_generate, add_train, write_config
 
+from bot import jobs
 from bot.db import Database, JobRow
 from bot.jobs import (
     DROPPED_MESSAGE,
     MAX_ATTEMPTS,
+    UNAVAILABLE_MESSAGE,
     EngineUnavailable,
+    EngineWorker,
     JobQueue,
+    PoolSlots,
     SubprocessWorker,
+    WorkerPool,
     dispatch_order,
     plan_dispatch,
 )
@@ -169,6 +175,100 @@ def test_the_queue_does_not_import_the_ml_stack() -> None:
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# JobQueue with a pool that gives no slot
+
+
+class ScriptedPool(WorkerPool):
+    """A pool whose readings the test hands over one by one; `hand` returns once the queue has dealt
+    with the reading (it asks for the next one)."""
+
+    poll_interval = 0.0
+
+    def __init__(self) -> None:
+        self.readings: asyncio.Queue[PoolSlots] = asyncio.Queue()
+        self._handed = False
+
+    async def hand(self, reading: PoolSlots) -> None:
+        await self.readings.put(reading)
+        await self.readings.join()
+
+    async def slots(self) -> PoolSlots:
+        if self._handed:
+            self.readings.task_done()
+        self._handed = True
+        return await self.readings.get()
+
+    def worker(self, slot: str) -> EngineWorker:
+        raise AssertionError("a pool with no slot has no worker")
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_pool_with_no_slot_is_logged_at_start_and_at_each_change_saying_why(
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = ScriptedPool()
+    monkeypatch.setattr(jobs, "worker_pool", lambda config: pool)
+    caplog.set_level(logging.INFO, logger="bot.jobs")
+    why = "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: set it to 0 ..."
+
+    def pool_lines() -> list[tuple[int, str]]:
+        return [
+            (record.levelno, record.getMessage())
+            for record in caplog.records
+            if record.getMessage().startswith("engine pool:")
+        ]
+
+    async def scenario() -> None:
+        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=Recorder(db))
+        await queue.start()
+        try:
+            await pool.hand(PoolSlots((), 2, why))
+            assert pool_lines() == [(logging.WARNING, f"engine pool: 0 slots on 2 nodes: {why}")]
+            await pool.hand(PoolSlots((), 2, why))
+            assert len(pool_lines()) == 1  # the same pool: not logged again
+            await pool.hand(PoolSlots((), 3, why))
+            assert pool_lines()[1:] == [(logging.WARNING, f"engine pool: 0 slots on 3 nodes: {why}")]
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
+
+
+def test_with_no_slot_for_a_while_the_waiting_jobs_fail_saying_so_and_new_ones_are_refused(
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = ScriptedPool()
+    monkeypatch.setattr(jobs, "worker_pool", lambda config: pool)
+    empty = PoolSlots((), 2, "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: ...")
+
+    async def scenario() -> None:
+        recorder = Recorder(db)
+        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=recorder)
+        queue.unavailable_after = 3600.0
+        await queue.start()
+        try:
+            await pool.hand(empty)
+            # For a while an empty pool may be a machine restarting: jobs are taken and wait.
+            assert queue.unavailable_message() is None
+            queue.submit(add_generate(db, tmp_path, "waiting"))
+            await pool.hand(empty)
+            assert db.job("waiting").state == "queued"
+            # Empty for unavailable_after: the waiting job fails saying so, and new ones are refused
+            # (DreamBot.check_engine_available).
+            queue.unavailable_after = 0.0
+            assert queue.unavailable_message() == UNAVAILABLE_MESSAGE
+            await pool.hand(empty)
+            _, event = await recorder.finished("waiting")
+            assert isinstance(event, Error) and event.message == UNAVAILABLE_MESSAGE
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,6 +194,7 @@ class Imagine(commands.Cog):
         if guild is None:
             raise UserFacingError("Images are made in servers, not in direct messages.")
         channel = self.channel_for(interaction, redirect=redirect)
+        self.bot.check_engine_available()
         db, config = self.bot.db, self.bot.config
         # [SUBJECT] is whoever asks: on someone else's picture, the clicker's own model.
         request = fill_template(db, guild.id, user.id, request)

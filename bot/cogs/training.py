@@ -347,6 +347,7 @@ class Training(commands.Cog):
         guild_id, user = interaction.guild_id, interaction.user
         token, class_word = normalize_token(name), normalize_subject(subject)
         check_training_request(self.bot.db, self.bot.config, guild_id, user.id, token, class_word)
+        self.bot.check_engine_available()
         await interaction.response.defer(ephemeral=True, thinking=True)
         if self.intake_turns.must_wait(user.id):
             await interaction.followup.send(WAITING_TURN_MESSAGE, ephemeral=True)
