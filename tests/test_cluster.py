@@ -164,6 +164,9 @@ def test_a_ray_worker_makes_no_ray_call_on_the_event_loop(
         assert isinstance(await events.get(), TrainingDone)
         await worker.send(GenerateJob("g1", "a castle", str(data_dir / "generations" / "g1")))
         await worker.send(CancelJob("g1"))
+        # (A node's files land only in the folders of jobs the worker holds: the bot's copy is made here.)
+        adapter.parent.mkdir(parents=True)
+        adapter.write_bytes(b"w")
         await worker.forget_adapters([adapter])
         await actor.shipments.put(([], True))
         assert await running == 0

@@ -20,7 +20,7 @@ from botharness import (
 from fakediscord import FakeMessage
 
 from bot.db import DATABASE_FILE
-from bot.jobs import STRAY_FILES_MESSAGE, EngineWorker, WorkerPool
+from bot.jobs import STRAY_FILES_MESSAGE, EngineWorker, PoolSlots, WorkerPool
 from bot.prompts import MAX_COMMAND_STEPS
 from bot.storage import generation_dir
 from engine.config import Config
@@ -183,8 +183,8 @@ class HostilePool(WorkerPool):
     def __init__(self, worker: HostileWorker) -> None:
         self._worker = worker
 
-    async def slots(self) -> list[str]:
-        return ["hostile"]
+    async def slots(self) -> PoolSlots:
+        return PoolSlots(("hostile",), nodes=1)
 
     def worker(self, slot: str) -> EngineWorker:
         return self._worker
@@ -248,5 +248,7 @@ def test_readme_promises_what_these_tests_check() -> None:
         'the training stops with "the server\'s disk is full"',
         "the member or a server manager presses **Try again** on the post, and the training resumes from "
         "its newest checkpoint.",
+        '"engine pool: N slots on M nodes" at start and at each change, and with no slot why',
+        "new `/imagine` and `/train` are refused at once until an engine is back.",
     ):
         assert promise in readme, promise
