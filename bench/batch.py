@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from bench.workload import build_random_sd15, prepare_photos, timed
-from engine.config import TrainingSection
+from engine.contract.config import TrainingSection
+from engine.contract.protocol import AdapterRef, GenerateJob, TrainJob
 from engine.generate import Generator
 from engine.model import load_base_model
-from engine.protocol import AdapterRef, GenerateJob, TrainJob
 from engine.train import train_lora
 
 TOKENS = ("benchone", "benchtwo", "benchthree", "benchfour")

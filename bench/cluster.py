@@ -27,8 +27,8 @@ from bench import cluster_sim
 from bench.workload import prepare_photos
 from bot.db import Database
 from bot.jobs import JobQueue
-from engine.config import config_from_dict
-from engine.protocol import GenerateJob, TrainJob, encode
+from engine.contract.config import config_from_dict
+from engine.contract.protocol import GenerateJob, TrainJob, encode
 
 READY_TIMEOUT = 300.0
 JOBS_TIMEOUT = 3600.0

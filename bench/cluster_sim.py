@@ -7,7 +7,7 @@
 line to stdout. A run takes seconds: nothing sleeps, nothing runs on a GPU.
 
 What is real: the policy. Every dispatch decision is bot.jobs.plan_dispatch on real JobRow objects
-whose payloads are engine.protocol.encode of real GenerateJob and TrainJob values, called as
+whose payloads are engine.contract.protocol.encode of real GenerateJob and TrainJob values, called as
 JobQueue._dispatch calls it: `free[i]` as EngineWorker.free_kinds says (one training in flight, and
 one batch of generations sent and not yet started), `last_served` stamped from a growing counter per
 job sent (JobQueue._send), generations batched by GenerateJob.batch_key up to [generation]
@@ -66,10 +66,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot.config import LimitsSection, SafetySection
 from bot.db import JobKind, JobRow
 from bot.jobs import DISPATCH_ORDER, plan_dispatch
-from engine.config import GenerationSection, LimitsSection, SafetySection
-from engine.protocol import AdapterRef, GenerateJob, TrainJob, encode
+from engine.contract.config import GenerationSection
+from engine.contract.protocol import AdapterRef, GenerateJob, TrainJob, encode
 
 GENERATION = GenerationSection()
 # How many pictures a request asks for, with the share of requests that do.

@@ -55,10 +55,8 @@ from transformers.utils import logging as transformers_logging
 
 from bench.intake import max_rss_mb
 from bench.workload import build_random_sd15, build_random_sdxl, prepare_photos, timed
-from engine.config import Config, GenerationSection, StorageSection, TrainingSection
-from engine.generate import Generator
-from engine.model import LoadedModel, ModelLoadError, ensure_tiny_model, load_base_model, resolve_device
-from engine.protocol import (
+from engine.contract.config import Config, GenerationSection, StorageSection, TrainingSection
+from engine.contract.protocol import (
     LOG_FORMAT,
     Accepted,
     AdapterRef,
@@ -70,6 +68,8 @@ from engine.protocol import (
     decode,
     encode,
 )
+from engine.generate import Generator
+from engine.model import LoadedModel, ModelLoadError, ensure_tiny_model, load_base_model, resolve_device
 from engine.train import TrainingCancelled, TrainingProgress, default_steps, train_lora
 from engine.worker import Emitter, Worker, claim_stdout
 

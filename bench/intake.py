@@ -28,8 +28,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from engine.config import IntakeSection
-from engine.intake import check_photos
+from bot.config import IntakeSection
+from bot.intake import check_photos
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS_DIR = PROJECT_ROOT.parent / "shared" / "photos"

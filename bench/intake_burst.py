@@ -36,7 +36,7 @@ from botharness import START_TIMEOUT, write_config  # noqa: E402
 from botprocess import start_bot_process  # noqa: E402
 from fakediscord import FakeDiscord, FakeGuild  # noqa: E402
 
-from engine.config import load_config  # noqa: E402
+from bot.config import load_bot_config  # noqa: E402
 
 # Made-up words the bot takes as model names, one per member.
 NAMES = ("abraza", "zorvik", "qwyxel", "quorbly", "plimbo", "vextra", "drumzy", "klobin")
@@ -78,7 +78,7 @@ async def burst(members: int, photos: int) -> None:
         # A phone photo's checks at SD 1.5's resolution; every set must hold `photos` distinct ones.
         overrides = {"training": {"resolution": 512}, "intake": {"min_photos": photos, "max_photos": photos}}
         config = write_config(tmp / "config.toml", tmp / "data", [guild.id], overrides)
-        turns = load_config(config).intake.max_concurrent
+        turns = load_bot_config(config).intake.max_concurrent
         log = tmp / "bot.log"
         async with FakeDiscord(guild) as fake:
             bot = await start_bot_process(fake.base_url, config, log, token=fake.token)

@@ -24,14 +24,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.config import BotConfig
 from bot.db import Database, GenerationRow, JobRow, PostRow, PromptRow
 from bot.jobs import JobQueue, WorkerPool
 from bot.service import UserFacingError
 from bot.words import load_base_vocabulary
-from engine.config import Config
 
 if TYPE_CHECKING:
-    from engine.protocol import Event
+    from engine.contract.protocol import Event
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ HEARTBEAT_MAX_AGE = 3 * HEARTBEAT_INTERVAL
 
 
 class DreamBot(commands.Bot):
-    def __init__(self, config: Config, pool: WorkerPool | None = None) -> None:
+    def __init__(self, config: BotConfig, pool: WorkerPool | None = None) -> None:
         intents = discord.Intents.default()
         # The bot never joins voice: no "PyNaCl is not installed" warnings at every start.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
@@ -245,7 +245,7 @@ async def reply_privately(interaction: discord.Interaction, message: str) -> Non
         log.warning("could not tell user %s: %s", interaction.user.id, message)
 
 
-def heartbeat_path(config: Config) -> Path:
+def heartbeat_path(config: BotConfig) -> Path:
     return config.data_dir / "heartbeat"
 
 

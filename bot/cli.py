@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from bot.config import BotConfig, load_bot_config
 from bot.db import (
     LOCAL_GUILD_ID,
     LOCAL_USER_ID,
@@ -34,6 +35,7 @@ from bot.db import (
     ModelRow,
     new_job_id,
 )
+from bot.intake import PHOTO_SUFFIXES, check_files
 from bot.jobs import JobQueue
 from bot.prompts import ASPECTS, size_for_aspect
 from bot.safety import merge_negative
@@ -55,9 +57,8 @@ from bot.service import (
 )
 from bot.storage import photos_dir
 from bot.words import load_base_vocabulary, normalize_subject, normalize_token, subject_problem, token_problem
-from engine.config import Config, ConfigError, load_config
-from engine.intake import PHOTO_SUFFIXES, check_files
-from engine.protocol import (
+from engine.contract.config import ConfigError
+from engine.contract.protocol import (
     LOG_FORMAT,
     MAX_IMAGES,
     Error,
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(lambda record: not record.name.startswith("bot.jobs"))
     logging.basicConfig(level=logging.INFO if args.command == "run" else logging.WARNING, handlers=[handler])
     try:
-        config = load_config(args.config)
+        config = load_bot_config(args.config)
     except ConfigError as error:
         print(f"dreambot: {error}", file=sys.stderr)
         return 2
@@ -173,7 +174,7 @@ def _version() -> str:
 # -- run ------------------------------------------------------------------------------------------
 
 
-def run_bot(config: Config, args: argparse.Namespace) -> int:
+def run_bot(config: BotConfig, args: argparse.Namespace) -> int:
     token = os.environ.get("DISCORD_TOKEN", "").strip()
     if not token:
         print(
@@ -219,7 +220,7 @@ async def _serve(bot: DreamBot, token: str) -> None:
         await running
 
 
-def health_command(config: Config, args: argparse.Namespace) -> int:
+def health_command(config: BotConfig, args: argparse.Namespace) -> int:
     from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 
     path = heartbeat_path(config)
@@ -238,7 +239,7 @@ def health_command(config: Config, args: argparse.Namespace) -> int:
 # -- check and train -----------------------------------------------------------------------------
 
 
-def check_command(config: Config, args: argparse.Namespace) -> int:
+def check_command(config: BotConfig, args: argparse.Namespace) -> int:
     photos = _photo_files(args.photos)
     if not photos:
         return _no_photos(args.photos)
@@ -265,7 +266,7 @@ def _no_photos(folders: Sequence[Path]) -> int:
     return 2
 
 
-def train_command(config: Config, args: argparse.Namespace) -> int:
+def train_command(config: BotConfig, args: argparse.Namespace) -> int:
     token, class_word = normalize_token(args.name), normalize_subject(args.class_word)
     # The bot's rules, before any photo is read, file written or engine started: a name Discord
     # refuses is refused here; then what the database knows (taken names, limits).
@@ -315,7 +316,7 @@ def train_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def delete_command(config: Config, args: argparse.Namespace) -> int:
+def delete_command(config: BotConfig, args: argparse.Namespace) -> int:
     db = Database.in_data_dir(config.data_dir)
     model = _local_model(db, args.name)
     if model is None:
@@ -325,7 +326,7 @@ def delete_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def export_command(config: Config, args: argparse.Namespace) -> int:
+def export_command(config: BotConfig, args: argparse.Namespace) -> int:
     model = _local_model(Database.in_data_dir(config.data_dir), args.name)
     if model is None:
         return 1
@@ -342,7 +343,7 @@ def export_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def publish_command(config: Config, args: argparse.Namespace) -> int:
+def publish_command(config: BotConfig, args: argparse.Namespace) -> int:
     from bot.publish import TOKEN_SETTINGS_URL, publish_model  # huggingface_hub loads for this command only
 
     token = os.environ.get("HF_TOKEN", "").strip()
@@ -376,7 +377,7 @@ def _local_model(db: Database, name: str) -> ModelRow | None:
 # -- imagine ------------------------------------------------------------------------------------
 
 
-def imagine_command(config: Config, args: argparse.Namespace) -> int:
+def imagine_command(config: BotConfig, args: argparse.Namespace) -> int:
     db = Database.in_data_dir(config.data_dir)
     width, height = size_for_aspect(args.aspect, config.training.resolution)
     request = ImageRequest(
@@ -445,7 +446,7 @@ def terminal_text(message: str) -> str:
 # -- models -------------------------------------------------------------------------------------
 
 
-def models_command(config: Config, args: argparse.Namespace) -> int:
+def models_command(config: BotConfig, args: argparse.Namespace) -> int:
     db = Database.in_data_dir(config.data_dir)
     rows = db.db.execute("SELECT id FROM models ORDER BY guild_id, token").fetchall()
     if not rows:
@@ -466,7 +467,7 @@ def models_command(config: Config, args: argparse.Namespace) -> int:
 # -- running one job through the queue -----------------------------------------------------------
 
 
-async def _run_until_finished(config: Config, db: Database, row: JobRow) -> JobRow:
+async def _run_until_finished(config: BotConfig, db: Database, row: JobRow) -> JobRow:
     """Start a worker, run the job with a progress bar per phase, and return its final row."""
     finished: asyncio.Future[JobRow] = asyncio.get_running_loop().create_future()
     bars: dict[str, tqdm] = {}

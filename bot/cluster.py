@@ -34,8 +34,9 @@ from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bot.jobs import EngineWorker, PoolSlots, WorkerPool
-from engine.config import Config, EngineSection
-from engine.protocol import (
+from engine.contract.config import Config, EngineSection
+from engine.contract.protocol import (
+    CHECKPOINTS_DIR,
     CancelJob,
     Event,
     GenerateJob,
@@ -46,7 +47,7 @@ from engine.protocol import (
     decode,
     encode,
 )
-from engine.ray_actor import CHECKPOINTS_DIR, EngineActor, Parcel, Shipment, content_hash, write_atomically
+from engine.contract.transport import Parcel, Shipment, content_hash, engine_actor_class, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ EVENT_WAIT_SECONDS = 1.0
 # How often the pool reads the cluster's nodes, and how long it waits for the head's port to answer.
 POOL_POLL_SECONDS = 2.0
 PROBE_SECONDS = 2.0
-RemoteEngineActor = ray.remote(EngineActor)
+RemoteEngineActor = ray.remote(engine_actor_class())
 
 
 def node_slots(node: Mapping[str, Any], engine: EngineSection) -> int:

@@ -7,7 +7,7 @@ and right before it is posted.
 from __future__ import annotations
 
 from bot.db import Database, JobRow, ModelRow
-from engine.protocol import GenerateJob
+from engine.contract.protocol import GenerateJob
 
 
 def may_use(model: ModelRow, user_id: int) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from engine.protocol import (
+from engine.contract.protocol import (
     RESULT_TYPES,
     AdapterRef,
     GenerateJob,
@@ -75,7 +75,7 @@ class JobRow:
     guild_id: int
     channel_id: int
     state: JobState
-    # The protocol job (engine.protocol.encode output) the engine will receive: see `request`.
+    # The protocol job (engine.contract.protocol.encode output) the engine will receive: see `request`.
     payload: str
     model_id: int | None
     attempts: int

@@ -31,8 +31,8 @@ from pathlib import Path
 from bot import forkserver
 from bot.consent import generation_refusal
 from bot.db import ACTIVE_JOB_STATES, Database, JobKind, JobRow
-from engine.config import Config
-from engine.protocol import (
+from engine.contract.config import Config
+from engine.contract.protocol import (
     Accepted,
     CancelJob,
     Error,

@@ -6,10 +6,10 @@ import math
 from collections.abc import Iterable
 
 from bot.db import ModelRow
-from engine.prompt_syntax import parse_prompt
-from engine.protocol import words_in
+from engine.contract.prompt_syntax import parse_prompt
+from engine.contract.protocol import words_in
 
-# The most denoising steps /imagine and /settings offer; the engine takes up to engine.protocol.MAX_STEPS.
+# The most denoising steps /imagine and /settings offer; the engine takes up to engine.contract.protocol.MAX_STEPS.
 MAX_COMMAND_STEPS = 100
 
 # Width and height relative to the model's training side.

@@ -22,10 +22,10 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError,
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
+from bot.config import BotConfig
 from bot.db import ModelRow
 from bot.service import UserFacingError, export_adapter
-from engine.config import Config
-from engine.kohya import DIFFUSERS_ADAPTER_FILE, diffusers_adapter_bytes
+from engine.contract.kohya import DIFFUSERS_ADAPTER_FILE, diffusers_adapter_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def check_repo_id(repo: str) -> str:
 
 
 def publish_model(
-    config: Config,
+    config: BotConfig,
     model: ModelRow,
     repo: str,
     token: str,
@@ -113,7 +113,7 @@ def publish_model(
 
 
 def _operations(
-    config: Config, model: ModelRow, adapter: Path, filename: str, repo_id: str
+    config: BotConfig, model: ModelRow, adapter: Path, filename: str, repo_id: str
 ) -> list[CommitOperationAdd]:
     samples = [Path(sample) for sample in model.samples if Path(sample).is_file()]
     sample_names = [f"samples/{index}.png" for index in range(len(samples))]
@@ -127,7 +127,7 @@ def _operations(
 
 
 def model_card(
-    config: Config, model: ModelRow, adapter: Path, filename: str, repo_id: str, samples: list[str]
+    config: BotConfig, model: ModelRow, adapter: Path, filename: str, repo_id: str, samples: list[str]
 ) -> str:
     """README.md: YAML front matter the Hub reads (base model, licence, tags, widget), then the text."""
     with safe_open(str(adapter), framework="numpy") as file:
@@ -186,7 +186,7 @@ def _training_file(adapter: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _sample_prompt(config: Config, model: ModelRow) -> str:
+def _sample_prompt(config: BotConfig, model: ModelRow) -> str:
     return config.training.sample_prompt.replace("{token}", model.token).replace("{class}", model.class_word)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from engine.config import SafetySection
+from bot.config import SafetySection
 
 
 def _normalized(text: str) -> str:

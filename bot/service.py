@@ -19,6 +19,7 @@ from typing import Literal
 
 from PIL import Image
 
+from bot.config import BotConfig
 from bot.consent import may_use
 from bot.db import Database, GenerationRow, JobRow, MemberSettings, ModelRow, new_job_id
 from bot.prompts import ASPECTS, MAX_COMMAND_STEPS, models_in_prompt
@@ -26,11 +27,10 @@ from bot.safety import prompt_refusal
 from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, remove_paths
 from bot.templates import TemplateError, fill, placeholders, unfilled_message
 from bot.words import normalize_token, subject_problem, token_problem
-from engine.config import Config
-from engine.disk import DISK_FULL_MESSAGE
-from engine.kohya import upgrade_adapter
-from engine.prompt_syntax import PromptSyntaxError, parse_prompt
-from engine.protocol import (
+from engine.contract.disk import DISK_FULL_MESSAGE
+from engine.contract.kohya import upgrade_adapter
+from engine.contract.prompt_syntax import PromptSyntaxError, parse_prompt
+from engine.contract.protocol import (
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_SEED,
@@ -64,7 +64,7 @@ class MemberLimits:
     max_queued_jobs: int
 
 
-def member_limits(db: Database, config: Config, guild_id: int) -> MemberLimits:
+def member_limits(db: Database, config: BotConfig, guild_id: int) -> MemberLimits:
     """What one member may have in a server: the admins' override, else the config."""
     limits = config.limits
     return MemberLimits(
@@ -73,7 +73,7 @@ def member_limits(db: Database, config: Config, guild_id: int) -> MemberLimits:
     )
 
 
-def check_queue_cap(db: Database, config: Config, guild_id: int, user_id: int) -> None:
+def check_queue_cap(db: Database, config: BotConfig, guild_id: int, user_id: int) -> None:
     """Refuse another job to a member who already has the most this server allows waiting or running,
     counting their jobs in every server."""
     limit = member_limits(db, config, guild_id).max_queued_jobs
@@ -89,7 +89,7 @@ def check_queue_cap(db: Database, config: Config, guild_id: int, user_id: int) -
 
 
 def check_training_request(
-    db: Database, config: Config, guild_id: int, user_id: int, token: str, class_word: str
+    db: Database, config: BotConfig, guild_id: int, user_id: int, token: str, class_word: str
 ) -> None:
     """Refuse a training the member may not start: its name, its subject, their limits.
 
@@ -120,7 +120,7 @@ def check_training_request(
 
 def queue_training(
     db: Database,
-    config: Config,
+    config: BotConfig,
     *,
     guild_id: int,
     user_id: int,
@@ -168,7 +168,7 @@ def queue_training(
     )
 
 
-def finish_training(db: Database, config: Config, job: JobRow, result: TrainingDone) -> ModelRow | None:
+def finish_training(db: Database, config: BotConfig, job: JobRow, result: TrainingDone) -> ModelRow | None:
     """The trained model, ready; None when it was deleted while it trained (its files go too)."""
     model = db.find_model(job.model_id)
     if model is None:
@@ -186,7 +186,7 @@ def finish_training(db: Database, config: Config, job: JobRow, result: TrainingD
     return model
 
 
-def end_training(db: Database, config: Config, job: JobRow, error: Error) -> ModelRow | None:
+def end_training(db: Database, config: BotConfig, job: JobRow, error: Error) -> ModelRow | None:
     """A training that failed or was cancelled. A failed one's model is kept as failed (its name can be
     trained again); a cancelled one's is deleted. Returns the failed model, None when there is none.
 
@@ -221,7 +221,7 @@ def awaits_retry(db: Database, job: JobRow) -> bool:
     )
 
 
-def retry_training(db: Database, config: Config, job: JobRow) -> JobRow:
+def retry_training(db: Database, config: BotConfig, job: JobRow) -> JobRow:
     """Queue a training that stopped on a full disk again: the same job, on the photos it kept, which
     the engine resumes from its newest checkpoint. UserFacingError says why it cannot be."""
     request = job.request
@@ -241,7 +241,7 @@ def retry_training(db: Database, config: Config, job: JobRow) -> JobRow:
     return db.update_job(job.id, state="queued", error=None, attempts=0, started_at=None, finished_at=None)
 
 
-def model_files(config: Config, model: ModelRow) -> list[str | Path]:
+def model_files(config: BotConfig, model: ModelRow) -> list[str | Path]:
     """A model's files: its adapter folder (weights, checkpoints, samples) and its files wherever they are."""
     paths: list[str | Path] = [adapter_dir(config, model.guild_id, model.token), *model.samples]
     if model.adapter_path:
@@ -249,7 +249,7 @@ def model_files(config: Config, model: ModelRow) -> list[str | Path]:
     return paths
 
 
-def delete_model(db: Database, config: Config, model: ModelRow) -> int:
+def delete_model(db: Database, config: BotConfig, model: ModelRow) -> int:
     """The one way a model goes: its row and its files; returns how many files were removed. Safe to
     call again. (The engines' own copies of its adapter go first: JobQueue.forget_adapters.)"""
     # Photos a failed training kept for its retry (awaits_retry) go too, unless [storage] keeps them all.
@@ -263,7 +263,7 @@ def delete_model(db: Database, config: Config, model: ModelRow) -> int:
     return remove_paths(config, [*model_files(config, model), *kept_photos])
 
 
-def remove_training_files(db: Database, config: Config, job: JobRow, *, with_adapter: bool) -> None:
+def remove_training_files(db: Database, config: BotConfig, job: JobRow, *, with_adapter: bool) -> None:
     """A finished training's photos (unless [storage] keep_photos), and with_adapter its output folder."""
     request = job.request
     assert isinstance(request, TrainJob)
@@ -356,7 +356,7 @@ def fill_template(db: Database, guild_id: int, user_id: int, request: ImageReque
 
 
 def check_generation_request(
-    db: Database, config: Config, guild_id: int, user_id: int, request: ImageRequest, *, nsfw_allowed: bool
+    db: Database, config: BotConfig, guild_id: int, user_id: int, request: ImageRequest, *, nsfw_allowed: bool
 ) -> list[AdapterRef]:
     """Refuse what may not be drawn (safety), a prompt that does not read, models the member may not
     use, and a full queue; else the adapters the prompt uses."""
@@ -379,7 +379,7 @@ def check_generation_request(
 
 def queue_generation(
     db: Database,
-    config: Config,
+    config: BotConfig,
     *,
     guild_id: int,
     user_id: int,
@@ -436,7 +436,7 @@ class FinishedGeneration:
 
 
 def finish_generation(
-    db: Database, config: Config, job: JobRow, result: GenerationDone
+    db: Database, config: BotConfig, job: JobRow, result: GenerationDone
 ) -> FinishedGeneration:
     """Keep what may be shown: flagged images are deleted before anyone sees them, the rest becomes
     the generation row."""
@@ -477,7 +477,7 @@ def finish_generation(
     return FinishedGeneration(row, hidden)
 
 
-def end_generation(config: Config, job: JobRow) -> None:
+def end_generation(config: BotConfig, job: JobRow) -> None:
     """A generation that failed or was cancelled leaves no files."""
     shutil.rmtree(generation_dir(config, job.id), ignore_errors=True)
 
@@ -531,7 +531,7 @@ class AdapterExport:
     base_model: str
 
 
-def export_adapter(config: Config, model: ModelRow) -> AdapterExport:
+def export_adapter(config: BotConfig, model: ModelRow) -> AdapterExport:
     """The model's adapter file, in the kohya format: one still in the old diffusers format is
     converted first (in place, once). Blocking: the bot runs it in a thread."""
     if model.state != "ready" or not model.adapter_path:

@@ -10,29 +10,29 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from engine.config import Config
+from bot.config import BotConfig
 
 
-def photos_dir(config: Config, job_id: str) -> Path:
+def photos_dir(config: BotConfig, job_id: str) -> Path:
     """A training's prepared photos (deleted after training unless [storage] keep_photos)."""
     return config.data_dir / "photos" / job_id
 
 
-def incoming_dir(config: Config, job_id: str) -> Path:
+def incoming_dir(config: BotConfig, job_id: str) -> Path:
     """The photos of a /train as they come from Discord, while intake checks them (then deleted)."""
     return config.data_dir / "incoming" / job_id
 
 
-def adapter_dir(config: Config, guild_id: int, token: str) -> Path:
+def adapter_dir(config: BotConfig, guild_id: int, token: str) -> Path:
     """A model's adapter, metadata, checkpoints and samples."""
     return config.data_dir / "adapters" / str(guild_id) / token
 
 
-def generation_dir(config: Config, job_id: str) -> Path:
+def generation_dir(config: BotConfig, job_id: str) -> Path:
     return config.data_dir / "generations" / job_id
 
 
-def remove_path(config: Config, path: str | Path) -> int:
+def remove_path(config: BotConfig, path: str | Path) -> int:
     """Delete a file or folder inside the data directory, and the folders it leaves empty.
 
     Returns how many files were removed. Paths come from rows: one pointing outside the data
@@ -56,6 +56,6 @@ def remove_path(config: Config, path: str | Path) -> int:
     return removed
 
 
-def remove_paths(config: Config, paths: Iterable[str | Path]) -> int:
+def remove_paths(config: BotConfig, paths: Iterable[str | Path]) -> int:
     """remove_path for each of `paths`; how many files were removed in all."""
     return sum(remove_path(config, path) for path in paths)

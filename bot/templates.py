@@ -1,7 +1,7 @@
 """Prompt templates: `[SUBJECT]` (or `[me]`) stands for the member's own model, other bracketed words
 in capitals (`[ARTIST]`, `[CHARACTER]`) are placeholders the member fills in.
 
-A1111's prompt language (engine.prompt_syntax) reads `[words]` as "words, weaker", so a placeholder is
+A1111's prompt language (engine.contract.prompt_syntax) reads `[words]` as "words, weaker", so a placeholder is
 only `[` + one UPPER-CASE word (letters, digits, underscores) + `]`, never preceded by a backslash
 (`\\[ARTIST\\]` is the text itself); `[BREAK]` is A1111's BREAK. `[SUBJECT]` and `[me]` are matched
 in any case. Inside a LoRA tag, `<lora:[SUBJECT]:0.7>` names the model. No torch, no Discord: /imagine,
@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 
 from bot.db import ModelRow
-from engine.prompt_syntax import outside_tags
+from engine.contract.prompt_syntax import outside_tags
 
 SUBJECT = "[SUBJECT]"
 

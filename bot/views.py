@@ -20,7 +20,7 @@ from bot.db import ACTIVE_JOB_STATES, GenerationRow, JobRow
 from bot.pnginfo import Parameters
 from bot.service import UserFacingError
 from bot.uploads import image_file
-from engine.protocol import ProtocolError, TrainJob
+from engine.contract.protocol import ProtocolError, TrainJob
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import discord.utils
 
-from engine.protocol import CLASS_WORD_PATTERN, TOKEN_PATTERN
-from engine.vocabulary import BaseVocabulary, load_vocabulary
+from bot.vocabulary import BaseVocabulary, load_vocabulary
+from engine.contract.protocol import CLASS_WORD_PATTERN, TOKEN_PATTERN
 
 # Subjects offered by /train; a member may type another 1-3 word subject.
 CLASS_WORDS: tuple[str, ...] = (

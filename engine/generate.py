@@ -7,7 +7,7 @@ never touched. Nothing here assumes SD 1.x: SDXL bases go through the same code.
 
 Users' adapters are LoRA files loaded by name onto the base pipeline and kept in an LRU
 (`AdapterCache`), so switching between members' models costs a `set_adapters` call, not a reload.
-They are kohya files (engine.kohya); a file in the older diffusers format is rewritten as one the
+They are kohya files (engine.contract.kohya); a file in the older diffusers format is rewritten as one the
 first time it loads, so that the "Lora hashes" in the PNGs name the file an export sends.
 
 Between two training steps the trainer's own adapter sits on the same UNet. `generate` deactivates
@@ -48,13 +48,13 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from PIL.PngImagePlugin import PngInfo
 
-from engine import kohya
+from engine.contract import kohya
+from engine.contract.prompt_syntax import ParsedPrompt, outside_tags, parse_prompt
+from engine.contract.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
 from engine.memory import raise_if_test_oom
 from engine.model import SINGLE_FILE_SUFFIXES, LoadedModel
 from engine.preview import write_preview
 from engine.prompt_embeds import batch_embeddings, encode_prompts
-from engine.prompt_syntax import ParsedPrompt, outside_tags, parse_prompt
-from engine.protocol import MAX_SIDE, MIN_SIDE, UPSCALE_FACTOR, AdapterRef, GenerateJob, whole_word
 from engine.train import UNET_TARGETS, dreambot_version
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class GenerationResult:
 def expand_tokens(prompt: str, adapters: Sequence[AdapterRef]) -> str:
     """Write each adapter's token as "{token} {class_word}", the phrase the adapter was trained on.
 
-    Whole words by engine.protocol's definition (the one that selects the adapters, so
+    Whole words by engine.contract.protocol's definition (the one that selects the adapters, so
     "abraza_viking" gets the class word too), any case; a token already followed by its class word
     is left alone, and so is the name in a `<lora:...>` tag.
     """

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from engine.config import TINY_MODELS
+from engine.contract.config import TINY_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ _NAMED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 
 
 def dtype_for(device: torch.device, choice: str = "auto") -> torch.dtype:
-    """The torch dtype for `[model] dtype` (see engine.config.DTYPES) on `device`."""
+    """The torch dtype for `[model] dtype` (see engine.contract.config.DTYPES) on `device`."""
     if choice != "auto":
         if choice not in _NAMED_DTYPES:
             raise ModelLoadError(f"[model] dtype: expected auto, fp16, bf16 or fp32, got {choice!r}")

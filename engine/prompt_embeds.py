@@ -1,4 +1,4 @@
-"""The text embeddings of a prompt read in A1111's language (engine.prompt_syntax), through compel.
+"""The text embeddings of a prompt read in A1111's language (engine.contract.prompt_syntax), through compel.
 
 compel weighs the fragments and encodes a prompt of any length in chunks of 75 tokens between BOS
 and EOS, concatenated along the sequence (its `truncate_long_prompts=False`). Chunks are cut at
@@ -28,7 +28,7 @@ import torch
 from compel import Compel, ReturnedEmbeddingsType, SplitLongTextMode
 from compel.prompt_parser import Conjunction, FlattenedPrompt
 
-from engine.prompt_syntax import MAX_PROMPT_CHUNKS, ParsedPrompt, too_many_chunks
+from engine.contract.prompt_syntax import MAX_PROMPT_CHUNKS, ParsedPrompt, too_many_chunks
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def encode_prompts(pipeline: Any, prompt: ParsedPrompt, negative: ParsedPrompt) 
     negatives = [] if zero_negative else [_embeds(compel, negative) for compel in compels]
     length = max(embeds.shape[1] for embeds, _ in [*positive, *negatives])
     # Refused before any denoising step: a long text makes more chunks than its sections
-    # (engine.prompt_syntax counts those), a byte-level tokenizer up to several per character.
+    # (engine.contract.prompt_syntax counts those), a byte-level tokenizer up to several per character.
     chunks = length // compels[0].conditioning_provider.empty_z.shape[1]
     if chunks > MAX_PROMPT_CHUNKS:
         raise ValueError(too_many_chunks(chunks, "its words make"))

@@ -18,19 +18,18 @@ starts on its node.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import os
 import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import Config
-from engine.protocol import (
+from engine.contract.config import Config
+from engine.contract.protocol import (
+    CHECKPOINTS_DIR,
     LOG_FORMAT,
     CancelJob,
     Error,
@@ -44,6 +43,7 @@ from engine.protocol import (
     decode,
     encode,
 )
+from engine.contract.transport import Parcel, Shipment, content_hash, write_atomically
 
 if TYPE_CHECKING:
     from engine.worker import Worker
@@ -52,34 +52,6 @@ log = logging.getLogger("engine.ray_actor")
 
 # Under the node's folder: adapters by content hash, shared by the node's actors.
 ADAPTER_STORE = "ray-adapters"
-# engine.train writes output_dir/checkpoints/step-NNNNNN/, newest only.
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class Parcel:
-    """A job's input files. `files`: bytes by path relative to the data dir. `adapters`: the content
-    hash of each adapter file the job names (by relative path); `blobs`: the bytes of those hashes
-    the bot believes the node lacks."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    adapters: dict[str, str] = field(default_factory=dict)
-    blobs: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Shipment:
-    """One event (encoded; None for files alone) and the files it names, by path relative to the
-    data dir. `checkpoint`: the folder, among `files`, of a training's newest checkpoint: the bot
-    drops the older ones beside it, as the training does."""
-
-    event: str | None
-    files: dict[str, bytes] = field(default_factory=dict)
-    checkpoint: str | None = None
 
 
 @dataclass
@@ -308,11 +280,3 @@ class EngineActor:
         shutil.rmtree(job.output_dir, ignore_errors=True)
         for path in job.written:
             path.unlink(missing_ok=True)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    # Another actor on the node may read the same adapter at once: never a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)

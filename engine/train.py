@@ -13,7 +13,7 @@ for a bot that trains many small adapters on one base model that is also serving
   class word and resolution, so only the first training of a class pays for them.
 * Checkpoints hold the adapter, optimizer and RNG state, so a resumed run ends with the adapter an
   uninterrupted one would have produced.
-* The adapter is saved as a kohya LoRA file (engine.kohya), with the alpha it was trained with and the
+* The adapter is saved as a kohya LoRA file (engine.contract.kohya), with the alpha it was trained with and the
   metadata A1111, ComfyUI and Civitai read; checkpoints keep peft's own names, which resume needs.
 """
 
@@ -46,11 +46,11 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from engine import kohya
-from engine.config import TrainingSection
+from engine.contract import kohya
+from engine.contract.config import TrainingSection
+from engine.contract.protocol import CHECKPOINTS_DIR, TrainJob
 from engine.memory import raise_if_test_oom
 from engine.model import LoadedModel
-from engine.protocol import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 TRAINING_ADAPTER = "dreambot_training"
 ADAPTER_FILE = "adapter.safetensors"
 METADATA_FILE = kohya.TRAINING_FILE
-CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 PREVIEW_FILE = "preview.png"
 
@@ -683,7 +682,7 @@ def _save_adapter(
     metadata: dict[str, Any],
     output_dir: Path,
 ) -> Path:
-    """The adapter as a kohya LoRA file (engine.kohya), which diffusers' load_lora_weights reads too."""
+    """The adapter as a kohya LoRA file (engine.contract.kohya), which diffusers' load_lora_weights reads too."""
     layers: kohya.LoraLayers = {}
     for name, module in models.items():
         state = get_peft_model_state_dict(module, adapter_name=TRAINING_ADAPTER)
@@ -762,7 +761,7 @@ def _save_checkpoint(
         "seconds": seconds,
     }
     # Both files through Python file objects: a write that fails (a full disk) raises the OSError
-    # that says so (engine.disk), where safetensors' and torch's own writers lose the errno.
+    # that says so (engine.contract.disk), where safetensors' and torch's own writers lose the errno.
     try:
         weights = {name: param.detach().contiguous() for name, param in trainer.params.items()}
         (partial / ADAPTER_FILE).write_bytes(safetensors_bytes(weights))

@@ -1,4 +1,4 @@
-"""The engine worker: one process per device, jobs in on stdin, events out on stdout (engine.protocol).
+"""The engine worker: one process per device, jobs in on stdin, events out on stdout (engine.contract.protocol).
 
 The base model is loaded once. An asyncio loop reads job lines while all GPU work runs in one
 thread, so a cancel or a generation arriving mid-training is seen at once. Generations go before
@@ -33,12 +33,9 @@ from typing import TextIO
 
 import torch
 
-from engine.config import Config, ConfigError, load_config
-from engine.disk import DISK_FULL_MESSAGE, disk_full_cause
-from engine.generate import AdapterLoadError, GenerationCancelled, GenerationResult, Generator
-from engine.memory import release_memory
-from engine.model import LoadedModel, ModelLoadError, fast_path_on, load_base_model
-from engine.protocol import (
+from engine.contract.config import Config, ConfigError, load_config
+from engine.contract.disk import DISK_FULL_MESSAGE, disk_full_cause
+from engine.contract.protocol import (
     LOG_FORMAT,
     Accepted,
     CancelJob,
@@ -56,6 +53,9 @@ from engine.protocol import (
     decode,
     encode,
 )
+from engine.generate import AdapterLoadError, GenerationCancelled, GenerationResult, Generator
+from engine.memory import release_memory
+from engine.model import LoadedModel, ModelLoadError, fast_path_on, load_base_model
 from engine.train import TrainingCancelled, TrainingProgress, TrainingResult, train_lora
 
 log = logging.getLogger("engine.worker")

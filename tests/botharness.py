@@ -33,9 +33,9 @@ from fakediscord import FakeDiscord, FakeGuild, FakeMessage
 from PIL import Image, ImageEnhance, ImageOps
 
 from bot.bot import DreamBot
+from bot.config import BotConfig, load_bot_config
 from bot.db import Database, ModelRow
 from bot.jobs import WorkerPool
-from engine.config import Config, load_config
 
 PHOTOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
 # The engine loads the tiny model and answers within seconds; trainings at 64 px take a few more.
@@ -71,7 +71,7 @@ TEST_SETTINGS: dict[str, dict[str, Any]] = {
 @dataclass
 class BotHarness:
     fake: FakeDiscord
-    config: Config
+    config: BotConfig
     guild_id: int
     general_channel_id: int
     prompts_channel_id: int
@@ -307,7 +307,7 @@ def dream_lab() -> FakeGuild:
     return guild
 
 
-def harness_for(fake: FakeDiscord, config: Config, guild: FakeGuild) -> BotHarness:
+def harness_for(fake: FakeDiscord, config: BotConfig, guild: FakeGuild) -> BotHarness:
     return BotHarness(
         fake=fake,
         config=config,
@@ -327,7 +327,7 @@ async def fake_discord(tmp_path: Path, **overrides: dict[str, Any]) -> AsyncIter
     """The fake Discord and the bot's config (TEST_SETTINGS, then `overrides`), with no bot started:
     `running_bot` starts one in this process, the process tests start `dreambot run`."""
     guild = dream_lab()
-    config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", [guild.id], overrides))
+    config = load_bot_config(write_config(tmp_path / "config.toml", tmp_path / "data", [guild.id], overrides))
     async with FakeDiscord(guild) as fake:
         yield harness_for(fake, config, guild)
 
@@ -358,7 +358,9 @@ class SharedBot:
     def __init__(self, tmp_path: Path, guild_count: int) -> None:
         self._guilds = [dream_lab() for _ in range(guild_count)]
         guild_ids = [guild.id for guild in self._guilds]
-        self.config = load_config(write_config(tmp_path / "config.toml", tmp_path / "data", guild_ids, {}))
+        self.config = load_bot_config(
+            write_config(tmp_path / "config.toml", tmp_path / "data", guild_ids, {})
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="shared bot", daemon=True)
         self._stack = contextlib.AsyncExitStack()

@@ -15,8 +15,8 @@ from botharness import write_engine_config
 from PIL import Image
 
 from bot.db import Database, JobRow
-from engine.config import Config, load_config
-from engine.protocol import Error, Event, GenerateJob, Progress, Result, TrainJob, encode
+from engine.contract.config import Config, load_config
+from engine.contract.protocol import Error, Event, GenerateJob, Progress, Result, TrainJob, encode
 
 TIMEOUT = 180.0
 ALICE, BOB, CAROL = 101, 102, 103

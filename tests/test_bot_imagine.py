@@ -27,7 +27,7 @@ from PIL import Image
 from bot.cogs.imagine import base_size, generation_view, make_grid
 from bot.db import GenerationRow, new_job_id
 from bot.views import GRID_FILE, generation_embed, post_image
-from engine.protocol import GenerateJob, GenerationDone, encode
+from engine.contract.protocol import GenerateJob, GenerationDone, encode
 
 
 def _row(tmp_path: Path, **changes: Any) -> GenerationRow:

@@ -23,12 +23,13 @@ from botharness import (
 from fakediscord import CommandUnavailable, FakeMessage, modal_text_fields
 from fakehub import FakeHub, assert_token_kept_nowhere
 
+from bot.config import BotConfig
 from bot.db import Database
 from bot.storage import remove_path
 from bot.views import CANCEL_TEMPLATE, CancelJobButton, describe_job
-from engine.config import Config, StorageSection
-from engine.kohya import DIFFUSERS_ADAPTER_FILE, is_kohya_adapter
-from engine.protocol import GenerateJob, TrainJob, encode
+from engine.contract.config import StorageSection
+from engine.contract.kohya import DIFFUSERS_ADAPTER_FILE, is_kohya_adapter
+from engine.contract.protocol import GenerateJob, TrainJob, encode
 
 # -- pure logic --------------------------------------------------------------------------------
 
@@ -70,7 +71,7 @@ def test_jobs_are_described_by_model_or_prompt(tmp_path: Path) -> None:
 
 def test_remove_path_stays_inside_the_data_directory(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    config = Config(storage=StorageSection(data_dir=str(data)))
+    config = BotConfig(storage=StorageSection(data_dir=str(data)))
     model = data / "adapters" / "5" / "abraza"
     (model / "samples").mkdir(parents=True)
     (model / "adapter.safetensors").write_bytes(b"x")

@@ -34,7 +34,7 @@ from test_bot_resilience import training_steps
 
 from bot.cli import main
 from bot.storage import adapter_dir
-from engine.config import DEFAULT_BASE_MODEL
+from engine.contract.config import DEFAULT_BASE_MODEL
 
 # Every test here starts an engine process (and the bot, where it runs one).
 pytestmark = pytest.mark.slow

@@ -25,8 +25,8 @@ from fakediscord import FakeMessage
 from bot.db import Database, JobRow, new_job_id
 from bot.service import end_training, queue_training
 from bot.storage import incoming_dir, photos_dir
-from engine.disk import DISK_FULL_MESSAGE
-from engine.protocol import Error
+from engine.contract.disk import DISK_FULL_MESSAGE
+from engine.contract.protocol import Error
 
 # Every test here starts an engine process (and the bot, where it runs one).
 pytestmark = pytest.mark.slow

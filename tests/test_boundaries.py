@@ -58,7 +58,7 @@ def test_importing_every_bot_module_loads_no_torch_diffusers_peft_or_transformer
 
 def test_importing_every_engine_module_loads_no_discord_and_no_bot() -> None:
     modules = modules_of("engine")
-    assert {"engine.worker", "engine.train", "engine.generate", "engine.protocol"} <= set(modules)
+    assert {"engine.worker", "engine.train", "engine.generate", "engine.contract.protocol"} <= set(modules)
     loaded = loaded_after_importing(modules)
     leaks = sorted(name for name in loaded if name.split(".")[0] in {"discord", "bot"})
     assert leaks == [], f"the engine loaded the bot side: {leaks[:10]}"

@@ -24,7 +24,7 @@ from bot.bot import HEARTBEAT_MAX_AGE, heartbeat_path
 from bot.cli import main
 from bot.db import DATABASE_FILE, LOCAL_GUILD_ID, Database
 from bot.pnginfo import read_picture
-from engine.config import DEFAULT_BASE_MODEL, load_config
+from engine.contract.config import DEFAULT_BASE_MODEL, load_config
 from engine.model import load_base_model
 
 

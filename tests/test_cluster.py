@@ -42,8 +42,8 @@ from bot import cluster as cluster_module
 from bot.cluster import RayWorker, no_slot_reason, node_slots, store_shipment
 from bot.db import Database
 from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
-from engine.config import Config, EngineSection, load_config
-from engine.protocol import (
+from engine.contract.config import Config, EngineSection, load_config
+from engine.contract.protocol import (
     CancelJob,
     Error,
     Event,
@@ -53,7 +53,8 @@ from engine.protocol import (
     TrainingDone,
     encode,
 )
-from engine.ray_actor import ADAPTER_STORE, Shipment, content_hash
+from engine.contract.transport import Shipment, content_hash
+from engine.ray_actor import ADAPTER_STORE
 
 TIMEOUT = 240.0
 ON_CPUS = {"gpus_per_worker": 0, "cpus_per_worker": 1}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import Config, ConfigError, config_from_dict, load_config
+from bot.config import BotConfig, load_bot_config
+from engine.contract.config import Config, ConfigError, config_from_dict, load_config
 from engine.model import fast_path_on
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -16,19 +17,32 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
 def test_example_documents_every_key_with_its_default() -> None:
     raw = tomllib.loads(EXAMPLE.read_text())
-    defaults = Config()
-    for section in dataclasses.fields(Config):
+    defaults = BotConfig()
+    for section in dataclasses.fields(BotConfig):
         if section.name == "source":
             continue
         expected = {f.name for f in dataclasses.fields(getattr(defaults, section.name))}
         assert set(raw[section.name]) == expected, section.name
-    example = load_config(EXAMPLE)
+    assert set(raw) == {f.name for f in dataclasses.fields(BotConfig)} - {"source"}
+    example = load_bot_config(EXAMPLE)
     assert dataclasses.replace(example, source=None) == defaults
+    # An engine reads the same file as its own sections, passing over the bot's.
+    assert dataclasses.replace(load_config(EXAMPLE), source=None) == Config()
+
+
+def test_an_engine_passes_over_the_bots_sections_and_refuses_an_unknown_one() -> None:
+    bot_only = {"intake": {"min_photos": 5, "max_photos": 2}, "safety": {"default_negative_prompt": "(x"}}
+    config = config_from_dict({**bot_only, "model": {"base": "tiny"}})
+    assert type(config) is Config and config.model.base == "tiny" and not hasattr(config, "intake")
+    with pytest.raises(ConfigError, match=r"\[intake\] max_photos: expected at least"):
+        config_from_dict(bot_only, kind=BotConfig)
+    with pytest.raises(ConfigError, match=r"\[dicsord\]: unknown section"):
+        config_from_dict({"dicsord": {}})
 
 
 def test_no_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert load_config() == Config()
+    assert load_config() == Config() and load_bot_config() == BotConfig()
 
 
 def test_a_named_file_must_exist(tmp_path: Path) -> None:
@@ -42,7 +56,7 @@ def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
         '[model]\nbase = "tiny"\ndevice = ["cpu", "cpu"]\n[training]\nresolution = 64\nlearning_rate = 1\n'
         '[discord]\nguild_ids = [123]\nprompts_channel = "prompts"\n'
     )
-    config = load_config(path)
+    config = load_bot_config(path)
     assert config.model.base == "tiny"
     assert config.model.devices == ["cpu", "cpu"]
     assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
@@ -82,7 +96,7 @@ def test_values_are_read_and_ints_stand_for_floats(tmp_path: Path) -> None:
 )
 def test_a_bad_key_is_named_in_one_line(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
-        config_from_dict(raw)
+        config_from_dict(raw, kind=BotConfig)
     assert "\n" not in str(caught.value)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bot.db import MIGRATIONS, Database, JobRow, MemberSettings, PromptRow, fts_query, new_job_id
-from engine.protocol import AdapterRef, GenerateJob, TrainingDone, TrainJob, encode
+from engine.contract.protocol import AdapterRef, GenerateJob, TrainingDone, TrainJob, encode
 
 
 @pytest.fixture

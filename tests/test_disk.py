@@ -1,4 +1,4 @@
-"""A full disk is recognised behind the errors the engine's writers raise (engine.disk).
+"""A full disk is recognised behind the errors the engine's writers raise (engine.contract.disk).
 
 /dev/full fails every write with ENOSPC, as a full disk does. It is only ever opened here as a
 Python file: a writer given its path may replace it by a regular file when run as root.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.disk import disk_full_cause
+from engine.contract.disk import disk_full_cause
 
 DEV_FULL = Path("/dev/full")
 

@@ -18,8 +18,8 @@ import pytest
 from botharness import write_engine_config
 
 from bot import forkserver
+from engine.contract.protocol import Error, GenerateJob, Ready, decode, encode
 from engine.memory import TEST_OOM_VARIABLE
-from engine.protocol import Error, GenerateJob, Ready, decode, encode
 from engine.worker import EXIT_BAD_CONFIG
 
 # Every test here starts the server, which imports the engine.

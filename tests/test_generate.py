@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from bot.pnginfo import read_picture
-from engine.config import TrainingSection
+from engine.contract.config import TrainingSection
+from engine.contract.kohya import is_kohya_adapter
+from engine.contract.protocol import AdapterRef, GenerateJob, TrainJob, words_in
 from engine.generate import AdapterLoadError, GenerationCancelled, Generator, a1111_parameters, expand_tokens
-from engine.kohya import is_kohya_adapter
 from engine.model import LoadedModel, load_base_model
-from engine.protocol import AdapterRef, GenerateJob, TrainJob, words_in
 from engine.train import train_lora
 
 TRAINING_ADAPTER = "dreambot_training"  # engine.train's name; not imported, as in engine.generate
@@ -318,7 +318,7 @@ def test_expand_tokens() -> None:
     assert expand_tokens("abrazadera, xabraza", both) == "abrazadera, xabraza"
     assert expand_tokens("(abraza:1.2) in paris", both) == "(abraza person:1.2) in paris"
     assert expand_tokens("a dog", both) == "a dog"
-    # A word by engine.protocol's definition: what selects abraza's adapter gets abraza's class word.
+    # A word by engine.contract.protocol's definition: what selects abraza's adapter gets abraza's class word.
     assert expand_tokens("abraza_viking, ABRAZA-2", both) == "abraza person_viking, ABRAZA person-2"
     assert expand_tokens("young abraza", [AdapterRef("abraza", "young man", "a")]) == "young abraza young man"
     assert expand_tokens("abraza young man", [AdapterRef("abraza", "young man", "a")]) == "abraza young man"

@@ -23,8 +23,8 @@ from bot.db import DATABASE_FILE
 from bot.jobs import STRAY_FILES_MESSAGE, EngineWorker, PoolSlots, WorkerPool
 from bot.prompts import MAX_COMMAND_STEPS
 from bot.storage import generation_dir
-from engine.config import Config
-from engine.protocol import (
+from engine.contract.config import Config
+from engine.contract.protocol import (
     Accepted,
     Event,
     GenerateJob,

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile, ImageFilter, ImageOps
 
-from engine import intake
-from engine.config import IntakeSection
-from engine.intake import IntakeReport, PhotoVerdict, check_files, check_photos
+from bot import intake
+from bot.config import IntakeSection
+from bot.intake import IntakeReport, PhotoVerdict, check_files, check_photos
 
 SETTINGS = IntakeSection()
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def png_chunks(path: Path) -> list[bytes]:
 
 
 def test_import_does_not_load_torch() -> None:
-    code = "import engine.intake, sys; assert 'torch' not in sys.modules, 'engine.intake imported torch'"
+    code = "import bot.intake, sys; assert 'torch' not in sys.modules, 'bot.intake imported torch'"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

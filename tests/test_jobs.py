@@ -30,8 +30,8 @@ from bot.jobs import (
     dispatch_order,
     plan_dispatch,
 )
-from engine.config import Config
-from engine.protocol import (
+from engine.contract.config import Config
+from engine.contract.protocol import (
     Accepted,
     AdapterRef,
     Error,

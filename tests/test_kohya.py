@@ -1,4 +1,4 @@
-"""The stored adapter format (engine.kohya): kohya keys other tools match, its metadata, old files."""
+"""The stored adapter format (engine.contract.kohya): kohya keys other tools match, its metadata, old files."""
 
 from __future__ import annotations
 
@@ -20,10 +20,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 
-from engine.config import TrainingSection
-from engine.kohya import DIFFUSERS_ADAPTER_FILE, diffusers_adapter_bytes, is_kohya_adapter, upgrade_adapter
+from engine.contract.config import TrainingSection
+from engine.contract.kohya import (
+    DIFFUSERS_ADAPTER_FILE,
+    diffusers_adapter_bytes,
+    is_kohya_adapter,
+    upgrade_adapter,
+)
+from engine.contract.protocol import TrainJob
 from engine.model import load_base_model
-from engine.protocol import TrainJob
 from engine.train import train_lora
 
 TOKEN = "abraza"

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+from engine.contract.prompt_syntax import CHUNK_TOKENS, MAX_PROMPT_CHUNKS, parse_prompt
 from engine.model import LoadedModel, load_base_model
 from engine.prompt_embeds import PromptEmbeddings, encode_prompts
-from engine.prompt_syntax import CHUNK_TOKENS, MAX_PROMPT_CHUNKS, parse_prompt
 
 CAT = slice(2, 5)
 # CLIP's context: a chunk of 75 tokens between BOS and EOS.

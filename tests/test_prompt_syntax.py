@@ -1,4 +1,4 @@
-"""engine.prompt_syntax: A1111's prompt language read as A1111 reads it, refused where A1111 would guess."""
+"""engine.contract.prompt_syntax: A1111's prompt language read as A1111 reads it, refused where A1111 would guess."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bot.cogs.help import HELP_TEXT
-from engine.prompt_syntax import (
+from engine.contract.prompt_syntax import (
     MAX_PROMPT_CHUNKS,
     MAX_WEIGHT,
     Fragment,
@@ -132,7 +132,7 @@ def test_outside_tags_changes_the_text_and_keeps_the_tags() -> None:
 
 def test_the_syntax_imports_no_torch() -> None:
     """The bot checks prompts with it before queuing, in a process that never loads torch."""
-    code = "import sys, engine.prompt_syntax; assert 'torch' not in sys.modules"
+    code = "import sys, engine.contract.prompt_syntax; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

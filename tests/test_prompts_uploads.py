@@ -11,7 +11,7 @@ from bot.db import Database, ModelRow
 from bot.prompts import models_in_prompt, size_for_aspect
 from bot.service import UserFacingError, usable_models
 from bot.uploads import MAX_FILES_PER_MESSAGE, image_file, image_files
-from engine.prompt_syntax import PromptSyntaxError
+from engine.contract.prompt_syntax import PromptSyntaxError
 
 
 def _model(token: str) -> ModelRow:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from engine.protocol import (
+from engine.contract.protocol import (
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_SEED,
@@ -96,7 +96,7 @@ def test_bad_lines_say_what_is_wrong(line: str, problem: str) -> None:
 
 
 def test_protocol_imports_neither_torch_nor_discord() -> None:
-    code = "import sys, engine.protocol, engine.config; assert not {'torch', 'discord'} & set(sys.modules)"
+    code = "import sys, engine.contract.protocol, engine.contract.config; assert not {'torch', 'discord'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -15,11 +15,17 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 
+from bot.config import BotConfig
 from bot.db import Database, ModelRow
 from bot.publish import publish_model
 from bot.service import UserFacingError
-from engine.config import Config, StorageSection
-from engine.kohya import DIFFUSERS_ADAPTER_FILE, diffusers_adapter_bytes, kohya_metadata, write_kohya_adapter
+from engine.contract.config import StorageSection
+from engine.contract.kohya import (
+    DIFFUSERS_ADAPTER_FILE,
+    diffusers_adapter_bytes,
+    kohya_metadata,
+    write_kohya_adapter,
+)
 
 TOKEN = "hf_aliceWriteToken0123456789"
 TRAINING = {
@@ -41,9 +47,9 @@ TRAINING = {
 }
 
 
-def kohya_model(data_dir: Path) -> tuple[Config, Database, ModelRow]:
+def kohya_model(data_dir: Path) -> tuple[BotConfig, Database, ModelRow]:
     """A ready model with a small kohya adapter, its training.json and two samples, as a training leaves them."""
-    config = Config(storage=StorageSection(data_dir=str(data_dir)))
+    config = BotConfig(storage=StorageSection(data_dir=str(data_dir)))
     folder = data_dir / "adapters" / "5" / "abraza"
     (folder / "samples").mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from bot.config import SafetySection
 from bot.safety import find_words, merge_negative, prompt_refusal
-from engine.config import SafetySection
 
 SAFETY = SafetySection(blocked_words=["gore", "bad word"], allow_nsfw=False)
 NSFW_ALLOWED = SafetySection(blocked_words=["gore"], allow_nsfw=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.config import BotConfig
 from bot.db import Database, JobRow, new_job_id
 from bot.service import (
     MAX_QUEUED_KEY,
@@ -18,13 +19,13 @@ from bot.service import (
     retry_training,
 )
 from bot.storage import photos_dir
-from engine.config import Config, config_from_dict
-from engine.disk import DISK_FULL_MESSAGE
-from engine.protocol import Error, ErrorCode
+from engine.contract.config import config_from_dict
+from engine.contract.disk import DISK_FULL_MESSAGE
+from engine.contract.protocol import Error, ErrorCode
 
 
 def test_the_job_cap_counts_a_members_jobs_in_every_server(tmp_path: Path) -> None:
-    config = config_from_dict({"storage": {"data_dir": str(tmp_path)}})
+    config = config_from_dict({"storage": {"data_dir": str(tmp_path)}}, kind=BotConfig)
     db = Database(tmp_path / "db.sqlite3")
     db.ensure_user(1, "alice")
     db.set_setting(10, MAX_QUEUED_KEY, 2)
@@ -38,7 +39,7 @@ def test_the_job_cap_counts_a_members_jobs_in_every_server(tmp_path: Path) -> No
     check_queue_cap(db, config, 11, 1)
 
 
-def failed_training(db: Database, config: Config, token: str, code: ErrorCode) -> JobRow:
+def failed_training(db: Database, config: BotConfig, token: str, code: ErrorCode) -> JobRow:
     """A training of `token` by member 1 that the engine failed with `code`, as the bot ends it."""
     job_id = new_job_id()
     folder = photos_dir(config, job_id)
@@ -57,7 +58,7 @@ def failed_training(db: Database, config: Config, token: str, code: ErrorCode) -
 
 
 def test_a_training_stopped_by_a_full_disk_keeps_its_photos_until_its_model_goes(tmp_path: Path) -> None:
-    config = config_from_dict({"storage": {"data_dir": str(tmp_path)}})
+    config = config_from_dict({"storage": {"data_dir": str(tmp_path)}}, kind=BotConfig)
     db = Database(tmp_path / "db.sqlite3")
     other = failed_training(db, config, "zorvik", "internal")
     assert not photos_dir(config, other.id).exists() and not awaits_retry(db, other)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.cogs.help import HELP_TEXT
+from bot.config import BotConfig
 from bot.db import Database, MemberSettings, ModelRow
 from bot.service import (
     ImageRequest,
@@ -20,8 +21,7 @@ from bot.service import (
     fill_template,
 )
 from bot.templates import TemplateError, fill, placeholders, template_form, unfilled_message, uses_subject
-from engine.config import Config
-from engine.prompt_syntax import parse_prompt
+from engine.contract.prompt_syntax import parse_prompt
 
 
 def model(token: str = "abraza", class_word: str = "person") -> ModelRow:
@@ -127,7 +127,7 @@ def test_the_default_model_is_the_chosen_one_else_the_newest_and_is_per_server(t
 def test_a_placeholder_never_reaches_the_engine(tmp_path: Path) -> None:
     db = Database.in_data_dir(tmp_path)
     with pytest.raises(UserFacingError, match=r"replace \[ARTIST\] with an artist's name"):
-        check_generation_request(db, Config(), 1, 42, request("a castle by [ARTIST]"), nsfw_allowed=False)
+        check_generation_request(db, BotConfig(), 1, 42, request("a castle by [ARTIST]"), nsfw_allowed=False)
     with pytest.raises(UserFacingError, match=r"replace \[ARTIST\]"):
         fill_template(db, 1, 42, request("[me] by [ARTIST]"))
 

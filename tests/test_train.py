@@ -17,11 +17,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from engine.config import TrainingSection
+from engine.contract.config import TrainingSection
+from engine.contract.protocol import CHECKPOINTS_DIR, TrainJob
 from engine.model import LoadedModel, load_base_model
-from engine.protocol import TrainJob
 from engine.train import (
-    CHECKPOINTS_DIR,
     TRAINING_ADAPTER,
     TrainingCancelled,
     TrainingProgress,

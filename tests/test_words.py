@@ -77,7 +77,7 @@ def test_either_sdxl_tokenizer_knowing_a_word_refuses_it(tmp_path: Path, restore
 def test_no_tokenizer_on_this_machine_falls_back_to_the_built_in_list(
     tmp_path: Path, restore_vocabulary: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="engine.vocabulary"):
+    with caplog.at_level(logging.INFO, logger="bot.vocabulary"):
         load_base_vocabulary("someone/never-downloaded")
     assert [record.getMessage() for record in caplog.records] == [
         "no tokenizer of base model 'someone/never-downloaded' on this machine yet: model names are "

@@ -19,8 +19,7 @@ import pytest
 from botharness import write_engine_config, write_toml
 from PIL import Image
 
-from engine.memory import TEST_OOM_VARIABLE
-from engine.protocol import (
+from engine.contract.protocol import (
     Accepted,
     AdapterRef,
     CancelJob,
@@ -39,6 +38,7 @@ from engine.protocol import (
     decode,
     encode,
 )
+from engine.memory import TEST_OOM_VARIABLE
 from engine.worker import OUT_OF_MEMORY_MESSAGE
 
 # Every test here starts an engine process (and the bot, where it runs one).

@@ -56,7 +56,15 @@ from bot.views import (
     only_mentions,
     picture_info_embed,
 )
-from engine.protocol import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, Accepted, Error, GenerationDone, Progress
+from engine.contract.protocol import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    Accepted,
+    Error,
+    GenerationDone,
+    Progress,
+)
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from bot.views import (
     may_show,
     refusal_line,
 )
-from engine.prompt_syntax import PromptSyntaxError, parse_prompt
+from engine.contract.prompt_syntax import PromptSyntaxError, parse_prompt
 
 if TYPE_CHECKING:
     from bot.cogs.imagine import Imagine

@@ -19,7 +19,7 @@ from bot.db import MemberSettings
 from bot.prompts import MAX_COMMAND_STEPS
 from bot.service import check_member_settings, choose_default_model, default_model
 from bot.words import normalize_token
-from engine.protocol import MAX_GUIDANCE, MAX_IMAGES
+from engine.contract.protocol import MAX_GUIDANCE, MAX_IMAGES
 
 
 class Settings(commands.Cog):

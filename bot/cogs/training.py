@@ -29,6 +29,7 @@ from discord.ext import commands, tasks
 
 from bot.bot import DreamBot, report_error
 from bot.db import ACTIVE_JOB_STATES, JobRow, new_job_id
+from bot.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_files, too_big
 from bot.service import (
     UserFacingError,
     awaits_retry,
@@ -42,9 +43,8 @@ from bot.storage import incoming_dir, photos_dir, remove_path
 from bot.uploads import DEFAULT_UPLOAD_LIMIT, image_files
 from bot.views import can_manage, only_mentions
 from bot.words import CLASS_WORDS, normalize_subject, normalize_token
-from engine.disk import disk_full_cause
-from engine.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_files, too_big
-from engine.protocol import Accepted, Error, Progress, TrainingDone, TrainJob
+from engine.contract.disk import disk_full_cause
+from engine.contract.protocol import Accepted, Error, Progress, TrainingDone, TrainJob
 
 log = logging.getLogger(__name__)
 

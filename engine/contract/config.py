@@ -1,4 +1,6 @@
-"""The one configuration schema, read from TOML by the bot, the engine worker and the CLI alike.
+"""The configuration the engine reads: [model], [engine], [storage], [training] and [generation], and
+the loader of the one TOML file that the bot, the engine worker and the CLI read alike. The bot's own
+sections ([discord], [intake], [limits], [safety]) are bot.config's: a Config passes over them.
 
 Plain data only (no torch, no discord), so every process can import it. Every key has a default, so
 no file at all is a valid configuration; a key that is unknown or of the wrong type stops start-up
@@ -14,9 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from engine.prompt_syntax import PromptSyntaxError, parse_prompt
+from typing import Any, ClassVar, TypeVar
 
 DEFAULT_CONFIG_FILE = Path("config.toml")
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -28,15 +28,6 @@ BACKENDS = ("local", "ray")
 
 class ConfigError(ValueError):
     """A configuration problem, stated in one line that names the key."""
-
-
-@dataclass(frozen=True)
-class DiscordSection:
-    # Guilds to sync commands to at start-up (instant); empty means a global sync (up to an hour).
-    guild_ids: list[int] = field(default_factory=list)
-    # Channel id or name; empty means /imagine works anywhere and nothing is mirrored.
-    prompts_channel: str = ""
-    gallery_channel: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,63 +118,40 @@ class GenerationSection:
 
 
 @dataclass(frozen=True)
-class IntakeSection:
-    min_photos: int = 5
-    max_photos: int = 20
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 80_000_000
-    warn_below_side: int = 720
-    # Photo sets checked at once, in all (a member's own sets always one at a time); more wait their
-    # turn. Each check keeps one core busy and holds one decoded photo at a time.
-    max_concurrent: int = 2
-
-
-@dataclass(frozen=True)
-class LimitsSection:
-    max_queued_jobs_per_user: int = 3
-    max_models_per_user: int = 3
-
-
-@dataclass(frozen=True)
-class SafetySection:
-    blocked_words: list[str] = field(default_factory=list)
-    default_negative_prompt: str = "lowres, blurry, deformed, bad anatomy, watermark, text"
-    # NSFW-leaning prompts are refused everywhere unless this is on, and then only in
-    # age-restricted channels.
-    allow_nsfw: bool = False
-    nsfw_words: list[str] = field(
-        default_factory=lambda: ["nsfw", "nude", "naked", "topless", "explicit", "porn", "sex", "lingerie"]
-    )
-
-
-@dataclass(frozen=True)
 class Config:
-    discord: DiscordSection = field(default_factory=DiscordSection)
     model: ModelSection = field(default_factory=ModelSection)
     engine: EngineSection = field(default_factory=EngineSection)
     storage: StorageSection = field(default_factory=StorageSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
-    intake: IntakeSection = field(default_factory=IntakeSection)
-    limits: LimitsSection = field(default_factory=LimitsSection)
-    safety: SafetySection = field(default_factory=SafetySection)
     # The file this was read from (None for built-in defaults); workers are started with it.
     source: Path | None = None
+
+    # The file's sections another reader checks (bot.config.BotConfig's): passed over, not refused.
+    other_sections: ClassVar[tuple[str, ...]] = ("discord", "intake", "limits", "safety")
 
     @property
     def data_dir(self) -> Path:
         # Absolute, so the bot, its workers and the CLI agree on every path whatever their directory.
         return Path(self.storage.data_dir).expanduser().resolve()
 
+    def check(self) -> None:
+        """Range checks that a type alone does not express; ConfigError names the key."""
+        _check_values(self)
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read `path`, or `config.toml` in the working directory, or fall back to the built-in defaults.
+
+AnyConfig = TypeVar("AnyConfig", bound=Config)
+
+
+def load_config(path: str | Path | None = None, kind: type[AnyConfig] = Config) -> AnyConfig:  # type: ignore[assignment]
+    """Read `path`, or `config.toml` in the working directory, or fall back to the built-in defaults,
+    as `kind` (the engine's Config, or the bot's BotConfig, which reads every section).
 
     A path that was named explicitly must exist; the default file may be absent.
     """
     if path is None:
         if not DEFAULT_CONFIG_FILE.exists():
-            return Config()
+            return kind()
         path = DEFAULT_CONFIG_FILE
     path = Path(path)
     if not path.is_file():
@@ -192,21 +160,27 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    return config_from_dict(raw, source=path.resolve())
+    return config_from_dict(raw, source=path.resolve(), kind=kind)
 
 
-def config_from_dict(raw: dict[str, Any], source: Path | None = None) -> Config:
+def config_from_dict(
+    raw: dict[str, Any],
+    source: Path | None = None,
+    kind: type[AnyConfig] = Config,  # type: ignore[assignment]
+) -> AnyConfig:
     sections: dict[str, Any] = {}
-    section_types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "source"}
+    section_types = {f.name: f.type for f in dataclasses.fields(kind) if f.name != "source"}
     for name, values in raw.items():
+        if name in kind.other_sections:
+            continue
         if name not in section_types:
             raise ConfigError(f"[{name}]: unknown section (expected one of {', '.join(section_types)})")
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}]: expected a table of keys, got {values!r}")
-        section_class = _resolve(Config, name)
+        section_class = _resolve(kind, name)
         sections[name] = _build_section(name, section_class, values)
-    config = Config(**sections, source=source)
-    _check_values(config)
+    config = kind(**sections, source=source)
+    config.check()
     return config
 
 
@@ -261,10 +235,6 @@ def _check_values(config: Config) -> None:
         "[generation] steps": config.generation.steps,
         "[generation] adapter_cache": config.generation.adapter_cache,
         "[generation] batch_limit": config.generation.batch_limit,
-        "[intake] min_photos": config.intake.min_photos,
-        "[intake] max_bytes": config.intake.max_bytes,
-        "[intake] max_concurrent": config.intake.max_concurrent,
-        "[limits] max_queued_jobs_per_user": config.limits.max_queued_jobs_per_user,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -276,11 +246,6 @@ def _check_values(config: Config) -> None:
     if config.training.resolution % 8:
         raise ConfigError(
             f"[training] resolution: expected a multiple of 8, got {config.training.resolution!r}"
-        )
-    if config.intake.max_photos < config.intake.min_photos:
-        raise ConfigError(
-            f"[intake] max_photos: expected at least min_photos ({config.intake.min_photos}), "
-            f"got {config.intake.max_photos!r}"
         )
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"[model] dtype: expected one of {', '.join(DTYPES)}, got {config.model.dtype!r}")
@@ -301,8 +266,3 @@ def _check_values(config: Config) -> None:
         )
     if not config.model.devices:
         raise ConfigError("[model] device: expected a device name or a non-empty list, got []")
-    # Every member's negative prompt starts with it: one that does not read would refuse them all.
-    try:
-        parse_prompt(config.safety.default_negative_prompt, loras=False)
-    except PromptSyntaxError as error:
-        raise ConfigError(f"[safety] default_negative_prompt: {error}") from None

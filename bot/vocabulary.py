@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPTokenizer
 
-from engine.config import TINY_MODELS
+from engine.contract.config import TINY_MODELS
 
 log = logging.getLogger(__name__)
 

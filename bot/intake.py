@@ -26,7 +26,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from engine.config import IntakeSection
+from bot.config import IntakeSection
 
 # Phones send HEIC; this adds the "HEIF" format to Pillow's registry (once per process).
 pillow_heif.register_heif_opener()

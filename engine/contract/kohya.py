@@ -158,7 +158,7 @@ def write_kohya_adapter(
     """Write the adapter whole or not at all: a worker may be loading the previous file meanwhile.
 
     Written through a Python file, so that a failed write (a full disk) raises the OSError that says
-    so (engine.disk); safetensors' own writer reports it as a SafetensorError."""
+    so (engine.contract.disk); safetensors' own writer reports it as a SafetensorError."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from engine.prompt_syntax import MAX_WEIGHT, parse_prompt
+from engine.contract.prompt_syntax import MAX_WEIGHT, parse_prompt
 
 # What a member's token and class word may be: the bot refuses others before queuing, the engine
 # before training. A token also names the adapter on the pipeline.
@@ -80,7 +80,7 @@ class TrainJob:
     job_id: str
     token: str
     class_word: str
-    # Prepared square PNGs at the training resolution (see engine.intake).
+    # Prepared square PNGs at the training resolution (see bot.intake).
     photos: list[str]
     # Receives adapter.safetensors, training.json, checkpoints/ and samples/.
     output_dir: str
@@ -109,7 +109,7 @@ class GenerateJob:
 
     type: ClassVar[str] = "generate"
     job_id: str
-    # In A1111's prompt language (engine.prompt_syntax); its <lora:...> tags name adapters below.
+    # In A1111's prompt language (engine.contract.prompt_syntax); its <lora:...> tags name adapters below.
     prompt: str
     output_dir: str
     negative_prompt: str = ""
@@ -320,6 +320,10 @@ RESULT_TYPES: dict[str, type[TrainingDone] | type[GenerationDone]] = {
     TrainJob.type: TrainingDone,
     GenerateJob.type: GenerationDone,
 }
+
+
+# Where a training keeps its checkpoints under its output_dir (step-NNNNNN/, the newest only).
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def named_paths(event: Event) -> list[str]:
