@@ -5,16 +5,22 @@ a whole-word token (`thor</w>`) for every word that was frequent in its training
 names included, so a name it encodes as one token already means something to the model. Only files
 already on this machine are read: a local diffusers folder, the Hugging Face cache's copy of a Hub
 model, and for a single-file checkpoint the CLIP tokenizer diffusers pairs with it.
+
+The tokenizer is read with the `tokenizers` library, built from the files as transformers builds its
+fast CLIP tokenizer (convert_slow_tokenizer's CLIPConverter): transformers itself stays out of the
+bot process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
-from transformers import CLIPTokenizer
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from engine.contract.config import TINY_MODELS
 
@@ -25,17 +31,24 @@ TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 # A single-file checkpoint carries no tokenizer: diffusers uses this one for SD 1.x and for SDXL's
 # first text encoder (SDXL's second, OpenCLIP's, has the same vocabulary).
 SINGLE_FILE_TOKENIZER = "openai/clip-vit-large-patch14"
+# CLIP's word split (its tokenizer's `pat`, without the special tokens) and the merges its own
+# tokenizer reads: merges.txt after its version line, at most 49152 - 256 - 2 of them.
+_CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_CLIP_MERGES = 49152 - 256 - 2
+_CLIP_UNKNOWN = "<|endoftext|>"
 
 
 class BaseVocabulary:
     """The base model's tokenizers; with none (not on this machine yet) it knows no word."""
 
-    def __init__(self, tokenizers: Sequence[CLIPTokenizer] = ()) -> None:
+    def __init__(self, tokenizers: Sequence[Tokenizer] = ()) -> None:
         self.tokenizers = tuple(tokenizers)
 
     def knows(self, word: str) -> bool:
         """True when a tokenizer of the model encodes `word` as a single token of its vocabulary."""
-        return any(len(tokenizer.tokenize(word)) == 1 for tokenizer in self.tokenizers)
+        return any(
+            len(tokenizer.encode(word, add_special_tokens=False).ids) == 1 for tokenizer in self.tokenizers
+        )
 
 
 def load_vocabulary(base: str) -> BaseVocabulary:
@@ -73,9 +86,31 @@ def _cached_snapshot(repo_id: str, filename: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def _read_tokenizer(folder: Path) -> CLIPTokenizer | None:
+def _read_tokenizer(folder: Path) -> Tokenizer | None:
+    """CLIP's byte-level BPE from a tokenizer folder's vocab.json and merges.txt."""
     try:
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").strip().split("\n")[1 : _CLIP_MERGES + 1]
+        merges = [(first, second) for first, second in (line.split() for line in lines)]
+        tokenizer = Tokenizer(
+            BPE(
+                vocab,
+                merges,
+                continuing_subword_prefix="",
+                end_of_word_suffix="</w>",
+                unk_token=_CLIP_UNKNOWN,
+            )
+        )
     except Exception as error:  # a broken tokenizer must not stop the bot: the built-in list still applies
         log.warning("could not read the tokenizer in %s: %s", folder, error)
         return None
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    return tokenizer
