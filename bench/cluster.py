@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import cluster_sim
 from bench.workload import prepare_photos
+from bot.cluster import RayPool
 from bot.db import Database
 from bot.jobs import JobQueue
 from engine.contract.config import config_from_dict
@@ -89,7 +90,7 @@ async def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     async def no_events(*_: object) -> None:
         return None
 
-    queue = JobQueue(db, config, on_event=no_events)
+    queue = JobQueue(db, config, on_event=no_events, pool=RayPool(config))
     figures: dict[str, Any] = {}
     try:
         for nodes in (1, 2):

@@ -26,9 +26,11 @@ from discord.ext import commands
 
 from bot.config import BotConfig
 from bot.db import Database, GenerationRow, JobRow, PostRow, PromptRow
-from bot.jobs import JobQueue, WorkerPool
+from bot.jobs import JobQueue
+from bot.pools import worker_pool
 from bot.service import UserFacingError
 from bot.words import load_base_vocabulary
+from bot.workers import WorkerPool
 
 if TYPE_CHECKING:
     from engine.contract.protocol import Event
@@ -80,7 +82,8 @@ class DreamBot(commands.Bot):
         )
         self.config = config
         self.db = Database.in_data_dir(config.data_dir)
-        self.jobs = JobQueue(self.db, config, on_event=self._on_job_event, pool=pool)
+        # The config's pool unless the caller hands one in (a test, a hostile engine).
+        self.jobs = JobQueue(self.db, config, on_event=self._on_job_event, pool=pool or worker_pool(config))
         self._heartbeat: asyncio.Task[None] | None = None
         # Model names are checked against the base model's tokenizer: read it once, here.
         load_base_vocabulary(config.model.base)

@@ -37,6 +37,7 @@ from bot.db import (
 )
 from bot.intake import PHOTO_SUFFIXES, check_files
 from bot.jobs import JobQueue
+from bot.pools import worker_pool
 from bot.prompts import ASPECTS, size_for_aspect
 from bot.safety import merge_negative
 from bot.service import (
@@ -489,7 +490,7 @@ async def _run_until_finished(config: BotConfig, db: Database, row: JobRow) -> J
         elif isinstance(event, Result | Error) and not finished.done():
             finished.set_result(job)
 
-    queue = JobQueue(db, config, on_event=on_event, job_ids={row.id})
+    queue = JobQueue(db, config, on_event=on_event, job_ids={row.id}, pool=worker_pool(config))
     print("starting the engine (loading the base model)...", file=sys.stderr)
     await queue.start()
     try:

@@ -33,7 +33,8 @@ import ray
 from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bot.jobs import EngineWorker, PoolSlots, WorkerPool
+from bot.workers import EngineWorker, PoolSlots, WorkerPool
+from engine.contract.actor import engine_actor_class
 from engine.contract.config import Config, EngineSection
 from engine.contract.protocol import (
     CHECKPOINTS_DIR,
@@ -47,7 +48,7 @@ from engine.contract.protocol import (
     decode,
     encode,
 )
-from engine.contract.transport import Parcel, Shipment, content_hash, engine_actor_class, write_atomically
+from engine.contract.transport import Parcel, Shipment, content_hash, write_atomically
 
 log = logging.getLogger(__name__)
 

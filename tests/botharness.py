@@ -35,7 +35,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from bot.bot import DreamBot
 from bot.config import BotConfig, load_bot_config
 from bot.db import Database, ModelRow
-from bot.jobs import WorkerPool
+from bot.workers import WorkerPool
 
 PHOTOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "photos"
 # The engine loads the tiny model and answers within seconds; trainings at 64 px take a few more.

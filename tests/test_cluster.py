@@ -39,7 +39,7 @@ from test_bot_resilience import TRAINING, ready_post, training_steps
 from test_forget import forget
 
 from bot import cluster as cluster_module
-from bot.cluster import RayWorker, no_slot_reason, node_slots, store_shipment
+from bot.cluster import RayPool, RayWorker, no_slot_reason, node_slots, store_shipment
 from bot.db import Database
 from bot.jobs import UNAVAILABLE_MESSAGE, JobQueue
 from engine.contract.config import Config, EngineSection, load_config
@@ -282,7 +282,8 @@ async def running_queue(
     cluster: Cluster,
 ) -> AsyncIterator[tuple[JobQueue, Recorder]]:
     recorder = Recorder(db)
-    queue = JobQueue(db, ray_config(data_dir, folder, cluster, checkpoint_every=2), on_event=recorder)
+    config = ray_config(data_dir, folder, cluster, checkpoint_every=2)
+    queue = JobQueue(db, config, on_event=recorder, pool=RayPool(config))
     await queue.start()
     try:
         yield queue, recorder
@@ -470,7 +471,7 @@ def test_the_bot_outlives_a_restart_of_the_head_through_ray_client_saying_meanwh
         recorder = Recorder(db)
         engine = EngineSection(backend="ray", ray_address=f"ray://127.0.0.1:{port}", **ON_CPUS)
         config = dataclasses.replace(ray_config(data_dir, tmp_path, first), engine=engine)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=RayPool(config))
         await queue.start()
         second = None
         try:

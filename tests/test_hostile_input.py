@@ -20,9 +20,10 @@ from botharness import (
 from fakediscord import FakeMessage
 
 from bot.db import DATABASE_FILE
-from bot.jobs import STRAY_FILES_MESSAGE, EngineWorker, PoolSlots, WorkerPool
+from bot.jobs import STRAY_FILES_MESSAGE
 from bot.prompts import MAX_COMMAND_STEPS
 from bot.storage import generation_dir
+from bot.workers import EngineWorker, PoolSlots, WorkerPool
 from engine.contract.config import Config
 from engine.contract.protocol import (
     Accepted,

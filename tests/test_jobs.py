@@ -13,21 +13,17 @@ from pathlib import Path
 import pytest
 from queueharness import ALICE, BOB, CAROL, TIMEOUT, Recorder, add_generate, add_train, write_config
 
-from bot import jobs
 from bot.db import Database, JobRow
 from bot.jobs import (
     DROPPED_MESSAGE,
     MAX_ATTEMPTS,
     UNAVAILABLE_MESSAGE,
     EngineUnavailable,
-    EngineWorker,
     JobQueue,
-    PoolSlots,
-    SubprocessWorker,
-    WorkerPool,
     dispatch_order,
     plan_dispatch,
 )
+from bot.workers import EngineWorker, LocalPool, PoolSlots, SubprocessWorker, WorkerPool
 from engine.contract.config import Config
 from engine.contract.protocol import (
     Accepted,
@@ -201,7 +197,6 @@ def test_a_pool_with_no_slot_is_logged_at_start_and_at_each_change_saying_why(
     tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = ScriptedPool()
-    monkeypatch.setattr(jobs, "worker_pool", lambda config: pool)
     caplog.set_level(logging.INFO, logger="bot.jobs")
     why = "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: set it to 0 ..."
 
@@ -213,7 +208,7 @@ def test_a_pool_with_no_slot_is_logged_at_start_and_at_each_change_saying_why(
         ]
 
     async def scenario() -> None:
-        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=Recorder(db))
+        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=Recorder(db), pool=pool)
         await queue.start()
         try:
             await pool.hand(PoolSlots((), 2, why))
@@ -232,12 +227,11 @@ def test_with_no_slot_for_a_while_the_waiting_jobs_fail_saying_so_and_new_ones_a
     tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pool = ScriptedPool()
-    monkeypatch.setattr(jobs, "worker_pool", lambda config: pool)
     empty = PoolSlots((), 2, "the cluster's nodes have no GPUs, and [engine] gpus_per_worker = 1: ...")
 
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=recorder)
+        queue = JobQueue(db, write_config(tmp_path, tmp_path), on_event=recorder, pool=pool)
         queue.unavailable_after = 3600.0
         await queue.start()
         try:
@@ -281,7 +275,7 @@ def test_jobs_left_by_a_dead_bot_and_new_ones_run_with_rows_written_first(
 
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=LocalPool(config))
         await queue.start()
         try:
             await queue.wait_ready(TIMEOUT)
@@ -324,7 +318,7 @@ def test_a_job_whose_worker_is_killed_is_retried_once_and_completes(
 ) -> None:
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=LocalPool(config))
         await queue.start()
         try:
             queue.submit(add_train(db, data_dir, "killed-once", steps=6))
@@ -351,7 +345,7 @@ def test_a_job_killed_twice_is_dropped_and_the_queue_goes_on(
 ) -> None:
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=LocalPool(config))
         await queue.start()
         try:
             queue.submit(add_train(db, data_dir, "killed-twice", steps=300))
@@ -386,7 +380,7 @@ def test_a_job_handed_to_a_dying_engine_is_not_an_attempt(
 ) -> None:
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=LocalPool(config))
         await queue.start()
         try:
             await queue.wait_ready(TIMEOUT)
@@ -420,7 +414,7 @@ def test_a_job_handed_to_a_dying_engine_is_not_an_attempt(
 def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=LocalPool(config))
         await queue.start()
         try:
             queue.submit(add_train(db, data_dir, "running", steps=500))
@@ -470,7 +464,7 @@ def test_a_worker_that_cannot_load_its_model_fails_the_queued_jobs(
 
     async def scenario() -> None:
         recorder = Recorder(db)
-        queue = JobQueue(db, config, on_event=recorder)
+        queue = JobQueue(db, config, on_event=recorder, pool=LocalPool(config))
         await queue.start()
         try:
             with pytest.raises(EngineUnavailable, match="no-such-model"):

@@ -1,6 +1,6 @@
 """What travels between the bot and an engine actor on a Ray node (bot.cluster, engine.ray_actor):
 a job's input files (Parcel) and each event with the files it names (Shipment), adapters by content
-hash; and the actor's class, which Ray needs to start an engine on a node."""
+hash."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.ray_actor import EngineActor
 
 
 def content_hash(data: bytes) -> str:
@@ -47,11 +43,3 @@ def write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     partial.write_bytes(data)
     os.replace(partial, path)
-
-
-def engine_actor_class() -> type[EngineActor]:
-    """The engine's actor class, for ray.remote: the one piece of the engine the bot reaches beyond
-    this package. Its module imports neither torch nor ray until the actor starts on its node."""
-    from engine.ray_actor import EngineActor
-
-    return EngineActor
