@@ -15,10 +15,11 @@ own kind only:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import discord
 from discord import app_commands
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from engine.contract.protocol import Event
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
 
 # The name a job event is dispatched under: {kind}_{event}, as in on_generation_finished.
 JOB_EVENT_KINDS = {"train": "training", "generate": "generation"}
@@ -217,8 +220,26 @@ class DreamBot(commands.Bot):
         await report_error(interaction, error)
 
 
+def reports_errors(
+    action: Callable[Concatenate[Any, discord.Interaction, P], Awaitable[None]],
+) -> Callable[Concatenate[Any, discord.Interaction, P], Coroutine[Any, Any, None]]:
+    """The one way a component handles its errors: a button's callback, a modal's on_submit or a
+    view's button decorated with it reports what it raises as a command's error is (report_error)."""
+
+    @functools.wraps(action)
+    async def reporting(
+        component: Any, interaction: discord.Interaction, /, *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        try:
+            await action(component, interaction, *args, **kwargs)
+        except Exception as error:
+            await report_error(interaction, error)
+
+    return reporting
+
+
 async def report_error(interaction: discord.Interaction, error: Exception) -> None:
-    """The one error handler: commands reach it through the tree, modals and buttons call it."""
+    """The one error handler: commands reach it through the tree, components through reports_errors."""
     original = getattr(error, "original", error)
     if isinstance(original, UserFacingError):
         message = str(original)

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import discord
 
-from bot.bot import DreamBot, reply_privately, report_error
+from bot.bot import DreamBot, reply_privately, reports_errors
 from bot.db import ACTIVE_JOB_STATES, GenerationRow, JobRow
 from bot.pnginfo import Parameters
 from bot.service import UserFacingError
@@ -158,21 +158,17 @@ class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]]
     ) -> CancelJobButton:
         return cls(match["job_id"])
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
-        try:
-            bot = interaction.client
-            job = bot.db.find_job(self.job_id)
-            if job is None or job.state not in ACTIVE_JOB_STATES:
-                raise UserFacingError("That job has already finished.")
-            if not can_manage(interaction, job):
-                raise UserFacingError(
-                    "That's not your job: only its owner or a server manager can cancel it."
-                )
-            if not await cancel_job(bot, job, interaction.user):
-                raise UserFacingError("That job has already finished.")
-            await reply_privately(interaction, f"Cancelled: {describe_job(job)}.")
-        except Exception as error:
-            await report_error(interaction, error)
+        bot = interaction.client
+        job = bot.db.find_job(self.job_id)
+        if job is None or job.state not in ACTIVE_JOB_STATES:
+            raise UserFacingError("That job has already finished.")
+        if not can_manage(interaction, job):
+            raise UserFacingError("That's not your job: only its owner or a server manager can cancel it.")
+        if not await cancel_job(bot, job, interaction.user):
+            raise UserFacingError("That job has already finished.")
+        await reply_privately(interaction, f"Cancelled: {describe_job(job)}.")
 
 
 # -- paging ------------------------------------------------------------------------------------
@@ -217,11 +213,13 @@ class Pager(discord.ui.View):
         )
 
     @discord.ui.button(label="Previous", emoji="◀️", style=discord.ButtonStyle.secondary)
+    @reports_errors
     async def previous(self, interaction: discord.Interaction, button: discord.ui.Button[Pager]) -> None:
         self.index = max(0, self.index - 1)
         await self._show(interaction)
 
     @discord.ui.button(label="Next", emoji="▶️", style=discord.ButtonStyle.secondary)
+    @reports_errors
     async def next(self, interaction: discord.Interaction, button: discord.ui.Button[Pager]) -> None:
         self.index += 1
         await self._show(interaction)
@@ -253,10 +251,12 @@ class ConfirmView(discord.ui.View):
         return True
 
     @discord.ui.button(label="Delete", style=discord.ButtonStyle.danger)
+    @reports_errors
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[ConfirmView]) -> None:
         await self._answer(interaction, True)
 
     @discord.ui.button(label="Keep it", style=discord.ButtonStyle.secondary)
+    @reports_errors
     async def keep(self, interaction: discord.Interaction, button: discord.ui.Button[ConfirmView]) -> None:
         await self._answer(interaction, False)
 
@@ -415,14 +415,12 @@ class SavePromptButton(
     ) -> SavePromptButton:
         return cls(int(match["id"]))
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
-        try:
-            book = interaction.client.get_cog("PromptBook")
-            if book is None:
-                raise UserFacingError("The prompt book is switched off right now.")
-            await book.open_save_modal(interaction, self.generation_id)  # type: ignore[attr-defined]
-        except Exception as error:
-            await report_error(interaction, error)
+        book = interaction.client.get_cog("PromptBook")
+        if book is None:
+            raise UserFacingError("The prompt book is switched off right now.")
+        await book.open_save_modal(interaction, self.generation_id)  # type: ignore[attr-defined]
 
 
 # -- words ---------------------------------------------------------------------------------------

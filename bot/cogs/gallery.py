@@ -21,7 +21,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import DreamBot
+from bot.bot import DreamBot, reports_errors
 from bot.consent import generation_refusal
 from bot.db import GenerationRow
 from bot.service import UserFacingError
@@ -282,11 +282,12 @@ class GalleryPager(Pager):
         )
 
     @discord.ui.button(label="Use prompt", emoji="✏️", style=discord.ButtonStyle.primary)
+    @reports_errors
     async def use_prompt(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         # Not isinstance: load_extension executes the imagine module afresh, so its class differs.
         cog = cast("Imagine | None", self.bot.get_cog("Imagine"))
         if cog is not None and self.row is not None:
-            await cog.guarded(interaction, cog.open_prompt_modal(interaction, self.row.id))
+            await cog.open_prompt_modal(interaction, self.row.id)
 
 
 async def setup(bot: DreamBot) -> None:

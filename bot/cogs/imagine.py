@@ -28,7 +28,7 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from bot.bot import DreamBot, report_error
+from bot.bot import DreamBot, reports_errors
 from bot.consent import generation_refusal
 from bot.db import GenerationRow, JobRow, ModelRow
 from bot.pnginfo import Parameters, parse_a1111
@@ -427,13 +427,6 @@ class Imagine(commands.Cog):
 
     # -- buttons -------------------------------------------------------------------------------
 
-    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
-        """Run a button's or modal's action; failures reach the member like a command's do."""
-        try:
-            await action
-        except Exception as error:
-            await report_error(interaction, error)
-
     def _generation(self, generation_id: int) -> GenerationRow:
         row = self.bot.db.find_generation(generation_id)
         if row is None:
@@ -635,6 +628,7 @@ class GenerationButton(
     ) -> GenerationButton:
         return cls(match["action"], int(match["id"]))
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = _imagine(interaction)
         start = {
@@ -643,7 +637,7 @@ class GenerationButton(
             "info": cog.show_info,
             "delete": cog.delete,
         }[self.action]
-        await cog.guarded(interaction, start(interaction, self.generation_id))
+        await start(interaction, self.generation_id)
 
 
 class ImageButton(
@@ -674,10 +668,11 @@ class ImageButton(
     ) -> ImageButton:
         return cls(match["action"], int(match["id"]), int(match["index"]))
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = _imagine(interaction)
         start = cog.vary if self.action == "vary" else cog.upscale
-        await cog.guarded(interaction, start(interaction, self.generation_id, self.index))
+        await start(interaction, self.generation_id, self.index)
 
 
 BUTTONS = (GenerationButton, ImageButton)
@@ -714,8 +709,9 @@ class UsePromptModal(discord.ui.Modal, title="Imagine with this prompt"):
         )
         self.add_item(self.prompt)
 
+    @reports_errors
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await self.cog.guarded(interaction, self.run(interaction, self.prompt.value))
+        await self.run(interaction, self.prompt.value)
 
 
 # -- small words -------------------------------------------------------------------------------

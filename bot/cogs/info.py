@@ -21,7 +21,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import DreamBot, report_error
+from bot.bot import DreamBot, reports_errors
 from bot.pnginfo import MAX_PICTURE_BYTES, Parameters, Picture, PictureError, read_picture, without_lora_tags
 from bot.prompts import ASPECTS, nearest_aspect
 from bot.service import UserFacingError
@@ -74,19 +74,15 @@ class PicturePromptButton(discord.ui.DynamicItem[discord.ui.Button], template=PI
     ) -> PicturePromptButton:
         return cls(int(match["index"]), match["aspect"])
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
-        try:
-            message = interaction.message
-            if message is None or len(message.embeds) <= self.index:
-                raise UserFacingError(
-                    "I can't read that picture's info any more: ask for Picture info again."
-                )
-            prompt, negative = picture_prompts(message.embeds[self.index])
-            await _imagine(interaction.client).open_picture_prompt_modal(
-                interaction, without_lora_tags(prompt), negative, self.aspect
-            )
-        except Exception as error:
-            await report_error(interaction, error)
+        message = interaction.message
+        if message is None or len(message.embeds) <= self.index:
+            raise UserFacingError("I can't read that picture's info any more: ask for Picture info again.")
+        prompt, negative = picture_prompts(message.embeds[self.index])
+        await _imagine(interaction.client).open_picture_prompt_modal(
+            interaction, without_lora_tags(prompt), negative, self.aspect
+        )
 
 
 class Info(commands.Cog):

@@ -10,7 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import DreamBot, report_error
+from bot.bot import DreamBot, reports_errors
 from bot.db import ModelRow
 from bot.publish import check_repo_id, publish_model
 from bot.service import (
@@ -209,13 +209,11 @@ class HubTokenModal(discord.ui.Modal, title="Publish to Hugging Face"):
         self.repo = repo
         self.private = private
 
+    @reports_errors
     async def on_submit(self, interaction: discord.Interaction) -> None:
         await self.cog.publish(
             interaction, self.model_id, self.repo, self.token.value.strip(), private=self.private
         )
-
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
-        await report_error(interaction, error)
 
 
 def _model_line(model: ModelRow) -> str:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.bot import DreamBot, report_error
+from bot.bot import DreamBot, reports_errors
 from bot.db import PromptRow, PromptSort
 from bot.prompts import size_for_aspect
 from bot.safety import merge_negative, prompt_refusal
@@ -397,13 +396,6 @@ class PromptBook(commands.Cog):
         # No await between reading and writing: concurrent reactions cannot lose a count.
         self.bot.db.update_prompt(entry.id, stars=max(0, entry.stars + change))
 
-    async def guarded(self, interaction: discord.Interaction, action: Coroutine[Any, Any, None]) -> None:
-        """Run a button's or modal's action; failures reach the member like a command's do."""
-        try:
-            await action
-        except Exception as error:
-            await report_error(interaction, error)
-
 
 def _choices(titles: list[str], current: str) -> list[app_commands.Choice[str]]:
     return [
@@ -437,9 +429,10 @@ class TryPromptButton(discord.ui.DynamicItem[discord.ui.Button], template=TRY_TE
     ) -> TryPromptButton:
         return cls(int(match["id"]))
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction) -> None:
         book = _book(interaction)
-        await book.guarded(interaction, book.render(interaction, self.prompt_id))
+        await book.render(interaction, self.prompt_id)
 
 
 class SavePromptModal(discord.ui.Modal, title="Save to the prompt book"):
@@ -457,12 +450,10 @@ class SavePromptModal(discord.ui.Modal, title="Save to the prompt book"):
         self.add_item(self.entry_title)
         self.add_item(self.note)
 
+    @reports_errors
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await self.book.guarded(
-            interaction,
-            self.book.save_from_picture(
-                interaction, self.generation_id, self.entry_title.value, self.note.value
-            ),
+        await self.book.save_from_picture(
+            interaction, self.generation_id, self.entry_title.value, self.note.value
         )
 
 
@@ -523,9 +514,10 @@ class PromptPager(Pager):
         )
 
     @discord.ui.button(label="Try with my face", emoji="🪄", style=discord.ButtonStyle.primary)
+    @reports_errors
     async def try_it(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
         if self.entry is not None:
-            await self.book.guarded(interaction, self.book.render(interaction, self.entry.id))
+            await self.book.render(interaction, self.entry.id)
 
 
 async def setup(bot: DreamBot) -> None:

@@ -27,7 +27,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
-from bot.bot import DreamBot, report_error
+from bot.bot import DreamBot, reports_errors
 from bot.db import ACTIVE_JOB_STATES, JobRow, new_job_id
 from bot.intake import PHOTO_SUFFIXES, IntakeReport, PhotoVerdict, check_files, too_big
 from bot.service import (
@@ -190,13 +190,11 @@ class RetryTrainingButton(
     ) -> RetryTrainingButton:
         return cls(match["job_id"])
 
+    @reports_errors
     async def callback(self, interaction: discord.Interaction[DreamBot]) -> None:
-        try:
-            training = interaction.client.get_cog(Training.__cog_name__)
-            assert isinstance(training, Training)
-            await training.retry(interaction, self.job_id)
-        except Exception as error:
-            await report_error(interaction, error)
+        training = interaction.client.get_cog(Training.__cog_name__)
+        assert isinstance(training, Training)
+        await training.retry(interaction, self.job_id)
 
 
 class TrainModal(discord.ui.Modal, title="Train on these photos"):
@@ -212,11 +210,9 @@ class TrainModal(discord.ui.Modal, title="Train on these photos"):
         self.cog = cog
         self.attachments = attachments
 
+    @reports_errors
     async def on_submit(self, interaction: discord.Interaction) -> None:
         await self.cog.start_training(interaction, self.name.value, self.subject.value, self.attachments)
-
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
-        await report_error(interaction, error)
 
 
 class Training(commands.Cog):
