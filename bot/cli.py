@@ -38,10 +38,8 @@ from bot.db import (
 from bot.intake import PHOTO_SUFFIXES, check_files
 from bot.jobs import JobQueue
 from bot.pools import worker_pool
-from bot.prompts import ASPECTS, size_for_aspect
-from bot.safety import merge_negative
+from bot.prompts import ASPECTS
 from bot.service import (
-    ImageRequest,
     UserFacingError,
     check_generation_request,
     check_training_request,
@@ -53,6 +51,7 @@ from bot.service import (
     fill_template,
     finish_generation,
     finish_training,
+    image_request,
     queue_generation,
     queue_training,
 )
@@ -380,16 +379,15 @@ def _local_model(db: Database, name: str) -> ModelRow | None:
 
 def imagine_command(config: BotConfig, args: argparse.Namespace) -> int:
     db = Database.in_data_dir(config.data_dir)
-    width, height = size_for_aspect(args.aspect, config.training.resolution)
-    request = ImageRequest(
-        prompt=args.prompt,
-        negative_prompt=merge_negative(config.safety.default_negative_prompt, args.negative),
+    request = image_request(
+        config,
+        args.prompt,
+        negative=args.negative,
+        aspect=args.aspect,
         seed=args.seed,
         count=args.count,
-        width=width,
-        height=height,
-        steps=args.steps or config.generation.steps,
-        guidance=config.generation.guidance if args.guidance is None else args.guidance,
+        steps=args.steps,
+        guidance=args.guidance,
     )
     try:
         # [me] is the local user's default model, as on Discord.

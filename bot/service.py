@@ -22,8 +22,8 @@ from PIL import Image
 from bot.config import BotConfig
 from bot.consent import may_use
 from bot.db import Database, GenerationRow, JobRow, MemberSettings, ModelRow, new_job_id
-from bot.prompts import ASPECTS, MAX_COMMAND_STEPS, models_in_prompt
-from bot.safety import prompt_refusal
+from bot.prompts import ASPECTS, MAX_COMMAND_STEPS, models_in_prompt, size_for_aspect
+from bot.safety import merge_negative, prompt_refusal
 from bot.storage import adapter_dir, generation_dir, photos_dir, remove_path, remove_paths
 from bot.templates import TemplateError, fill, placeholders, unfilled_message
 from bot.words import normalize_token, subject_problem, token_problem
@@ -299,6 +299,40 @@ class ImageRequest:
     @property
     def kind(self) -> GenerationKind:
         return generation_kind(self.init_image, self.upscale)
+
+
+def image_request(
+    config: BotConfig,
+    prompt: str,
+    *,
+    settings: MemberSettings | None = None,
+    negative: str | None = None,
+    aspect: str | None = None,
+    seed: int | None = None,
+    count: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> ImageRequest:
+    """The one place a new picture's settings are made, whichever path asks (/imagine, Use prompt on
+    Picture info, the prompt book, the CLI): what the member gave, else her /settings when the path
+    applies them, else the server's config; the server's negative prompt always comes first."""
+    mine = settings or MemberSettings()
+    width, height = size_for_aspect(aspect or mine.aspect or "square", config.training.resolution)
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt=merge_negative(
+            config.safety.default_negative_prompt, negative or mine.negative_prompt
+        ),
+        seed=seed,
+        count=count or mine.count or 1,
+        width=width,
+        height=height,
+        steps=steps or mine.steps or config.generation.steps,
+        # The first given: a guidance of 0 is a guidance like any other.
+        guidance=next(
+            value for value in (guidance, mine.guidance, config.generation.guidance) if value is not None
+        ),
+    )
 
 
 def generation_kind(init_image: str | None, upscale: bool) -> GenerationKind:

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 
 from bot.config import BotConfig
-from bot.db import Database, JobRow, new_job_id
+from bot.db import Database, JobRow, MemberSettings, new_job_id
 from bot.service import (
     MAX_QUEUED_KEY,
+    ImageRequest,
     UserFacingError,
     awaits_retry,
     check_queue_cap,
     delete_model,
     end_training,
+    image_request,
     queue_training,
     retry_training,
 )
@@ -87,3 +89,24 @@ def test_a_training_stopped_by_a_full_disk_keeps_its_photos_until_its_model_goes
     stopped = failed_training(db, config, "qwyxel", "disk_full")
     failed_training(db, config, "qwyxel", "internal")
     assert not photos_dir(config, stopped.id).exists()
+
+
+def test_a_pictures_settings_come_from_the_member_then_her_settings_then_the_config(tmp_path: Path) -> None:
+    config = config_from_dict(
+        {"training": {"resolution": 512}, "generation": {"steps": 25, "guidance": 7.5},
+         "safety": {"default_negative_prompt": "lowres"}},
+        kind=BotConfig,
+    )  # fmt: skip
+    assert image_request(config, "a castle") == ImageRequest(
+        prompt="a castle", negative_prompt="lowres", seed=None, count=1, width=512, height=512, steps=25,
+        guidance=7.5,
+    )  # fmt: skip
+    mine = MemberSettings(aspect="portrait", steps=30, guidance=5.0, negative_prompt="blurry", count=2)
+    hers = image_request(config, "a castle", settings=mine)
+    assert (hers.count, hers.steps, hers.guidance, hers.negative_prompt) == (2, 30, 5.0, "lowres, blurry")
+    assert hers.height > hers.width
+    # What she gives wins, a guidance of 0 too; the server's negative prompt always leads.
+    given = image_request(config, "a castle", settings=mine, negative="text", aspect="landscape", seed=7,
+                          count=4, steps=12, guidance=0.0)  # fmt: skip
+    assert (given.count, given.steps, given.guidance, given.seed) == (4, 12, 0.0, 7)
+    assert given.negative_prompt == "lowres, text" and given.width > given.height

@@ -32,8 +32,7 @@ from bot.bot import DreamBot, reports_errors
 from bot.consent import generation_refusal
 from bot.db import GenerationRow, JobRow, ModelRow
 from bot.pnginfo import Parameters, parse_a1111
-from bot.prompts import MAX_COMMAND_STEPS, size_for_aspect
-from bot.safety import merge_negative
+from bot.prompts import MAX_COMMAND_STEPS
 from bot.service import (
     ImageRequest,
     UserFacingError,
@@ -41,6 +40,7 @@ from bot.service import (
     end_generation,
     fill_template,
     finish_generation,
+    image_request,
     queue_generation,
 )
 from bot.storage import generation_dir
@@ -172,21 +172,17 @@ class Imagine(commands.Cog):
         guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
     ) -> None:
         """Imagine a picture; a member's token, or [me] for your own model, puts them in it."""
-        config = self.bot.config
-        # What she leaves out comes from her /settings, then from the server's config.
-        mine = self.bot.db.member_settings(interaction.user.id)
-        width, height = size_for_aspect(aspect or mine.aspect or "square", config.training.resolution)
-        request = ImageRequest(
-            prompt=prompt,
-            negative_prompt=merge_negative(
-                config.safety.default_negative_prompt, negative or mine.negative_prompt
-            ),
+        request = image_request(
+            self.bot.config,
+            prompt,
+            # What she leaves out comes from her /settings, then from the server's config.
+            settings=self.bot.db.member_settings(interaction.user.id),
+            negative=negative,
+            aspect=aspect,
             seed=seed,
-            count=count or mine.count or 1,
-            width=width,
-            height=height,
-            steps=steps or mine.steps or config.generation.steps,
-            guidance=_first_given(guidance, mine.guidance, config.generation.guidance),
+            count=count,
+            steps=steps,
+            guidance=guidance,
         )
         await self.queue(interaction, request, redirect=False)
 
@@ -516,18 +512,7 @@ class Imagine(commands.Cog):
     ) -> None:
         """The prompt of a picture made elsewhere (Picture info), ready to edit and run with its
         negative prompt and shape and this server's steps and guidance (its sampler is not ours)."""
-        config = self.bot.config
-        width, height = size_for_aspect(aspect, config.training.resolution)
-        request = ImageRequest(
-            prompt=prompt,
-            negative_prompt=merge_negative(config.safety.default_negative_prompt, negative_prompt),
-            seed=None,
-            count=1,
-            width=width,
-            height=height,
-            steps=config.generation.steps,
-            guidance=config.generation.guidance,
-        )
+        request = image_request(self.bot.config, prompt, negative=negative_prompt, aspect=aspect)
         await interaction.response.send_modal(
             UsePromptModal(
                 self,
@@ -715,11 +700,6 @@ class UsePromptModal(discord.ui.Modal, title="Imagine with this prompt"):
 
 
 # -- small words -------------------------------------------------------------------------------
-
-
-def _first_given(*values: float | None) -> float:
-    """The first value that is not None (0 is a guidance like any other); the last is always given."""
-    return next(value for value in values if value is not None)
 
 
 def _pictures(count: int) -> str:

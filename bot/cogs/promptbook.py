@@ -21,9 +21,8 @@ from discord.ext import commands
 
 from bot.bot import DreamBot, reports_errors
 from bot.db import PromptRow, PromptSort
-from bot.prompts import size_for_aspect
-from bot.safety import merge_negative, prompt_refusal
-from bot.service import ImageRequest, UserFacingError
+from bot.safety import prompt_refusal
+from bot.service import UserFacingError, image_request
 from bot.templates import SUBJECT, template_form, with_stand_in
 from bot.uploads import DEFAULT_UPLOAD_LIMIT
 from bot.views import (
@@ -312,19 +311,7 @@ class PromptBook(commands.Cog):
             entry.age_restricted, imagine.channel_for(interaction, redirect=True), PROMPT_FROM_AGE_RESTRICTED
         )
         # The imagine cog's queue fills [SUBJECT] with the member's own model (or says to /train).
-        prompt = entry.prompt
-        config = self.bot.config
-        width, height = size_for_aspect("square", config.training.resolution)
-        request = ImageRequest(
-            prompt=prompt,
-            negative_prompt=merge_negative(config.safety.default_negative_prompt, entry.negative_prompt),
-            seed=None,
-            count=1,
-            width=width,
-            height=height,
-            steps=config.generation.steps,
-            guidance=config.generation.guidance,
-        )
+        request = image_request(self.bot.config, entry.prompt, negative=entry.negative_prompt)
         await imagine.queue(interaction, request, redirect=True)
         self.bot.db.count_prompt_use(entry.id)
 
