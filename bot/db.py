@@ -115,8 +115,9 @@ class JobRow:
 
     @property
     def request(self) -> TrainJob | GenerateJob:
-        """The job as the engine runs it (ProtocolError for a payload that is not one)."""
-        job = decode(self.payload)
+        """The job as the engine runs it (ProtocolError for a payload that is not one). The bot
+        checked it when it wrote the row: it is read back as it is, not checked again."""
+        job = decode(self.payload, checked=False)
         if not isinstance(job, TrainJob | GenerateJob) or job.type != self.kind or job.job_id != self.id:
             raise ProtocolError(f"expected a {self.kind!r} job with job_id {self.id!r}")
         return job

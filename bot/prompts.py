@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 
 from bot.db import ModelRow
-from engine.contract.prompt_syntax import parse_prompt
+from engine.contract.prompt_syntax import ParsedPrompt
 from engine.contract.protocol import words_in
 
 # The most denoising steps /imagine and /settings offer; the engine takes up to engine.contract.protocol.MAX_STEPS.
@@ -39,9 +39,8 @@ def _multiple_of_8(value: float) -> int:
     return max(8, round(value / 8) * 8)
 
 
-def models_in_prompt(prompt: str, models: Iterable[ModelRow]) -> list[ModelRow]:
-    """The models the prompt names, by their token as a whole word of its text or in a
-    `<lora:TOKEN:WEIGHT>` tag, in the order given. PromptSyntaxError for a prompt that does not read."""
-    parsed = parse_prompt(prompt)
+def models_in_prompt(parsed: ParsedPrompt, models: Iterable[ModelRow]) -> list[ModelRow]:
+    """The models a (parsed) prompt names, by their token as a whole word of its text or in a
+    `<lora:TOKEN:WEIGHT>` tag, in the order given."""
     names = words_in(parsed.text) | set(parsed.lora_weights)
     return [model for model in models if model.token in names]

@@ -346,10 +346,11 @@ def usable_models(db: Database, guild_id: int, user_id: int, prompt: str) -> lis
     bare token); another member's only when its owner has shared it (then at any weight)."""
     ready = db.ready_models(guild_id)
     try:
-        weights = parse_prompt(prompt).lora_weights
-        models = models_in_prompt(prompt, ready)
+        parsed = parse_prompt(prompt)
     except PromptSyntaxError as error:
         raise UserFacingError(f"I can't read your prompt: {error}.") from None
+    weights = parsed.lora_weights
+    models = models_in_prompt(parsed, ready)
     unknown = sorted(set(weights) - {model.token for model in models})
     if unknown:
         raise UserFacingError(

@@ -27,6 +27,7 @@ from PIL import Image
 from bot.cogs.imagine import base_size, generation_view, make_grid
 from bot.db import GenerationRow, new_job_id
 from bot.views import GRID_FILE, generation_embed, post_image
+from engine.contract import prompt_syntax
 from engine.contract.protocol import GenerateJob, GenerationDone, encode
 
 
@@ -503,3 +504,27 @@ def test_a_slow_render_shows_previews_before_the_picture(tmp_path: Path) -> None
             assert not h.fake.errors
 
     run(scenario)
+
+
+def test_one_imagine_parses_its_prompt_once_on_the_bot_side(
+    shared_bot: SharedBot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its checks read one parse (prompt_syntax shares it); its row is read back without parsing it
+    again, whether to send it, to check its models at each event, or to keep its pictures."""
+    prompt = f"a quillwort castle {time.monotonic_ns()}"
+    parses: list[str] = []
+    attention_sections = prompt_syntax._attention_sections
+
+    def counting(text: str) -> tuple[tuple[prompt_syntax.Fragment, ...], ...]:
+        if text == prompt:
+            parses.append(text)
+        return attention_sections(text)
+
+    monkeypatch.setattr(prompt_syntax, "_attention_sections", counting)
+
+    async def scenario(h: BotHarness) -> None:
+        post = await imagine(h, h.alice, prompt=prompt)
+        assert post.embeds[0]["description"] == prompt
+
+    shared_bot.run(scenario)
+    assert len(parses) == 1

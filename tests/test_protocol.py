@@ -232,3 +232,24 @@ def test_a_progress_line_of_an_older_engine_has_no_preview() -> None:
     line = '{"type": "progress", "job_id": "a1", "phase": "generating", "step": 3, "total": 25}'
     assert decode(line) == Progress("a1", "generating", 3, 25)
     assert decode(line).preview is None  # type: ignore[union-attr]
+
+
+def test_a_line_this_side_wrote_is_read_back_unchecked_with_the_defaults_of_older_lines() -> None:
+    written = GenerateJob(
+        job_id="g1", prompt="abraza as thor", output_dir="/d/g/g1",
+        adapters=[AdapterRef("abraza", "person", "/d/a.safetensors")],
+    )  # fmt: skip
+    assert decode(encode(written), checked=False) == written
+    # Values a check would refuse stay as written: unchecked decoding checks nothing again.
+    out_of_range = encode(written).replace('"steps":25', '"steps":0')
+    assert decode(out_of_range, checked=False).steps == 0  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="`steps` has to be between 1"):
+        decode(out_of_range)
+    # An older line without a field that has a default reads with the default; one without a
+    # required field or with an unknown one does not read at all.
+    older = '{"type":"generate","job_id":"g2","prompt":"a cat","output_dir":"/d/g/g2"}'
+    assert decode(older, checked=False) == GenerateJob(job_id="g2", prompt="a cat", output_dir="/d/g/g2")
+    with pytest.raises(ProtocolError, match="missing field 'output_dir'"):
+        decode('{"type":"generate","job_id":"g3","prompt":"a cat"}', checked=False)
+    with pytest.raises(ProtocolError, match="unknown fields"):
+        decode('{"type":"generate","job_id":"g3","prompt":"a cat","output_dir":"/d","x":1}', checked=False)

@@ -20,6 +20,7 @@ lengthens what every denoising step attends to.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class ParsedPrompt:
         return {tag.name: tag.weight for tag in self.loras}
 
 
+# A request's prompt is read by several checks on its way (the bot's, the job's, the engine's): it is
+# parsed once, and its (immutable) reading shared. A prompt that does not read raises each time.
+@functools.lru_cache(maxsize=1024)
 def parse_prompt(prompt: str, *, loras: bool = True) -> ParsedPrompt:
     """Read a prompt in A1111's language; PromptSyntaxError says what does not read.
 
