@@ -126,18 +126,20 @@ def train_lora(
     on_progress: Callable[[TrainingProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     between_steps: Callable[[], bool] | None = None,
+    jobs_waiting: Callable[[], bool] | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter for `job` on `model`'s pipeline and write it under job.output_dir.
 
     The job's values were checked when it was made; ValueError says that a photo is missing.
 
     `should_stop` is polled before every step and every denoising step of the images rendered here;
-    True raises TrainingCancelled. `between_steps` runs after every optimizer step (and after every
-    batch of class images) with the compiler's default stance, the pipeline in train mode and
-    TRAINING_ADAPTER's weights set aside (its peft_config stays): a job that uses the pipeline must
-    choose its own adapters (set_adapters / disable_lora) and modes (eval) and return True; the
-    training state is then restored. Whatever happens, the pipeline is left with no
-    TRAINING_ADAPTER, no LoRA active, nothing requiring grad, everything in eval mode.
+    True raises TrainingCancelled. `between_steps` runs after every optimizer step at which
+    `jobs_waiting` (None: always) says True, and after every batch of class images, with the
+    compiler's default stance, the pipeline in train mode and TRAINING_ADAPTER's weights set aside
+    (its peft_config stays): a job that uses the pipeline must choose its own adapters (set_adapters /
+    disable_lora) and modes (eval) and return True; the training state is then restored. Whatever
+    happens, the pipeline is left with no TRAINING_ADAPTER, no LoRA active, nothing requiring grad,
+    everything in eval mode.
     """
     started = time.monotonic()
     photos = [Path(photo) for photo in job.photos]
@@ -218,7 +220,8 @@ def train_lora(
                     # Stopped while drawing it: no preview, and the stop check above keeps the steps.
                     preview = None
             report(TrainingProgress("training", step, total, smoothed, per_step * (total - step), preview))
-            if between_steps is not None:
+            # The pipeline is handed over (adapter set aside, stance switched) only to a job that waits.
+            if between_steps is not None and (jobs_waiting is None or jobs_waiting()):
                 trainer.hand_over(between_steps)
 
         seconds = earlier_seconds + time.monotonic() - started

@@ -450,6 +450,33 @@ def test_generation_between_steps_does_not_change_the_training(
 
 
 @pytest.mark.slow
+def test_the_pipeline_is_handed_over_only_after_the_steps_at_which_a_job_waits(
+    sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path
+) -> None:
+    events: list[TrainingProgress] = []
+    handed_over_after: list[int] = []
+
+    def between_steps() -> bool:
+        # Handed over: the training adapter's weights are set aside meanwhile.
+        assert TRAINING_ADAPTER not in next(
+            layer.lora_A for layer in sd.pipeline.unet.modules() if isinstance(layer, BaseTunerLayer)
+        )
+        handed_over_after.append(training_steps(events)[-1])
+        return False
+
+    train_lora(
+        sd,
+        train_job(photos, tmp_path, steps=6),
+        settings(prior_preservation=False, sample_count=0),
+        tmp_path / "class_images",
+        on_progress=events.append,
+        between_steps=between_steps,
+        jobs_waiting=lambda: training_steps(events)[-1] in (2, 5),
+    )
+    assert handed_over_after == [2, 5]
+
+
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(
     sd: LoadedModel, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
 ) -> None:
