@@ -22,11 +22,13 @@ from engine.model import LoadedModel, load_base_model
 from engine.protocol import TrainJob
 from engine.train import (
     CHECKPOINTS_DIR,
+    LOSS_SMOOTHING,
     TRAINING_ADAPTER,
     TrainingCancelled,
     TrainingProgress,
     TrainingResult,
     _optimizer,
+    _StepLosses,
     default_steps,
     train_lora,
 )
@@ -474,6 +476,41 @@ def test_the_pipeline_is_handed_over_only_after_the_steps_at_which_a_job_waits(
         jobs_waiting=lambda: training_steps(events)[-1] in (2, 5),
     )
     assert handed_over_after == [2, 5]
+
+
+@pytest.mark.slow
+def test_the_step_losses_are_read_from_the_device_only_when_wanted(
+    sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step leaves its loss on the device (reading it is a host sync on a GPU): the losses are read
+    all at once, for a checkpoint, the result, or a progress event's loss when someone asks for it."""
+    read_at_once: list[int] = []
+    settle = _StepLosses._settle
+
+    def counted_settle(self: _StepLosses) -> None:
+        if self._pending:
+            read_at_once.append(len(self._pending))
+        settle(self)
+
+    monkeypatch.setattr(_StepLosses, "_settle", counted_settle)
+    events: list[TrainingProgress] = []
+    training = settings(prior_preservation=False, sample_count=0, checkpoint_every=4)
+    result = train_lora(
+        sd,
+        train_job(photos, tmp_path, steps=10),
+        training,
+        tmp_path / "class_images",
+        on_progress=events.append,
+    )
+    # Steps 1-4 for the checkpoint of step 4, 5-8 for step 8's, 9-10 for the result.
+    assert read_at_once == [4, 4, 2]
+    # Each event's loss, read after the run, is the loss smoothed up to that event's step.
+    smoothed, expected = None, []
+    for loss in result.losses:
+        smoothed = loss if smoothed is None else LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * loss
+        expected.append(smoothed)
+    assert [event.loss for event in events if event.phase == "training"] == expected
+    assert result.metadata["final_loss"] == round(expected[-1], 5)
 
 
 @pytest.mark.slow
