@@ -586,6 +586,8 @@ def test_without_bitsandbytes_8bit_adam_falls_back_to_adamw_with_one_log_line(
     caplog.clear()
     assert type(_optimizer([param], 1e-3, eight_bit=False)) is torch.optim.AdamW
     assert caplog.records == []
+    # torch's fused kernel: one call per step for all the adapter's tensors.
+    assert optimizer.defaults["fused"] is True
 
 
 @pytest.mark.slow
