@@ -135,7 +135,7 @@ def main() -> None:
 
         middle = median_rate(ours)
         if reference is None:
-            print(f"median: ours {describe(middle, 'steps/s')}")
+            print(f"medians: ours {describe(middle, 'steps/s')}")
             print(
                 f"reference: skipped (give --reference or {REFERENCE_ENV}: the script, or a diffusers git "
                 f"directory holding {REFERENCE_IN_REPOSITORY})"
@@ -143,8 +143,8 @@ def main() -> None:
         else:
             their_middle = median_rate(theirs)
             print(
-                f"median: ours {describe(middle, 'steps/s')}; reference {describe(their_middle, 'it/s')}; "
-                f"{describe_ratio(middle, their_middle)}"
+                f"medians: ours {describe(middle, 'steps/s')}; reference {describe(their_middle, 'it/s')}; "
+                f"{describe_ratio(middle, their_middle)} of the medians"
             )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
