@@ -19,6 +19,7 @@ for a bot that trains many small adapters on one base model that is also serving
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -83,10 +84,16 @@ class TrainingProgress:
     phase: str  # "class images" | "training" | "samples"
     step: int
     total: int
-    loss: float | None
+    # Reads the smoothed loss after `step` (see `loss`); None where a phase has no loss.
+    read_loss: Callable[[], float | None] | None
     eta_seconds: float | None
     # The [training] preview_at sample, on the one step that rendered it.
     preview: Path | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """On a GPU this waits for the steps so far to finish (a host sync): read it only to show it."""
+        return None if self.read_loss is None else self.read_loss()
 
 
 @dataclass
@@ -126,18 +133,20 @@ def train_lora(
     on_progress: Callable[[TrainingProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     between_steps: Callable[[], bool] | None = None,
+    jobs_waiting: Callable[[], bool] | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter for `job` on `model`'s pipeline and write it under job.output_dir.
 
     The job's values were checked when it was made; ValueError says that a photo is missing.
 
     `should_stop` is polled before every step and every denoising step of the images rendered here;
-    True raises TrainingCancelled. `between_steps` runs after every optimizer step (and after every
-    batch of class images) with the compiler's default stance, the pipeline in train mode and
-    TRAINING_ADAPTER's weights set aside (its peft_config stays): a job that uses the pipeline must
-    choose its own adapters (set_adapters / disable_lora) and modes (eval) and return True; the
-    training state is then restored. Whatever happens, the pipeline is left with no
-    TRAINING_ADAPTER, no LoRA active, nothing requiring grad, everything in eval mode.
+    True raises TrainingCancelled. `between_steps` runs after every optimizer step at which
+    `jobs_waiting` (None: always) says True, and after every batch of class images, with the
+    compiler's default stance, the pipeline in train mode and TRAINING_ADAPTER's weights set aside
+    (its peft_config stays): a job that uses the pipeline must choose its own adapters (set_adapters /
+    disable_lora) and modes (eval) and return True; the training state is then restored. Whatever
+    happens, the pipeline is left with no TRAINING_ADAPTER, no LoRA active, nothing requiring grad,
+    everything in eval mode.
     """
     started = time.monotonic()
     photos = [Path(photo) for photo in job.photos]
@@ -190,7 +199,8 @@ def train_lora(
         resumed = _load_checkpoint(checkpoints, fingerprint, trainer) if job.resume else None
         if resumed is None:
             shutil.rmtree(checkpoints, ignore_errors=True)
-        step, losses, smoothed, earlier_seconds = resumed or (0, [], None, 0.0)
+        step, settled_losses, smoothed, earlier_seconds = resumed or (0, [], None, 0.0)
+        losses = _StepLosses(settled_losses, smoothed)
 
         loop_started, first_step = time.monotonic(), step
         preview_step = math.ceil(total * settings.preview_at) if settings.preview_at > 0 else None
@@ -199,16 +209,18 @@ def train_lora(
                 # A shutdown stops here too: keep every step done so far for the resume.
                 if step > first_step:
                     seconds = earlier_seconds + time.monotonic() - started
-                    _save_checkpoint(checkpoints, step, trainer, fingerprint, losses, smoothed, seconds)
+                    _save_checkpoint(
+                        checkpoints, step, trainer, fingerprint, losses.values(), losses.smoothed(), seconds
+                    )
                 raise TrainingCancelled(f"training cancelled after step {step} of {total}")
             raise_if_test_oom("train", step + 1)
-            loss = trainer.step(step)
+            losses.append(trainer.step(step))
             step += 1
-            losses.append(loss)
-            smoothed = loss if smoothed is None else LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * loss
             if step % settings.checkpoint_every == 0 and step < total:
                 seconds = earlier_seconds + time.monotonic() - started
-                _save_checkpoint(checkpoints, step, trainer, fingerprint, losses, smoothed, seconds)
+                _save_checkpoint(
+                    checkpoints, step, trainer, fingerprint, losses.values(), losses.smoothed(), seconds
+                )
             per_step = (time.monotonic() - loop_started) / (step - first_step)
             preview = None
             if step == preview_step:
@@ -217,8 +229,12 @@ def train_lora(
                 except TrainingCancelled:
                     # Stopped while drawing it: no preview, and the stop check above keeps the steps.
                     preview = None
-            report(TrainingProgress("training", step, total, smoothed, per_step * (total - step), preview))
-            if between_steps is not None:
+            smoothed_loss = functools.partial(losses.smoothed, step)
+            report(
+                TrainingProgress("training", step, total, smoothed_loss, per_step * (total - step), preview)
+            )
+            # The pipeline is handed over (adapter set aside, stance switched) only to a job that waits.
+            if between_steps is not None and (jobs_waiting is None or jobs_waiting()):
                 trainer.hand_over(between_steps)
 
         seconds = earlier_seconds + time.monotonic() - started
@@ -242,7 +258,7 @@ def train_lora(
             "prior_loss_weight": settings.prior_loss_weight,
             "seed": settings.seed,
             "seconds": round(seconds, 1),
-            "final_loss": round(smoothed, 5),
+            "final_loss": round(losses.smoothed(), 5),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "dreambot_version": dreambot_version(),
         }
@@ -257,7 +273,7 @@ def train_lora(
             module.eval()
         samples = _render_samples(pipeline, job, settings, output_dir / SAMPLES_DIR, report, stop)
         shutil.rmtree(checkpoints, ignore_errors=True)
-        return TrainingResult(adapter_path, metadata_path, samples, total, seconds, losses, metadata)
+        return TrainingResult(adapter_path, metadata_path, samples, total, seconds, losses.values(), metadata)
     finally:
         _restore_pipeline(pipeline, checkpointing_was_on)
 
@@ -280,6 +296,42 @@ class _Examples:
     embeds: torch.Tensor | None
     pooled: torch.Tensor | None  # SDXL only
     time_ids: torch.Tensor | None  # SDXL only
+
+
+class _StepLosses:
+    """Every step's loss, left on the device until something reads it: reading waits for the device (a
+    host sync on a GPU), so it happens when progress shows the loss or a checkpoint saves it, all the
+    losses not read yet at once, and not at every step."""
+
+    def __init__(self, settled: list[float], smoothed: float | None) -> None:
+        self._settled = settled
+        self._pending: list[torch.Tensor] = []
+        # The smoothed loss after each step read so far (a resumed run's from its checkpoint's step on).
+        self._smoothed: dict[int, float] = {} if smoothed is None else {len(settled): smoothed}
+
+    def append(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss)
+
+    def values(self) -> list[float]:
+        """The loss of every step, from step 1."""
+        self._settle()
+        return list(self._settled)
+
+    def smoothed(self, step: int | None = None) -> float | None:
+        """The exponentially smoothed loss after `step` (the newest step when None)."""
+        self._settle()
+        return self._smoothed.get(len(self._settled) if step is None else step)
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        for loss in torch.stack(self._pending).tolist():  # one copy to the host for all of them
+            previous = self._smoothed.get(len(self._settled))
+            self._settled.append(loss)
+            self._smoothed[len(self._settled)] = (
+                loss if previous is None else LOSS_SMOOTHING * previous + (1 - LOSS_SMOOTHING) * loss
+            )
+        self._pending.clear()
 
 
 class _Trainer:
@@ -336,8 +388,10 @@ class _Trainer:
             for key, param in module.named_parameters()
             if param.requires_grad
         }
+        # The same list every step: clip_grad_norm_ and the optimizer take a list.
+        self.trained_params = list(self.params.values())
         self.optimizer = _optimizer(
-            list(self.params.values()),
+            self.trained_params,
             settings.learning_rate,
             eight_bit=settings.adam_8bit and self.device.type == "cuda",
         )
@@ -346,14 +400,16 @@ class _Trainer:
         for module in self.models.values():
             module.train()
 
-    def step(self, step: int) -> float:
-        """One optimizer step on photo number `step` of a shuffled epoch (+ a class image); its loss."""
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step on photo number `step` of a shuffled epoch (+ a class image); its loss,
+        on the device (reading it waits for the step to finish)."""
         examples, device, generator = self.examples, self.device, self.generator
         indices = [self._photo_order(step // examples.photo_count)[step % examples.photo_count]]
         if examples.class_count:
             indices.append(examples.photo_count + step % examples.class_count)
-        index = torch.tensor(indices, device=device)
-        means, stds = examples.means[index], examples.stds[index]
+        # Rows picked by slicing: an index tensor would be copied to the device, a host sync on a GPU.
+        means = torch.cat([examples.means[index : index + 1] for index in indices])
+        stds = torch.cat([examples.stds[index : index + 1] for index in indices])
         scaling = self.model.pipeline.vae.config.scaling_factor
         latents = (means + stds * torch.randn(means.shape, generator=generator, device=device)) * scaling
         noise = torch.randn(latents.shape, generator=generator, device=device)
@@ -384,11 +440,11 @@ class _Trainer:
 
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params.values(), MAX_GRAD_NORM)
+        torch.nn.utils.clip_grad_norm_(self.trained_params, MAX_GRAD_NORM)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     def render_preview(
         self, job: TrainJob, settings: TrainingSection, path: Path, stop: Callable[[], bool]
@@ -439,7 +495,8 @@ def _optimizer(
             )
         else:
             return bitsandbytes.optim.AdamW8bit(params, lr=learning_rate, weight_decay=WEIGHT_DECAY)
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    # Fused: one kernel for all the adapter's tensors, not a Python loop of a few ops per tensor.
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=WEIGHT_DECAY, fused=True)
 
 
 def _first_line(error: BaseException) -> str:

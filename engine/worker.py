@@ -308,6 +308,11 @@ class Worker:
                 return None
             return self._take_batch()
 
+    def _generations_waiting(self) -> bool:
+        """Whether _between_steps has work: asked after every training step, so nothing else is done."""
+        with self._state:
+            return bool(self._generations) and not self._closing
+
     def _between_steps(self) -> bool:
         """Run the generations that arrived during a training, between two of its steps."""
         ran = False
@@ -408,6 +413,7 @@ class Worker:
                 on_progress=on_progress,
                 should_stop=task.stop.is_set,
                 between_steps=self._between_steps,
+                jobs_waiting=self._generations_waiting,
             )
         finally:
             # A retrained token must not be served from the adapter cache's old weights.

@@ -21,11 +21,13 @@ from engine.contract.config import TrainingSection
 from engine.contract.protocol import CHECKPOINTS_DIR, TrainJob
 from engine.model import LoadedModel, load_base_model
 from engine.train import (
+    LOSS_SMOOTHING,
     TRAINING_ADAPTER,
     TrainingCancelled,
     TrainingProgress,
     TrainingResult,
     _optimizer,
+    _StepLosses,
     default_steps,
     train_lora,
 )
@@ -449,6 +451,68 @@ def test_generation_between_steps_does_not_change_the_training(
 
 
 @pytest.mark.slow
+def test_the_pipeline_is_handed_over_only_after_the_steps_at_which_a_job_waits(
+    sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path
+) -> None:
+    events: list[TrainingProgress] = []
+    handed_over_after: list[int] = []
+
+    def between_steps() -> bool:
+        # Handed over: the training adapter's weights are set aside meanwhile.
+        assert TRAINING_ADAPTER not in next(
+            layer.lora_A for layer in sd.pipeline.unet.modules() if isinstance(layer, BaseTunerLayer)
+        )
+        handed_over_after.append(training_steps(events)[-1])
+        return False
+
+    train_lora(
+        sd,
+        train_job(photos, tmp_path, steps=6),
+        settings(prior_preservation=False, sample_count=0),
+        tmp_path / "class_images",
+        on_progress=events.append,
+        between_steps=between_steps,
+        jobs_waiting=lambda: training_steps(events)[-1] in (2, 5),
+    )
+    assert handed_over_after == [2, 5]
+
+
+@pytest.mark.slow
+def test_the_step_losses_are_read_from_the_device_only_when_wanted(
+    sd: LoadedModel, photos: tuple[Path, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step leaves its loss on the device (reading it is a host sync on a GPU): the losses are read
+    all at once, for a checkpoint, the result, or a progress event's loss when someone asks for it."""
+    read_at_once: list[int] = []
+    settle = _StepLosses._settle
+
+    def counted_settle(self: _StepLosses) -> None:
+        if self._pending:
+            read_at_once.append(len(self._pending))
+        settle(self)
+
+    monkeypatch.setattr(_StepLosses, "_settle", counted_settle)
+    events: list[TrainingProgress] = []
+    training = settings(prior_preservation=False, sample_count=0, checkpoint_every=4)
+    result = train_lora(
+        sd,
+        train_job(photos, tmp_path, steps=10),
+        training,
+        tmp_path / "class_images",
+        on_progress=events.append,
+    )
+    # Steps 1-4 for the checkpoint of step 4, 5-8 for step 8's, 9-10 for the result.
+    assert read_at_once == [4, 4, 2]
+    # Each event's loss, read after the run, is the loss smoothed up to that event's step.
+    smoothed, expected = None, []
+    for loss in result.losses:
+        smoothed = loss if smoothed is None else LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * loss
+        expected.append(smoothed)
+    assert [event.loss for event in events if event.phase == "training"] == expected
+    assert result.metadata["final_loss"] == round(expected[-1], 5)
+
+
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(
     sd: LoadedModel, photos: tuple[Path, ...], class_images_dir: Path, tmp_path: Path
 ) -> None:
@@ -521,6 +585,8 @@ def test_without_bitsandbytes_8bit_adam_falls_back_to_adamw_with_one_log_line(
     caplog.clear()
     assert type(_optimizer([param], 1e-3, eight_bit=False)) is torch.optim.AdamW
     assert caplog.records == []
+    # torch's fused kernel: one call per step for all the adapter's tensors.
+    assert optimizer.defaults["fused"] is True
 
 
 @pytest.mark.slow
