@@ -3,7 +3,7 @@
     python -m bench.intake_burst [--members 4] [--photos 20]
 
 (Run it as a module from the project root, with tests/ beside bench/: it uses the fake Discord of
-tests/fakediscord.py and runs the real bot as a process of its own with tests/botprocess.py.)
+tests/fakediscord/ and runs the real bot as a process of its own with tests/botprocess.py.)
 
 The bot runs on the tiny engine; once its engine is ready and the bot idle, every member sends
 /train at once with `--photos` copies of one ~6 MB 4000x3000 JPEG (each set is checked in full, then

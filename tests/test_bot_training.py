@@ -186,16 +186,27 @@ def test_a_set_that_is_not_ok_queues_nothing_and_leaves_nothing(shared_bot: Shar
         notes = fake.add_attachment("notes.txt", b"hello there", "text/plain")
         cup = fake.add_attachment("cup.png", (PHOTOS_DIR / "coffee.png").read_bytes(), "image/png")
         before = len(fake.messages_in(h.general_channel_id))
+        # discord.py's word that the command's handler has returned: whatever it would have queued,
+        # posted or left on disk, it has by then. Asked before the command, so that it cannot be missed.
+        handled = asyncio.create_task(
+            h.bot.wait_for(
+                "app_command_completion",
+                check=lambda interaction, command: (
+                    interaction.guild_id == h.guild_id and command.name == "train"
+                ),
+                timeout=30,
+            )
+        )
         ix = await fake.slash(
             h.alice, h.general_channel_id, "train", name="zorvik", subject="person",
             photo1=selfie, photo2=notes, photo3=cup,
         )  # fmt: skip
         report = await ix.wait_original(timeout=30)
+        await handled
         assert "✅ `selfie0.jpg`" in report.content
         assert "❌ `notes.txt`: not an image" in report.content
         assert "❌ `cup.png`: no face found" in report.content
         assert "Not ready: 1 of 3 photos accepted" in report.content
-        await asyncio.sleep(0.5)
         assert ix.followups == []  # nothing was queued ...
         assert len(fake.messages_in(h.general_channel_id)) == before + 1  # ... and nothing posted
         assert h.db.models_of(h.alice) == [] and h.db.active_jobs(h.alice) == []

@@ -1,4 +1,4 @@
-"""The fake Discord in tests/fakediscord.py, proven against a real discord.py client (no network).
+"""The fake Discord in tests/fakediscord/, proven against a real discord.py client (no network).
 
 Each test starts a FakeDiscord, runs a small commands.Bot with a cog against it, acts as users and
 checks what the fake recorded. ``run()`` also fails a test that leaves tasks pending or leaks resources.

@@ -419,9 +419,12 @@ def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
         try:
             queue.submit(add_train(db, data_dir, "running", steps=500))
             await recorder.training_progress("running")
-            # A worker runs one training at a time: the second one waits in the queue.
+            # A worker runs one training at a time: the second one waits in the queue, though the queue
+            # has dispatched since (a generation submitted after it went to that worker, and is done).
             queue.submit(add_train(db, data_dir, "queued", steps=5, user_id=BOB))
-            await asyncio.sleep(0.5)
+            queue.submit(add_generate(db, data_dir, "meanwhile", user_id=BOB))
+            _, event = await recorder.finished("meanwhile")
+            assert isinstance(event, Result), event
             assert db.job("queued").state == "queued"
             assert queue.position("queued") == 1
             assert queue.position("running") is None
@@ -456,7 +459,11 @@ def test_cancel_and_stop(config: Config, db: Database, data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_a_worker_that_cannot_load_its_model_fails_the_queued_jobs(
-    db: Database, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: Database,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = write_config(data_dir, tmp_path, base=str(tmp_path / "no-such-model"))
@@ -479,8 +486,15 @@ def test_a_worker_that_cannot_load_its_model_fails_the_queued_jobs(
             queue.submit(add_generate(db, data_dir, "also-doomed"))
             _, event = await recorder.finished("also-doomed")
             assert isinstance(event, Error) and event.code == "bad_model"
-            # Not restarted in a tight loop: one start, the next one only after a long delay.
-            await asyncio.sleep(1)
+            # Not restarted in a tight loop: one start, whose failure (logged before wait_ready
+            # raised) put the next one a long delay away.
+            failures = [
+                record.getMessage()
+                for record in caplog.records
+                if record.name == "bot.jobs" and " cannot start: " in record.getMessage()
+            ]
+            assert len(failures) == 1, failures
+            assert failures[0].endswith(f"(retrying every {queue.broken_retry_delay:.0f} s)")
             assert queue.workers[0].failed_starts == 1
             assert sum(worker.ready for worker in queue.workers) == 0
         finally:
