@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import pytest
 from botharness import (
     JOB_TIMEOUT,
     BotHarness,
@@ -91,6 +92,7 @@ def _pictures_of(h: BotHarness, user_id: int) -> list[FakeMessage]:
     ]
 
 
+@pytest.mark.slow
 def test_a_model_withdrawn_while_a_picture_with_it_waits_is_never_drawn_posted_or_named_by_path(
     shared_bot: SharedBot,
 ) -> None:
