@@ -17,9 +17,10 @@ def may_use(model: ModelRow, user_id: int) -> bool:
 def generation_refusal(db: Database, job: JobRow) -> str | None:
     """Why a generation asked for earlier may no longer be drawn or shown, None while it may: a model
     it uses was deleted (or another model took its name), or its owner stopped sharing it."""
+    if job.kind != "generate":
+        return None  # a training names no one else's model (and its payload is not read for nothing)
     request = job.request
-    if not isinstance(request, GenerateJob):
-        return None
+    assert isinstance(request, GenerateJob)
     for adapter in request.adapters:
         model = db.model_by_token(job.guild_id, adapter.token)
         if model is None or model.state != "ready" or model.adapter_path != adapter.path:
