@@ -242,6 +242,7 @@ def test_readme_promises_what_these_tests_check() -> None:
         "as too large to read)",
         "up to 8 chunks: a prompt that makes more (its words, or its BREAKs) is refused saying so",
         "chat that mentions the bot is not a command.",
+        "two pictures at a time whoever asks",
         "No message a member reads names a server path or an exception.",
         "are used only inside the folder of the job they belong to.",
         "A database file that is damaged or not a database is named in one line at start, with what to do "

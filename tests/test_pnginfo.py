@@ -559,3 +559,40 @@ def test_picture_info_of_ours_a1111s_and_comfyuis_with_use_prompt_across_a_resta
 def picture_prompts_of(message: FakeMessage) -> tuple[str, str]:
     """The prompts an info message shows, read as the bot reads them back."""
     return picture_prompts(discord.Embed.from_dict(message.embeds[0]))
+
+
+def test_a_burst_of_picture_info_reads_two_pictures_at_a_time(shared_bot: SharedBot) -> None:
+    """Each picture read is held whole in memory: a burst waits its turn, the others are answered."""
+
+    async def scenario(h: BotHarness) -> None:
+        names = [f"burst{index}.png" for index in range(3)]
+        posts = [
+            h.fake.post_user_message(
+                h.general_channel_id, h.bob, attachments=[(name, png_with(parameters=A1111_TEXT))]
+            )
+            for name in names
+        ]
+
+        def fetched() -> list[str]:
+            return [name for name in names for r in h.fake.cdn_requests if r.path.endswith(name)]
+
+        h.fake.hold_downloads()
+        try:
+            asked = [
+                await h.fake.message_command(h.bob, h.general_channel_id, "Picture info", post)
+                for post in posts
+            ]
+            for ix in asked:
+                assert (await ix.wait_callback()).json["type"] == 5
+            await h.fake.wait_until(lambda: len(fetched()) == 2)
+            # Answered after the three were deferred: the third had its turn to fetch, and waited.
+            await (await h.fake.slash(h.alice, h.general_channel_id, "queue")).wait_original()
+            assert len(fetched()) == 2
+        finally:
+            h.fake.release_downloads()
+        for ix, name in zip(asked, names, strict=True):
+            assert (await ix.wait_original(lambda m: bool(m.embeds), timeout=30)).embeds[0]["title"] == (
+                f"Picture info · {name}"
+            )
+
+    shared_bot.run(scenario)

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Pictures shown from one message; their embeds share Discord's 6,000 characters.
 MAX_SHOWN = 4
+# Pictures read at once, whoever asks: each is held whole in memory (up to MAX_PICTURE_BYTES), so a
+# burst of Picture info waits its turn instead of filling the bot's memory.
+PICTURES_READ_AT_ONCE = 2
 # What is downloaded to look at; the file's first bytes decide what it is.
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PICTURE_PROMPT_TEMPLATE = re.compile(rf"dreambot:pictureprompt:(?P<index>\d):(?P<aspect>{'|'.join(ASPECTS)})")
@@ -90,6 +93,7 @@ class Info(commands.Cog):
         self.bot = bot
         self.info_menu = app_commands.ContextMenu(name="Picture info", callback=self.picture_info)
         self.info_menu.guild_only = True
+        self._reading = asyncio.Semaphore(PICTURES_READ_AT_ONCE)
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.info_menu)
@@ -155,12 +159,13 @@ class Info(commands.Cog):
             raise PictureError(
                 f"is over {MAX_PICTURE_BYTES // 1024 // 1024} MB, more than I read, so I didn't look at it"
             )
-        try:
-            data = await attachment.read()
-        except discord.HTTPException as error:
-            log.warning("could not download attachment %s: %s", attachment.id, error)
-            raise PictureError("couldn't be downloaded from Discord: please try again") from error
-        return await asyncio.to_thread(read_picture, data)
+        async with self._reading:
+            try:
+                data = await attachment.read()
+            except discord.HTTPException as error:
+                log.warning("could not download attachment %s: %s", attachment.id, error)
+                raise PictureError("couldn't be downloaded from Discord: please try again") from error
+            return await asyncio.to_thread(read_picture, data)
 
 
 async def setup(bot: DreamBot) -> None:
